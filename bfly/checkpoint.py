@@ -1,0 +1,131 @@
+"""Checkpoints: written atomically by rank 0, read with weights_only=True.
+
+`last.pt` is replaced by write-to-temp, fsync, rename; the one it replaces is kept as
+`last.prev.pt`, so a crash at any point leaves at least one complete checkpoint, and a corrupt
+`last.pt` falls back to the previous one with a warning.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LAST, PREV, BEST = "last.pt", "last.prev.pt", "best.pt"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, path.with_name(PREV))
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True): it holds more than tensors and plain "
+            f"data ({first}); only load checkpoints you trust, and re-save them with bfly"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def load_resumable(run_dir: Path, warn) -> dict[str, Any] | None:
+    """The newest complete checkpoint of a run directory, or None for a fresh run."""
+    last, prev = run_dir / LAST, run_dir / PREV
+    if not last.exists():
+        if prev.exists():  # killed between the two renames
+            warn(f"{last} missing; resuming from {prev}")
+            return load(prev)
+        return None
+    try:
+        return load(last)
+    except CheckpointError as e:
+        if not prev.exists():
+            raise
+        warn(f"{e}; falling back to the previous checkpoint {prev}")
+        return load(prev)
+
+
+def check_compatible(state: dict[str, Any], path: str | Path, arch: str, num_classes: int) -> None:
+    for key in ("arch", "num_classes", "model"):
+        if key not in state:
+            raise CheckpointError(f"{path}: not a bfly checkpoint (no {key!r} entry)")
+    if state["arch"] != arch:
+        raise CheckpointError(f"{path}: checkpoint is a {state['arch']} model, this run builds {arch}")
+    if state["num_classes"] != num_classes:
+        raise CheckpointError(
+            f"{path}: checkpoint has {state['num_classes']} classes, this dataset has {num_classes}"
+        )
+
+
+def ensure_writable(run_dir: Path, need_bytes: int) -> None:
+    """Fail at start-up, not after an epoch: the directory must be writable and have room."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-probe"
+        with open(probe, "wb") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        raise CheckpointError(
+            f"run directory {run_dir}: {free / 2**20:.0f} MiB free, checkpoints need about "
+            f"{need_bytes / 2**20:.0f} MiB"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

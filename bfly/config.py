@@ -1,0 +1,261 @@
+"""Typed configuration: dataclasses, filled from a YAML file and `key=value` overrides.
+
+Unknown keys and values of the wrong type are errors that name the key (and the file).
+The resolved config is plain data: it is saved as `config.yaml` in the run directory and in
+every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("resnet50", "architecture", ("resnet50", "vgg19", "vgg19_bn"))
+    zero_init_residual: bool = _opt(True, "ResNet: zero-init the last BN of each block")
+    dropout: float = _opt(0.5, "VGG: dropout in the classifier")
+    sync_bn: bool = _opt(True, "SyncBatchNorm when world size > 1 (CUDA only; CPU keeps BN)")
+    channels_last: bool = _opt(True, "channels-last memory format (CUDA only)")
+    compile: bool = _opt(False, "torch.compile the model")
+
+
+@dataclass
+class DataConfig:
+    root: str = _opt("data/butterfly-mini", "dataset folder (course or Kaggle CSV layout)")
+    input: str = _opt("pil", "input path: PIL workers, or decoded cache + GPU augmentation", ("pil", "cached"))
+    preset: str = _opt("seed", "train augmentation preset", ("seed", "timm"))
+    image_size: int = _opt(224, "training/eval image size (square)")
+    randaugment: str = _opt("rand-m9-mstd0.5-inc1", "timm preset: RandAugment spec")
+    reprob: float = _opt(0.25, "timm preset: random erasing probability")
+    crop_scale_min: float = _opt(0.25, "cached input: random-resized-crop minimum area fraction")
+    mixup: float = _opt(0.0, "mixup alpha (0 = off)")
+    cutmix: float = _opt(0.0, "cutmix alpha (0 = off)")
+    workers: int = _opt(4, "DataLoader workers per process")
+    pin_memory: bool = _opt(True, "pin host memory (CUDA only)")
+    cache_dir: str = _opt("", "cached input: where decoded arrays live (default: <root>/.bfly-cache)")
+    cache_placement: str = _opt("auto", "cached input: where the decoded split is kept; auto = GPU memory if it "
+                                "fits in a quarter of the free memory, else host memory", ("auto", "device", "host"))
+
+
+@dataclass
+class OptimConfig:
+    name: str = _opt("sgd", "optimizer", ("sgd", "adamw"))
+    lr: float = _opt(0.1, "peak learning rate for the global batch")
+    min_lr: float = _opt(0.0, "learning rate at the end of the cosine")
+    warmup_epochs: float = _opt(3.0, "linear warmup length in epochs")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(True, "SGD Nesterov momentum")
+    betas: list[float] = _opt([0.9, 0.999], "AdamW betas")
+    weight_decay: float = _opt(5e-5, "weight decay (never on norm layers and biases)")
+    clip_grad_norm: float = _opt(0.0, "clip gradient norm (0 = off)")
+    label_smoothing: float = _opt(0.0, "label smoothing")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(30, "epochs")
+    batch_size: int = _opt(256, "global batch per optimizer step (kept when the world size changes)")
+    micro_batch_size: int = _opt(0, "per-process batch per forward pass; 0 = batch_size / world size")
+    eval_batch_size: int = _opt(0, "per-process eval batch; 0 = the micro batch size")
+    amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, off on CPU", ("auto", "bf16", "fp16", "off"))
+    ema_decay: float = _opt(0.0, "EMA of weights, evaluated instead of the raw model (0 = off)")
+    seed: int = _opt(0, "seed for init, data order and augmentation")
+    deterministic: bool = _opt(False, "deterministic kernels (slower on CUDA)")
+    log_every: int = _opt(10, "steps between progress/log lines (and signal checks under DDP)")
+    checkpoint_every_steps: int = _opt(0, "also write last.pt every N steps (0 = each epoch only)")
+    eval_splits: list[str] = _opt(["valid"], "splits evaluated each epoch")
+
+
+@dataclass
+class DistConfig:
+    backend: str = _opt("auto", "process group backend: auto = nccl on CUDA, gloo on CPU", ("auto", "nccl", "gloo"))
+    timeout_s: int = _opt(600, "collective timeout")
+    bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size")
+    gradient_as_bucket_view: bool = _opt(True, "DDP: gradients as views into buckets (saves memory)")
+    static_graph: bool = _opt(False, "DDP static graph")
+    comm_hook: str = _opt("none", "DDP gradient compression", ("none", "bf16"))
+
+
+@dataclass
+class WandbConfig:
+    mode: str = _opt("auto", "auto = online with an API key, else offline", ("auto", "online", "offline", "disabled"))
+    entity: str = _opt("", "team (entity)")
+    project: str = _opt("bfly", "project")
+    group: str = _opt("", "group (e.g. a sweep)")
+    name: str = _opt("", "run name (default: the run directory's name)")
+    tags: list[str] = _opt([], "tags")
+    notes: str = _opt("", "notes")
+    samples: int = _opt(16, "sample predictions logged at the end")
+
+
+@dataclass
+class RunConfig:
+    dir: str = _opt("", "run directory (default: runs/<model>)")
+    resume: str = _opt("auto", "auto = continue from <dir>/last.pt if present; never; or a checkpoint path")
+    stop_after_epochs: int = _opt(0, "end this job (checkpointed) after N epochs; a resume continues (0 = off)")
+    stop_after_steps: int = _opt(0, "end this job (checkpointed) after N optimizer steps; a resume continues (0 = off)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return value converted to tp where lossless (int -> float), else raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    sections = _sections()
+    if section not in sections or not name:
+        raise ConfigError(f"unknown config key {key!r} (sections: {', '.join(sections)})")
+    cls = sections[section]
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise ConfigError(f"unknown config key {key!r} (known in {section}: {', '.join(hints)})")
+    value = _check_type(value, hints[name], key)
+    choices = cls.__dataclass_fields__[name].metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    setattr(getattr(cfg, section), name, value)
+
+
+def _flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {tree!r}")
+    flat = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix:
+            flat.update(_flatten(v, where, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key.strip(), "" if value is None else value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        for key, value in _flatten(tree, str(path)).items():
+            try:
+                _set(cfg, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    positive = {
+        "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+        "data.image_size": cfg.data.image_size, "train.log_every": cfg.train.log_every,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    non_negative = {
+        "train.micro_batch_size": cfg.train.micro_batch_size, "data.workers": cfg.data.workers,
+        "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
+        "run.stop_after_epochs": cfg.run.stop_after_epochs, "run.stop_after_steps": cfg.run.stop_after_steps,
+        "optim.warmup_epochs": cfg.optim.warmup_epochs, "optim.weight_decay": cfg.optim.weight_decay,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    for split in cfg.train.eval_splits:
+        if split not in ("train", "valid", "test"):
+            raise ConfigError(f"train.eval_splits: unknown split {split!r} (train, valid, test)")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a config saved in a checkpoint or config.yaml, with the same checks."""
+    cfg = Config()
+    for key, value in _flatten(tree, "saved config").items():
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def help_text() -> str:
+    lines = ["config keys (set in YAML or as section.key=value):"]
+    for section, cls in _sections().items():
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            choices = f.metadata.get("choices")
+            extra = f" [{'|'.join(choices)}]" if choices else ""
+            lines.append(f"  {section}.{f.name:<24} {default!r:<26} {f.metadata['help']}{extra}")
+    return "\n".join(lines)

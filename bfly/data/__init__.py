@@ -1,0 +1,1 @@
+"""Dataset metadata, validation and image transforms."""

@@ -1,0 +1,279 @@
+"""Dataset metadata: find the CSV layout, read it, and validate it before training starts.
+
+Two layouts of the Butterfly & Moths dataset are in use:
+
+- "course": ``train.csv``, ``valid.csv``, ``test.csv`` with columns ``filepaths,labels,label_id``;
+- "kaggle": one ``butterflies and moths.csv`` with columns ``class id,filepaths,labels,data set``.
+
+Paths in the CSVs are relative to the dataset root. Validation never decodes an image, so it is
+cheap enough to run on every start-up, and every error names the CSV file, the row (its 1-based
+line number, header = line 1) and the column, so a broken row can be found in an editor.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLIT_NAMES = ("train", "valid", "test")
+COURSE_FILES = {name: f"{name}.csv" for name in SPLIT_NAMES}
+COURSE_COLUMNS = ("filepaths", "labels", "label_id")
+KAGGLE_FILE = "butterflies and moths.csv"
+KAGGLE_COLUMNS = ("class id", "filepaths", "labels", "data set")
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_MISSING_VALUES = ("", "nan")  # pandas writes NaN as an empty cell; str(NaN) gives "nan"
+_MAX_LISTED = 5  # problems quoted in one message; the rest are only counted
+
+
+class DataError(ValueError):
+    """The dataset metadata is unusable; the message names the file, row and column."""
+
+
+@dataclass(frozen=True, repr=False)
+class Split:
+    name: str
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __repr__(self) -> str:
+        # The default repr would print every path of a 12k-image split into the logs.
+        return f"Split(name={self.name!r}, images={len(self.paths)})"
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    root: Path
+    layout: str
+    class_names: tuple[str, ...]
+    splits: dict[str, Split]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class _Row:
+    file: Path
+    line: int
+    split: str
+    path: str
+    class_id: int
+    name: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}: row {self.line}"
+
+
+def load_metadata(
+    root: str | Path,
+    splits: Sequence[str] = SPLIT_NAMES,
+    check_files: bool = True,
+) -> DatasetMeta:
+    """Read and validate the metadata of the requested splits under ``root``.
+
+    Class ids must be the contiguous range 0..K-1 over the requested splits, with one name per id.
+    Raises DataError on anything that would make training wrong; warns on duplicate rows.
+    """
+    root = Path(root).expanduser().resolve()
+    splits = _check_split_names(splits)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root is not a directory")
+    layout = _detect_layout(root, splits)
+    if layout == "course":
+        rows = [row for split in splits for row in _read_course_split(root, split)]
+        id_column = "label_id"
+    else:
+        rows = _read_kaggle(root, splits)
+        id_column = "class id"
+    by_split = {split: [row for row in rows if row.split == split] for split in splits}
+    _check_not_empty(root, layout, by_split)
+    class_names = _class_names(rows, id_column)
+    if check_files:
+        _check_files_exist(by_split)
+    _warn_duplicates(by_split)
+    return DatasetMeta(
+        root=root,
+        layout=layout,
+        class_names=class_names,
+        splits={split: _to_split(split, split_rows) for split, split_rows in by_split.items()},
+    )
+
+
+def _check_split_names(splits: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(splits, str):  # a bare "train" would otherwise iterate as "t", "r", ...
+        splits = (splits,)
+    splits = tuple(splits)
+    if not splits:
+        raise ValueError("no splits requested")
+    unknown = [s for s in splits if s not in SPLIT_NAMES]
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}; valid splits: {list(SPLIT_NAMES)}")
+    if len(set(splits)) != len(splits):
+        raise ValueError(f"split requested twice: {list(splits)}")
+    return splits
+
+
+def _detect_layout(root: Path, splits: tuple[str, ...]) -> str:
+    # Course files win when both layouts are present; the layout field tells which was used.
+    if all((root / COURSE_FILES[s]).is_file() for s in splits):
+        return "course"
+    if (root / KAGGLE_FILE).is_file():
+        return "kaggle"
+    course = ", ".join(COURSE_FILES[s] for s in splits)
+    missing = ", ".join(COURSE_FILES[s] for s in splits if not (root / COURSE_FILES[s]).is_file())
+    raise DataError(
+        f"{root}: no dataset metadata found; expected either the course layout ({course}; "
+        f"missing: {missing}) or the Kaggle layout ('{KAGGLE_FILE}')"
+    )
+
+
+def _read_course_split(root: Path, split: str) -> list[_Row]:
+    csv_path = root / COURSE_FILES[split]
+    return [
+        _make_row(root, csv_path, line, split, cells, "label_id")
+        for line, cells in _read_table(csv_path, COURSE_COLUMNS)
+    ]
+
+
+def _read_kaggle(root: Path, splits: tuple[str, ...]) -> list[_Row]:
+    csv_path = root / KAGGLE_FILE
+    rows = []
+    for line, cells in _read_table(csv_path, KAGGLE_COLUMNS):
+        split = cells["data set"]
+        if split not in SPLIT_NAMES:
+            problem = f"unknown split {split!r}; expected one of {list(SPLIT_NAMES)}"
+            raise _cell_error(csv_path, line, "data set", problem)
+        if split in splits:
+            rows.append(_make_row(root, csv_path, line, split, cells, "class id"))
+    return rows
+
+
+def _read_table(csv_path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """Return (line number, {column: stripped non-empty value}) for each data row."""
+    # newline="" lets the csv module handle the CRLF endings of the Kaggle original;
+    # utf-8-sig drops the byte-order mark that spreadsheet exports add.
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [name.strip() for name in next(reader, [])]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise DataError(
+                f"{csv_path}: row 1 (header): missing required column(s) "
+                f"{', '.join(repr(c) for c in missing)}; found {header}"
+            )
+        index = {c: header.index(c) for c in columns}
+        table = []
+        for fields in reader:
+            if not any(field.strip() for field in fields):
+                continue  # blank lines, e.g. a trailing one, carry no row
+            if len(fields) != len(header):
+                raise DataError(
+                    f"{csv_path}: row {reader.line_num}: expected {len(header)} fields "
+                    f"({', '.join(header)}), found {len(fields)}"
+                )
+            table.append((reader.line_num, _cells(csv_path, reader.line_num, fields, index)))
+    return table
+
+
+def _cells(csv_path: Path, line: int, fields: list[str], index: dict[str, int]) -> dict[str, str]:
+    cells = {}
+    for column, i in index.items():
+        value = fields[i].strip()
+        if value.lower() in _MISSING_VALUES:
+            raise _cell_error(csv_path, line, column, f"missing value ({fields[i]!r})")
+        cells[column] = value
+    return cells
+
+
+def _make_row(root: Path, csv_path: Path, line: int, split: str, cells: dict[str, str], id_column: str) -> _Row:
+    value = cells[id_column]
+    if not _INTEGER.fullmatch(value):
+        raise _cell_error(csv_path, line, id_column, f"class id {value!r} is not an integer")
+    return _Row(
+        file=csv_path,
+        line=line,
+        split=split,
+        path=os.path.join(root, cells["filepaths"]),  # an absolute CSV path stays as it is
+        class_id=int(value),
+        name=cells["labels"],
+    )
+
+
+def _cell_error(csv_path: Path, line: int, column: str, problem: str) -> DataError:
+    return DataError(f"{csv_path}: row {line}, column {column!r}: {problem}")
+
+
+def _check_not_empty(root: Path, layout: str, by_split: dict[str, list[_Row]]) -> None:
+    for split, rows in by_split.items():
+        if not rows:
+            source = COURSE_FILES[split] if layout == "course" else f"{KAGGLE_FILE} ('data set' == {split!r})"
+            raise DataError(f"{root / source}: split {split!r} has no rows")
+
+
+def _class_names(rows: list[_Row], id_column: str) -> tuple[str, ...]:
+    first_of_id: dict[int, _Row] = {}
+    first_of_name: dict[str, _Row] = {}
+    for row in rows:
+        first = first_of_id.setdefault(row.class_id, row)
+        if first.name != row.name:
+            raise DataError(
+                f"class id {row.class_id} has two names in column 'labels': {first.name!r} at "
+                f"{first.where} and {row.name!r} at {row.where}"
+            )
+        first = first_of_name.setdefault(row.name, row)
+        if first.class_id != row.class_id:
+            raise DataError(
+                f"class {row.name!r} has two ids in column {id_column!r}: {first.class_id} at "
+                f"{first.where} and {row.class_id} at {row.where}"
+            )
+    num_classes = len(first_of_id)
+    # K distinct ids are 0..K-1 exactly when none lies outside [0, K).
+    for class_id, row in first_of_id.items():
+        if not 0 <= class_id < num_classes:
+            gaps = sorted(set(range(num_classes)) - first_of_id.keys())
+            raise _cell_error(
+                row.file, row.line, id_column,
+                f"class id {class_id} is outside [0, {num_classes}): the {num_classes} distinct ids "
+                f"must be 0..{num_classes - 1} (absent: {gaps[:_MAX_LISTED]})",
+            )
+    return tuple(first_of_id[i].name for i in range(num_classes))
+
+
+def _check_files_exist(by_split: dict[str, list[_Row]]) -> None:
+    for rows in by_split.values():
+        missing = [row for row in rows if not os.path.isfile(row.path)]
+        if missing:
+            listed = "; ".join(f"row {row.line}: {row.path}" for row in missing[:_MAX_LISTED])
+            raise DataError(
+                f"{missing[0].file}: {len(missing)} image file(s) in column 'filepaths' do not exist "
+                f"(first {min(len(missing), _MAX_LISTED)}: {listed}); "
+                "check_files=False skips this check"
+            )
+
+
+def _warn_duplicates(by_split: dict[str, list[_Row]]) -> None:
+    for split, rows in by_split.items():
+        first_line: dict[str, int] = {}
+        duplicates = []
+        for row in rows:
+            line = first_line.setdefault(row.path, row.line)
+            if line != row.line:
+                duplicates.append(f"rows {line} and {row.line}: {row.path}")
+        if duplicates:
+            warnings.warn(
+                f"{rows[0].file}: split {split!r} lists {len(duplicates)} duplicate image path(s) "
+                f"(first {min(len(duplicates), _MAX_LISTED)}: {'; '.join(duplicates[:_MAX_LISTED])})",
+                stacklevel=3,
+            )
+
+
+def _to_split(name: str, rows: list[_Row]) -> Split:
+    return Split(name=name, paths=tuple(r.path for r in rows), labels=tuple(r.class_id for r in rows))

@@ -1,0 +1,121 @@
+"""The reference input path: Pillow decode + torchvision/timm transforms in DataLoader workers."""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from bfly.data.metadata import DataError, Split
+from bfly.data.sampling import Sample, StepPlan, eval_shard, rank_micro_batches, steps_per_epoch
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Decode fully now, so a truncated file fails here with its name, not later inside a transform."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from None
+
+
+class ImageDataset(Dataset):
+    """Items are `Sample`s (train: seeded augmentation) or plain indices (eval)."""
+
+    def __init__(self, split: Split, transform: Callable):
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split.paths)
+
+    def __getitem__(self, item: Sample | int) -> tuple[torch.Tensor, int]:
+        if isinstance(item, Sample):
+            image = open_rgb(self.split.paths[item.index])
+            return _seeded(item.seed, self.transform, image), self.split.labels[item.index]
+        return self.transform(open_rgb(self.split.paths[item])), self.split.labels[item]
+
+
+def _seeded(seed: int, transform: Callable, image: Image.Image) -> torch.Tensor:
+    # Same sample, same epoch -> same augmentation, whichever worker or rank draws it: this is what
+    # makes a resumed run bit-identical to an uninterrupted one.
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        out = transform(image)
+    random.setstate(state)
+    return out
+
+
+def _worker_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    np.random.seed(info.seed % 2**32)
+    random.seed(info.seed)
+
+
+class _RankBatches:
+    """Batch sampler whose position is set before each pass; lets the DataLoader keep its workers."""
+
+    def __init__(self, n: int, plan: StepPlan, rank: int, seed: int):
+        self.n, self.plan, self.rank, self.seed = n, plan, rank, seed
+        self.epoch, self.start_step = 0, 0
+
+    def __iter__(self) -> Iterator[list[Sample]]:
+        return rank_micro_batches(self.n, self.plan, self.rank, self.seed, self.epoch, self.start_step)
+
+    def __len__(self) -> int:
+        return (steps_per_epoch(self.n, self.plan.batch_size) - self.start_step) * self.plan.accum_steps
+
+
+def _loader(dataset: Dataset, batches: object, workers: int, pin: bool) -> DataLoader:
+    return DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin,
+        worker_init_fn=_worker_init if workers else None,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+    )
+
+
+def _to(device: torch.device, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for images, labels in loader:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+class PilTrainInput:
+    """Micro-batches for one rank and epoch, from a given optimizer step, already on `device`."""
+
+    def __init__(self, split: Split, transform: Callable, plan: StepPlan, rank: int, seed: int,
+                 device: torch.device, workers: int, pin_memory: bool):
+        dataset = ImageDataset(split, transform)
+        self.sampler = _RankBatches(len(dataset), plan, rank, seed)
+        self.loader = _loader(dataset, self.sampler, workers, pin_memory and device.type == "cuda")
+        self.device = device
+        self.steps_per_epoch = steps_per_epoch(len(dataset), plan.batch_size)
+        self.accum_steps = plan.accum_steps
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.epoch, self.sampler.start_step = epoch, start_step
+        return _to(self.device, self.loader)
+
+
+class PilEvalInput:
+    """This rank's exact shard of a split, in fixed order."""
+
+    def __init__(self, split: Split, transform: Callable, rank: int, world_size: int, batch_size: int,
+                 device: torch.device, workers: int, pin_memory: bool):
+        dataset = ImageDataset(split, transform)
+        shard = list(eval_shard(len(dataset), rank, world_size))
+        plan = [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
+        self.loader = _loader(dataset, plan, workers, pin_memory and device.type == "cuda")
+        self.device = device
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return _to(self.device, self.loader)

@@ -1,0 +1,97 @@
+"""Everything bfly reads from the process environment, in one place.
+
+torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, ...) win over SLURM's: under `srun torchrun`
+SLURM describes the torchrun process, not the worker. SLURM's are used only when a job step starts
+the trainer directly (`srun python -m bfly.train`), one task per process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    source: str  # "torchrun" | "slurm" | "single"
+    init_method: str  # "env://" or a tcp:// address
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def dist_env() -> DistEnv:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        world = _int("WORLD_SIZE")
+        return DistEnv(
+            rank=_int("RANK"),
+            local_rank=_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0,
+            world_size=world,
+            local_world_size=_int("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else world,
+            source="torchrun",
+            init_method="env://",
+        )
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return _slurm_env()
+    return DistEnv(0, 0, 1, 1, "single", "env://")
+
+
+def _slurm_env() -> DistEnv:
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise RuntimeError(
+                f"running as a SLURM task without torchrun, but {name} is not set: export MASTER_ADDR "
+                "(the first host of the allocation) and MASTER_PORT in the sbatch script"
+            )
+    return DistEnv(
+        rank=_int("SLURM_PROCID"),
+        local_rank=_int("SLURM_LOCALID"),
+        world_size=_int("SLURM_NTASKS"),
+        local_world_size=_int("SLURM_NTASKS_PER_NODE") if "SLURM_NTASKS_PER_NODE" in os.environ else 1,
+        source="slurm",
+        init_method=f"tcp://{os.environ['MASTER_ADDR']}:{_int('MASTER_PORT')}",
+    )
+
+
+def slurm_job_id() -> str | None:
+    """The job id a requeued job keeps (array jobs: ARRAYJOBID_TASKID)."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def wandb_api_key_configured() -> bool:
+    """True when wandb could log online: a key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def wandb_mode_override() -> str | None:
+    """WANDB_MODE set by the user wins over the config's mode, as wandb itself does."""
+    return os.environ.get("WANDB_MODE") or None
+
+
+def stdout_is_tty() -> bool:
+    return os.isatty(1) and os.environ.get("TERM", "") != "dumb"

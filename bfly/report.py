@@ -1,0 +1,244 @@
+"""Figures and a summary table from run directories, without wandb.
+
+    python -m bfly.report runs/vgg19 runs/resnet50                 # into report/
+    python -m bfly.report runs/vgg19 runs/resnet50 --out cmp --confusion test
+
+Writes, from each run's metrics.jsonl:
+  accuracy.png   per-epoch train and valid (and test, when logged) top-1 accuracy of every run
+  loss.png       the same for the loss
+  summary.md     the highest train / valid / test top-1 accuracy of each run, and the figures
+and, unless --confusion none, confusion-<run>-<split>.png: the confusion matrix of the run's best.pt
+on that split. It comes from <run>/best-eval-<split>.json (what `python -m bfly.evaluate` saves);
+when that file is missing, best.pt is evaluated here (one process) and the file written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bfly.checkpoint import BEST
+from bfly.data.metadata import SPLIT_NAMES
+from bfly.runlog import read_metrics
+
+SPLITS = ("train", "valid", "test")
+STYLES = {"train": "--", "valid": "-", "test": ":"}
+
+
+class ReportError(ValueError):
+    pass
+
+
+@dataclass
+class RunMetrics:
+    label: str
+    model: str
+    run_dir: Path
+    records: list[dict[str, Any]]
+
+    def curve(self, key: str) -> tuple[list[int], list[float]]:
+        points = [(r["epoch"] + 1, r[key]) for r in self.records if key in r]
+        return [e for e, _ in points], [v for _, v in points]
+
+    def best(self, split: str) -> tuple[float, int] | None:
+        """Highest top-1 of a split and the epoch (1-based) it was reached, or None if never logged."""
+        xs, ys = self.curve(f"{split}_top1")
+        if not ys:
+            return None
+        i = max(range(len(ys)), key=ys.__getitem__)
+        return ys[i], xs[i]
+
+
+def load_run(run_dir: Path) -> RunMetrics:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ReportError(f"{run_dir}: no metrics.jsonl (not a bfly run directory, or no epoch finished yet)")
+    try:
+        records = read_metrics(run_dir)
+    except (ValueError, KeyError) as e:
+        raise ReportError(f"{path}: not valid JSON lines ({e})") from None
+    if not records:
+        raise ReportError(f"{path}: empty (no epoch finished yet)")
+    model = "?"
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        model = (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("name", "?")
+    return RunMetrics(run_dir.resolve().name, model, run_dir, records)
+
+
+# --- figures ---------------------------------------------------------------------------------------
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportError("the figures need matplotlib: pip install 'bfly[report]'") from None
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs: list[RunMetrics], metric: str, out: Path) -> Path:
+    """metric: "top1" or "loss"; one colour per run, one line style per split."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    for i, run in enumerate(runs):
+        colour = f"C{i % 10}"
+        for split in SPLITS:
+            xs, ys = run.curve(f"{split}_{metric}")
+            if not xs:
+                continue
+            ys = [100 * y for y in ys] if metric == "top1" else ys
+            ax.plot(xs, ys, STYLES[split], color=colour, marker="o", markersize=3, label=f"{run.label} {split}")
+        best = run.best("valid") if metric == "top1" else None
+        if best:  # the seed report's headline number: each model's highest valid accuracy
+            ax.plot(best[1], 100 * best[0], "*", color=colour, markersize=13, markeredgecolor="black")
+            ax.annotate(f"best valid {100 * best[0]:.1f}%", (best[1], 100 * best[0]), textcoords="offset points",
+                        xytext=(0, -18), ha="center", color=colour, fontsize=9, fontweight="bold",
+                        bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.9})
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("top-1 accuracy (%)" if metric == "top1" else "loss")
+    ax.set_title("Top-1 accuracy per epoch" if metric == "top1" else "Loss per epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_confusion(result: dict[str, Any], label: str, out: Path) -> Path:
+    """Rows: true species, normalized to 1 (so the diagonal is each species' accuracy)."""
+    import numpy as np
+
+    plt = _pyplot()
+    counts = np.array(result["confusion"], dtype=float)
+    names = result["class_names"]
+    n = len(names)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    side = min(max(6.0, 0.22 * n + 3), 30.0)
+    fig, ax = plt.subplots(figsize=(side, side), dpi=100)
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(n)
+    font = 9 if n <= 30 else max(4, 9 - n // 25)
+    ax.set_xticks(ticks, names, rotation=90, fontsize=font)
+    ax.set_yticks(ticks, names, fontsize=font)
+    if n <= 30:  # counts stay legible up to about 30 classes
+        for (r, c), v in np.ndenumerate(counts):
+            if v:
+                ax.text(c, r, int(v), ha="center", va="center", fontsize=font,
+                        color="white" if rates[r, c] > 0.5 else "black")
+    ax.set_xlabel("predicted species")
+    ax.set_ylabel("true species")
+    ax.set_title(f"{label}: {result['split']} split, top-1 {result['top1']:.2%} ({result['count']} images)")
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="fraction of the true species")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+# --- confusion data ----------------------------------------------------------------------------------
+
+def eval_result(run: RunMetrics, split: str, data_root: str | None) -> dict[str, Any] | None:
+    """The saved evaluation of best.pt on split, made now if missing; None (with a warning) if impossible."""
+    from bfly.evaluate import USER_ERRORS, default_out
+
+    best = run.run_dir / BEST
+    saved = default_out(best, split)
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    if not best.is_file():
+        print(f"bfly.report: warning: {run.run_dir}: no {BEST} and no {saved.name}: no confusion matrix",
+              file=sys.stderr)
+        return None
+    import torch
+
+    from bfly.env import DistEnv
+    from bfly.evaluate import evaluate_checkpoint
+
+    print(f"evaluating {best} on the {split} split for the confusion matrix", flush=True)
+    single = DistEnv(0, 0, 1, 1, "single", "env://")  # one process, even when launched under torchrun
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        result = evaluate_checkpoint(best, split, single, device, data_root)
+    except USER_ERRORS as e:
+        print(f"bfly.report: warning: {run.run_dir}: cannot evaluate {BEST}: {e}; no confusion matrix",
+              file=sys.stderr)
+        return None
+    saved.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+# --- table ---------------------------------------------------------------------------------------------
+
+def _pct(best: tuple[float, int] | None, with_epoch: bool = False) -> str:
+    if best is None:
+        return "–"
+    return f"{100 * best[0]:.2f}%" + (f" (epoch {best[1]})" if with_epoch else "")
+
+
+def summary_table(runs: list[RunMetrics]) -> str:
+    lines = ["| run | model | epochs | best train top-1 | best valid top-1 | best test top-1 |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in runs:
+        lines.append(f"| {r.label} | {r.model} | {len(r.records)} | {_pct(r.best('train'))} | "
+                     f"{_pct(r.best('valid'), True)} | {_pct(r.best('test'), True)} |")
+    return "\n".join(lines)
+
+
+def write_report(runs: list[RunMetrics], out: Path, confusion_split: str, data_root: str | None) -> list[Path]:
+    labels = [r.label for r in runs]
+    for r in runs:  # two runs/<x> folders from different places: tell them apart
+        if labels.count(r.label) > 1:
+            r.label = f"{r.run_dir.resolve().parent.name}/{r.label}"
+    out.mkdir(parents=True, exist_ok=True)
+    written = [plot_curves(runs, "top1", out / "accuracy.png"), plot_curves(runs, "loss", out / "loss.png")]
+    md = ["# Training report", "", summary_table(runs), "",
+          "Highest top-1 accuracy over the epochs in each run's metrics.jsonl (– : split not evaluated).", "",
+          "![top-1 accuracy per epoch](accuracy.png)", "", "![loss per epoch](loss.png)", ""]
+    if confusion_split != "none":
+        for r in runs:
+            result = eval_result(r, confusion_split, data_root)
+            if result is None:
+                continue
+            png = plot_confusion(result, r.label, out / f"confusion-{r.label.replace('/', '-')}-{confusion_split}.png")
+            written.append(png)
+            md += [f"![{r.label} confusion matrix ({confusion_split})]({png.name})", ""]
+    (out / "summary.md").write_text("\n".join(md))
+    return [*written, out / "summary.md"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bfly.report", description=__doc__.split("\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=Path)
+    p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report)")
+    p.add_argument("--confusion", default="valid", choices=(*SPLIT_NAMES, "none"),
+                   help="split of the confusion matrices (default: valid)")
+    p.add_argument("--data-root", help="dataset folder for evaluating best.pt (default: the run's own)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        runs = [load_run(d) for d in args.run_dirs]
+        written = write_report(runs, args.out, args.confusion, args.data_root)
+    except ReportError as e:
+        print(f"bfly.report: error: {e}", file=sys.stderr)
+        return 2
+    print(summary_table(runs))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""What a run leaves behind and prints: log file, metrics.jsonl, rank-0 progress line.
+
+Other ranks are quiet. Extra sinks (wandb) receive the same step and epoch records.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from bfly.env import stdout_is_tty
+
+
+class Sink(Protocol):
+    def log_step(self, record: dict[str, Any], step: int) -> None: ...
+    def log_epoch(self, record: dict[str, Any], step: int) -> None: ...
+    def finish(self, run: Any, completed: bool) -> None: ...
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, is_main: bool, sinks: list[Sink] | None = None):
+        self.run_dir, self.is_main = run_dir, is_main
+        self.sinks = sinks or []
+        self.tty = stdout_is_tty()
+        self._log = open(run_dir / "train.log", "a") if is_main else None
+
+    def info(self, msg: str) -> None:
+        if not self.is_main:
+            return
+        self._end_progress()
+        print(msg, flush=True)
+        self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        self._log.flush()
+
+    def warn(self, msg: str) -> None:
+        self.info(f"warning: {msg}")
+
+    def progress(self, epoch: int, epochs: int, step: int, steps: int, eta_s: float, fields: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        text = f"epoch {epoch + 1}/{epochs} step {step}/{steps} eta {_hms(eta_s)} " + " ".join(
+            f"{k} {v:.4g}" for k, v in fields.items())
+        if self.tty:
+            sys.stdout.write("\r" + text + "\033[K")
+            sys.stdout.flush()
+            self._open_line = True
+        else:
+            print(text, flush=True)
+
+    def _end_progress(self) -> None:
+        if getattr(self, "_open_line", False):
+            sys.stdout.write("\n")
+            self._open_line = False
+
+    def step(self, record: dict[str, Any], step: int) -> None:
+        if self.is_main:
+            for sink in self.sinks:
+                sink.log_step(record, step)
+
+    def epoch(self, record: dict[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log_epoch(record, step)
+
+    def close(self) -> None:
+        if self._log:
+            self._end_progress()
+            self._log.close()
+
+
+def truncate_metrics(run_dir: Path, before_epoch: int) -> None:
+    """On resume, drop records of epochs the checkpoint does not contain (no repeats in the file)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < before_epoch]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

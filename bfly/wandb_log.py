@@ -1,0 +1,192 @@
+"""Weights & Biases logging: a bfly.runlog sink that rank 0 adds to its RunLog.
+
+bfly.train imports this module lazily; its `import wandb` is what makes wandb optional.
+
+What a run shows on the dashboard:
+- config: the resolved config, plus a `job` section (world size, classes, images, device);
+- per logged optimizer step (wandb step = global optimizer step): train/loss, train/lr,
+  train/img_per_s, train/data_wait, train/epoch, train/gpu_mem_gb (CUDA);
+- per epoch, against `epoch` (epochs completed): epoch/train_top1, epoch/valid_top1, ... every
+  number of the metrics.jsonl record;
+- at the end: per_class/<split> tables with species names, confusion/<split> charts and
+  samples/<split> images captioned with the predicted and true species;
+- summary: best/checkpoint (the path of best.pt) and best/<metric> of the epoch it holds.
+
+wandb's files live in <run dir>/wandb. The run id is kept in the checkpoints, so a resumed or
+requeued job continues the same run; wandb_resume.json in the run directory remembers the last
+step and epoch logged, so a job that resumes from an older checkpoint (after a crash) never logs a
+step twice or backwards, online or offline (offline runs are uploaded later with `wandb sync`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+import wandb
+
+from bfly import checkpoint as ckpt
+from bfly.config import ConfigError, to_dict
+from bfly.data.pil_input import open_rgb
+from bfly.env import wandb_api_key_configured, wandb_mode_override
+from bfly.predict import class_probs
+
+RESUME_FILE = "wandb_resume.json"
+MODES = ("online", "offline", "disabled")
+THUMBNAIL = 256  # px: sample images are for a glance, not for archiving the dataset
+
+
+def resolve_mode(config_mode: str) -> str:
+    """WANDB_MODE wins over wandb.mode; auto = online when an API key is configured, else offline."""
+    override = wandb_mode_override()
+    mode = {"dryrun": "offline", "run": "online"}.get(override or config_mode, override or config_mode)
+    if mode == "auto":
+        return "online" if wandb_api_key_configured() else "offline"
+    if mode not in MODES:
+        raise ConfigError(f"WANDB_MODE={override!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def job_info(run: Any) -> dict[str, Any]:
+    return {"world_size": run.env.world_size, "num_classes": run.meta.num_classes,
+            "train_images": len(run.meta.splits["train"].paths), "layout": run.meta.layout,
+            "device": run.device.type, "run_dir": str(run.run_dir.resolve())}
+
+
+class WandbSink:
+    def __init__(self, wb: Any, run_dir: Path, floor: int, last_epoch: int):
+        self.wb, self.run_dir = wb, run_dir
+        self.floor = floor  # the last step logged by an earlier job: never log at or below it
+        self.last_epoch = last_epoch  # the last epoch record logged, by any job
+        self.step = floor  # the last step logged
+
+    @property
+    def run_id(self) -> str:
+        return self.wb.id
+
+    @classmethod
+    def open(cls, run: Any, state: Any) -> "WandbSink":
+        c = run.cfg.wandb
+        wb = wandb.init(
+            dir=run.run_dir, mode=resolve_mode(c.mode), entity=c.entity or None, project=c.project or None,
+            group=c.group or None, name=c.name or run.run_dir.resolve().name, tags=c.tags or None,
+            notes=c.notes or None, id=run.wandb_run_id, resume="allow" if run.wandb_run_id else None,
+            config={**to_dict(run.cfg), "job": job_info(run)},
+        )
+        wb.define_metric("epoch")
+        wb.define_metric("epoch/*", step_metric="epoch")
+        saved = _read_resume(run.run_dir)
+        floor, last_epoch = wb.step - 1, -1  # online, wandb knows the resumed run's next step
+        if saved.get("run_id") == wb.id:
+            floor, last_epoch = max(floor, saved["step"]), saved["epoch"]
+        return cls(wb, run.run_dir, floor, last_epoch)
+
+    def log_step(self, record: dict[str, Any], step: int) -> None:
+        if step <= self.floor:  # already logged before a crash; wandb would drop it
+            return
+        self._log({k if "/" in k else f"train/{k}": v for k, v in record.items()}, step)
+
+    def log_epoch(self, record: dict[str, Any], step: int) -> None:
+        if record["epoch"] <= self.last_epoch:
+            return
+        data = {f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step", "time")}
+        data["epoch"] = record["epoch"] + 1
+        self.last_epoch = record["epoch"]
+        # Normally the epoch's last step; later only when a crash left newer steps logged.
+        self._log(data, max(step, self.floor + 1))
+
+    def _log(self, data: dict[str, Any], step: int) -> None:
+        self.wb.log(data, step=step)
+        self.step = step
+        _write_resume(self.run_dir, {"run_id": self.wb.id, "step": step, "epoch": self.last_epoch})
+
+    def finish(self, run: Any, completed: bool) -> None:
+        self.wb.summary.update(best_summary(run.run_dir / ckpt.BEST))
+        if not completed:
+            # Stopped by a signal to be requeued: the next job resumes this run.
+            self.wb.mark_preempting()
+            self.wb.finish(exit_code=_signal_exit_code(run.stop.signal_name))
+            return
+        data: dict[str, Any] = {}
+        names = list(run.meta.class_names)
+        for split, m in (run.last_eval or {}).items():
+            data[f"per_class/{split}"] = per_class_table(m, names)
+            data[f"confusion/{split}"] = confusion_chart(m["confusion"], names, split)
+        split = "valid" if "valid" in run.meta.splits else next(iter(run.last_eval or {}), None)
+        if split and run.cfg.wandb.samples > 0:
+            data[f"samples/{split}"] = sample_images(run, split, run.cfg.wandb.samples)
+        if data:
+            self._log(data, max(self.step, self.floor + 1))
+        self.wb.finish()
+
+
+def per_class_table(m: dict[str, Any], names: list[str]) -> wandb.Table:
+    confusion = m["confusion"]
+    rows = [[i, name, m["per_class"][i], int(confusion[i, i]), int(confusion[i].sum())]
+            for i, name in enumerate(names)]
+    return wandb.Table(columns=["class_id", "species", "accuracy", "correct", "images"], data=rows)
+
+
+def confusion_chart(confusion: torch.Tensor, names: list[str], split: str) -> Any:
+    # wandb builds the chart from label lists: expand the counts (a split has at most a few thousand).
+    n = confusion.shape[0]
+    counts = confusion.flatten()
+    true = torch.arange(n).repeat_interleave(n).repeat_interleave(counts).tolist()
+    pred = torch.arange(n).repeat(n).repeat_interleave(counts).tolist()
+    return wandb.plot.confusion_matrix(y_true=true, preds=pred, class_names=names,
+                                       title=f"Confusion matrix ({split})")
+
+
+def sample_images(run: Any, split: str, n: int) -> list[wandb.Image]:
+    """n images spread over the split, captioned with the final model's prediction and the truth."""
+    s = run.meta.splits[split]
+    picks = sorted({i * len(s.paths) // n for i in range(min(n, len(s.paths)))})
+    images = [open_rgb(s.paths[i]) for i in picks]
+    model = run.trainer.ema.module if run.trainer.ema else run.raw_model
+    with run.trainer.autocast():
+        probs = class_probs(model, images, run.cfg.data.image_size, run.device)
+    names, out = run.meta.class_names, []
+    for im, i, p in zip(images, picks, probs):
+        pred, true = int(p.argmax()), s.labels[i]
+        im.thumbnail((THUMBNAIL, THUMBNAIL))
+        mark = "right" if pred == true else "WRONG"
+        out.append(wandb.Image(im, caption=f"{mark}: predicted {names[pred]} ({p[pred]:.0%}), true {names[true]}"))
+    return out
+
+
+def best_summary(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        saved = ckpt.load(path)
+    except ckpt.CheckpointError:
+        return {}
+    metrics = saved.get("metrics") or {}
+    out: dict[str, Any] = {"best/checkpoint": str(path.resolve())}
+    out.update({f"best/{k}": v for k, v in metrics.items() if k not in ("epoch", "time")})
+    if "epoch" in metrics:
+        out["best/epoch"] = metrics["epoch"] + 1  # epochs completed, as the dashboard's `epoch`
+    return out
+
+
+def _signal_exit_code(signal_name: str | None) -> int:
+    # The shell's convention 128 + signal number; wandb counts any non-zero code as not finished.
+    sig = signal.Signals[signal_name] if signal_name else signal.SIGTERM
+    return 128 + sig.value
+
+
+def _read_resume(run_dir: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads((run_dir / RESUME_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) and {"run_id", "step", "epoch"} <= saved.keys() else {}
+
+
+def _write_resume(run_dir: Path, data: dict[str, Any]) -> None:
+    tmp = run_dir / f".{RESUME_FILE}.tmp"
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, run_dir / RESUME_FILE)

@@ -1,0 +1,125 @@
+"""Smoke test of slurm/local_cluster.sh: a real local SLURM cluster comes up,
+runs a batch job that accounting reports COMPLETED, spans both nodes, and goes
+down again. A cluster that was already up is used and left running."""
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "local_cluster.sh"
+SLURM_COMMANDS = ("slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "munged", "mariadbd")
+
+pytestmark = pytest.mark.slurm
+
+
+def cluster(command, timeout=300):
+    return subprocess.run(
+        ["bash", str(SCRIPT), command], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def skip_reason():
+    if os.geteuid() != 0:
+        return "local SLURM cluster needs root (it starts system daemons)"
+    installed = all(shutil.which(c) for c in SLURM_COMMANDS)
+    if not installed and shutil.which("apt-get") is None:
+        return "SLURM packages not installed and apt-get unavailable to install them"
+    return None
+
+
+def wait_for_state(job_id, wanted, timeout_s=30):
+    deadline = time.monotonic() + timeout_s
+    state = ""
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+            capture_output=True, text=True,
+        )
+        state = out.stdout.strip()
+        if state == wanted:
+            return state
+        time.sleep(0.5)
+    return state
+
+
+@pytest.fixture(scope="module")
+def running_cluster():
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    was_up = cluster("status").returncode == 0
+    up = cluster("up")
+    assert up.returncode == 0, f"up failed:\n{up.stdout}\n{up.stderr}"
+    yield
+    if not was_up:
+        down = cluster("down")
+        assert down.returncode == 0, f"down failed:\n{down.stdout}\n{down.stderr}"
+
+
+def test_up_reports_both_nodes_idle_and_is_idempotent(running_cluster):
+    again = cluster("up")
+    assert again.returncode == 0, again.stderr
+    assert "already up" in again.stdout
+    assert "node n1: partition=debug* state=idle" in again.stdout
+    assert "node n2: partition=debug* state=idle" in again.stdout
+
+
+def test_batch_job_runs_and_accounting_reports_completed(running_cluster, tmp_path):
+    out_file = tmp_path / "job.out"
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--output={out_file}", "--wrap", "echo ran on $SLURMD_NODENAME"],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )
+    job_id = submit.stdout.strip().split(";")[0]
+    assert wait_for_state(job_id, "COMPLETED") == "COMPLETED"
+    assert out_file.read_text().strip() in ("ran on n1", "ran on n2")
+
+
+def test_failing_job_is_reported_failed(running_cluster, tmp_path):
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--output=/dev/null", "--wrap", "exit 3"],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )
+    assert wait_for_state(submit.stdout.strip(), "FAILED") == "FAILED"
+
+
+def test_srun_spans_both_nodes(running_cluster):
+    run = subprocess.run(
+        ["srun", "-N2", "-n2", "bash", "-c", "echo $SLURMD_NODENAME"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert sorted(run.stdout.split()) == ["n1", "n2"]
+
+
+def test_gpu_request_is_rejected(running_cluster):
+    submit = subprocess.run(
+        ["sbatch", "--gres=gpu:1", "--wrap", "true"], capture_output=True, text=True
+    )
+    assert submit.returncode != 0
+
+
+@pytest.mark.slow
+def test_requeued_job_reruns_within_15_seconds(running_cluster, tmp_path):
+    runs = tmp_path / "runs.txt"
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--requeue", "--output=/dev/null",
+         "--wrap", f"echo run >> {runs}; sleep 300"],
+        capture_output=True, text=True, check=True,
+    )
+    job_id = submit.stdout.strip()
+    try:
+        assert wait_for_state(job_id, "RUNNING") == "RUNNING"
+        while not runs.exists():
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(runs.read_text().splitlines()) < 2:
+            time.sleep(0.2)
+        assert len(runs.read_text().splitlines()) == 2
+    finally:
+        subprocess.run(["scancel", job_id])
