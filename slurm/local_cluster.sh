@@ -14,7 +14,9 @@
 # ~12 s (short credential lifetime). Job ids restart at 1 on every `up`.
 #
 # /etc/slurm/slurm.conf and slurmdbd.conf are written by this script (clients
-# read them there); it refuses to overwrite ones it did not write.
+# read them there); it refuses to overwrite ones it did not write. Logs, pid
+# files and the database live in $BFLY_SLURM_DIR (default /tmp/bfly-slurm).
+# `up` on a running cluster is a no-op; `down && up` restarts it from scratch.
 set -euo pipefail
 
 STATE_DIR="${BFLY_SLURM_DIR:-/tmp/bfly-slurm}"
@@ -24,11 +26,16 @@ DBD_PORT=6819
 NODE_PORTS=(6821 6822)          # one slurmd per node: n1, n2
 DB_PORT=6830                    # private MariaDB, 127.0.0.1 only
 WAIT_S=30
+CACHE_DIR=/var/cache/bfly-slurm  # pristine MariaDB data dir, reused by every `up`
 
 CONF_DIR=/etc/slurm
 MARKER="# Written by bfly slurm/local_cluster.sh"
 PACKAGES=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server)
 NODES=(n1 n2)
+# Start order; `down` stops in reverse. slurmd@NODE is the slurmd of NODE.
+ALL_DAEMONS=(munged mariadbd slurmdbd slurmctld "${NODES[@]/#/slurmd@}")
+# Daemons and clients alike must read the config written here.
+export SLURM_CONF=$CONF_DIR/slurm.conf
 
 die() {
     echo "local_cluster: error: $*" >&2
@@ -231,28 +238,45 @@ start_munge() {
     install -d -o munge -g munge -m 0755 /run/munge
     rm -f /run/munge/munged.pid
     # munged refuses to run as root; it forks and writes its pid file.
-    runuser -u munge -- munged
+    runuser -u munge -- munged 9>&-
     track_from_pidfile munged /run/munge/munged.pid /var/log/munge/munged.log
     wait_for munged /var/log/munge/munged.log munge_works
 }
 
 db_ping() { mariadb-admin --no-defaults -h 127.0.0.1 -P "$DB_PORT" -u root ping; }
 
+# Throw-away database: small redo log, no durability (faster start).
+DB_OPTS=(--innodb-log-file-size=8M --innodb-buffer-pool-size=64M
+    --innodb-doublewrite=0 --innodb-flush-log-at-trx-commit=0 --skip-log-bin)
+
+# mariadb-install-db takes 0.5-6 s depending on load; copying its output is
+# much faster, so it runs once per MariaDB version. Prints the template path.
+db_template() {
+    local version template tmp
+    version=$(mariadbd --version | awk '{print $3}')
+    template=$CACHE_DIR/mariadb-$version
+    if [[ ! -d $template ]]; then
+        mkdir -p "$CACHE_DIR"
+        tmp=$(mktemp -d "$CACHE_DIR/tmp.XXXXXX")
+        chown mysql:mysql "$tmp"
+        mariadb-install-db --no-defaults --user=mysql --datadir="$tmp" \
+            --auth-root-authentication-method=normal --skip-test-db "${DB_OPTS[@]}" \
+            >"$STATE_DIR/log/mariadb-install.log" 2>&1 \
+            || { show_log_tail "$STATE_DIR/log/mariadb-install.log"; rm -rf "$tmp"; die "mariadb-install-db failed"; }
+        mv "$tmp" "$template"
+    fi
+    echo "$template"
+}
+
 start_mariadb() {
-    local db=$STATE_DIR/mysql
-    install -d -o mysql -g mysql "$db"
-    # Throw-away database: small redo log, no durability (faster start).
-    local fast=(--innodb-log-file-size=8M --innodb-buffer-pool-size=64M
-        --innodb-doublewrite=0 --innodb-flush-log-at-trx-commit=0 --skip-log-bin)
-    mariadb-install-db --no-defaults --user=mysql --datadir="$db" \
-        --auth-root-authentication-method=normal --skip-test-db "${fast[@]}" \
-        >"$STATE_DIR/log/mariadb-install.log" 2>&1 \
-        || { show_log_tail "$STATE_DIR/log/mariadb-install.log"; die "mariadb-install-db failed"; }
+    local db=$STATE_DIR/mysql template
+    template=$(db_template)
+    cp -a "$template" "$db"
     # setsid + redirects: it must not hold the caller's terminal or pipes.
     setsid mariadbd --no-defaults --user=mysql --datadir="$db" \
         --socket="$db/mysqld.sock" --bind-address=127.0.0.1 --port="$DB_PORT" \
-        --pid-file="$db/mariadbd.pid" "${fast[@]}" \
-        </dev/null >>"$STATE_DIR/log/mariadb.log" 2>&1 &
+        --pid-file="$db/mariadbd.pid" "${DB_OPTS[@]}" \
+        </dev/null >>"$STATE_DIR/log/mariadb.log" 2>&1 9>&- &
     echo $! >"$(pid_file_of mariadbd)"
     wait_for mariadbd "$STATE_DIR/log/mariadb.log" db_ping
     # Its own pid file is authoritative should setsid have forked.
@@ -268,7 +292,7 @@ register_cluster() {
 }
 
 start_slurmdbd() {
-    slurmdbd
+    slurmdbd 9>&-
     track_from_pidfile slurmdbd "$STATE_DIR/run/slurmdbd.pid" "$STATE_DIR/log/slurmdbd.log"
     wait_for slurmdbd "$STATE_DIR/log/slurmdbd.log" port_open "$DBD_PORT"
     # Register the cluster before slurmctld starts so its first jobs are recorded.
@@ -276,29 +300,25 @@ start_slurmdbd() {
 }
 
 start_slurmctld() {
-    slurmctld
+    slurmctld 9>&-
     track_from_pidfile slurmctld "$STATE_DIR/run/slurmctld.pid" "$STATE_DIR/log/slurmctld.log"
     wait_for slurmctld "$STATE_DIR/log/slurmctld.log" scontrol ping
 }
 
 nodes_idle() {
-    local states
-    states=$(sinfo -h -N -p debug -o '%N %t' | sort -u)
-    [[ $(grep -c ' idle$' <<<"$states") -eq ${#NODES[@]} ]]
+    [[ $(sinfo -h -N -p debug -o '%t' | grep -cx idle) -eq ${#NODES[@]} ]]
 }
 
 start_slurmds() {
     local node
     for node in "${NODES[@]}"; do
-        slurmd -N "$node"
+        slurmd -N "$node" 9>&-
         track_from_pidfile "slurmd@$node" "$STATE_DIR/run/slurmd-$node.pid" "$STATE_DIR/log/slurmd-$node.log"
     done
     wait_for slurmctld "$STATE_DIR/log/slurmctld.log" nodes_idle
 }
 
 # ---- commands ----
-
-ALL_DAEMONS=(munged mariadbd slurmdbd slurmctld "slurmd@n1" "slurmd@n2")
 
 all_up() {
     local name
@@ -417,6 +437,7 @@ cmd_status() {
 main() {
     [[ $(id -u) -eq 0 ]] || die "must run as root (starts system daemons)"
     # Serialize concurrent calls (CI and a user, parallel test workers).
+    # Daemons are started with `9>&-` so they do not inherit (and hold) the lock.
     exec 9>"${STATE_DIR%/}.lock"
     flock -w 300 9 || die "another local_cluster.sh is still running (lock ${STATE_DIR%/}.lock)"
     case "${1:-}" in
