@@ -156,8 +156,10 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     hints = typing.get_type_hints(cls)
     if name not in hints:
         raise ConfigError(f"unknown config key {key!r} (known in {section}: {', '.join(hints)})")
-    value = _check_type(value, hints[name], key)
     choices = cls.__dataclass_fields__[name].metadata.get("choices")
+    if value is False and choices and "off" in choices:
+        value = "off"  # YAML 1.1 reads a bare `off` as false
+    value = _check_type(value, hints[name], key)
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
     setattr(getattr(cfg, section), name, value)

@@ -15,6 +15,13 @@ def test_defaults_and_overrides_are_typed():
     assert cfg.wandb.tags == ["a", "b"]
 
 
+def test_a_bare_off_in_yaml_means_the_off_choice(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  amp: off\n")
+    assert load_config(path).train.amp == "off"
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+
+
 def test_yaml_file_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  name: vgg19_bn\ntrain:\n  epochs: 5\n")

@@ -1,0 +1,67 @@
+"""Write a compact copy of a dataset: every image resized to SIZE x SIZE and re-encoded as JPEG.
+
+    python -m bfly.compact data/butterflies data/butterflies-144 --size 144 --quality 60
+
+The full dataset (13,594 images, 362 MB at 224 px) becomes about 56 MB at 144 px / quality 60:
+small enough to carry to a GPU machine in one go. The copy keeps the same relative paths and
+writes the Kaggle-layout CSV, so it loads like the original.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+from bfly.data.metadata import DataError, load_metadata
+from bfly.data.pil_input import open_rgb
+
+CSV_NAME = "butterflies and moths.csv"
+
+
+def _convert(job: tuple[str, str, int, int]) -> int:
+    src, dst, size, quality = job
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    open_rgb(src).resize((size, size), Image.BICUBIC).save(dst, "JPEG", quality=quality)
+    return Path(dst).stat().st_size
+
+
+def compact(src_root: Path, dst_root: Path, size: int, quality: int, workers: int) -> tuple[int, int]:
+    meta = load_metadata(src_root)
+    rows, jobs = [], []
+    for split in meta.splits.values():
+        for path, label in zip(split.paths, split.labels):
+            rel = Path(path).relative_to(meta.root.resolve()) if Path(path).is_absolute() else Path(path)
+            rows.append([label, rel.as_posix(), meta.class_names[label], split.name])
+            jobs.append((path, str(dst_root / rel), size, quality))
+    with ProcessPoolExecutor(workers) as pool:
+        total = sum(pool.map(_convert, jobs, chunksize=64))
+    with open(dst_root / CSV_NAME, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class id", "filepaths", "labels", "data set"])
+        writer.writerows(rows)
+    return len(jobs), total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bfly.compact", description=__doc__.split("\n")[0])
+    parser.add_argument("src", type=Path)
+    parser.add_argument("dst", type=Path)
+    parser.add_argument("--size", type=int, default=144)
+    parser.add_argument("--quality", type=int, default=60)
+    parser.add_argument("--workers", type=int, default=4)
+    args = parser.parse_args(argv)
+    try:
+        n, total = compact(args.src, args.dst, args.size, args.quality, args.workers)
+    except DataError as e:
+        print(f"bfly.compact: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{n} images -> {args.dst} ({total / 2**20:.1f} MB at {args.size} px, JPEG quality {args.quality})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
