@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bfly.config import Config, DistConfig, OptimConfig, load_config
+from bfly.config import Config, DistConfig, OptimConfig
 from bfly.data.cached_input import CachedTrainInput, ResidentSplit
+from bfly.data.decode_cache import available_cores
 from bfly.data.metadata import Split, load_metadata
 from bfly.data.pil_input import ImageDataset, PilTrainInput
 from bfly.data.sampling import Sample, StepPlan, sample_seed
@@ -62,6 +63,7 @@ class Settings:
     data: str = "data/butterfly-mini"
     cache_dir: str = ""
     workers: int = 4
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels for the (fixed) shapes
     peak_tflops: float = 0.0  # 0 = look the GPU up in PEAK_TFLOPS
 
     def tag(self) -> str:
@@ -120,13 +122,13 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def data_config(s: Settings, **overrides: Any) -> Config:
-    cfg = load_config(None, [f"data.root={s.data}", f"data.image_size={s.image_size}",
-                             f"train.batch_size={s.batch_size}", f"model.channels_last={s.channels_last}",
-                             f"model.compile={s.compile}"])
-    if s.cache_dir:
-        cfg.data.cache_dir = s.cache_dir
-    for key, value in overrides.items():
+def data_config(s: Settings, **data: Any) -> Config:
+    """The training config these settings stand for (set directly: a path is not YAML)."""
+    cfg = Config()
+    cfg.data.root, cfg.data.image_size, cfg.data.cache_dir = s.data, s.image_size, s.cache_dir
+    cfg.train.batch_size = s.batch_size
+    cfg.model.channels_last, cfg.model.compile = s.channels_last, s.compile
+    for key, value in data.items():
         setattr(cfg.data, key, value)
     return cfg
 
@@ -242,7 +244,7 @@ def mfu(flops: float, timing: Timing, batch_size: int, peak: float | None) -> fl
     return flops * timing.img_s / batch_size / peak if peak else None
 
 
-# --- model mode --------------------------------------------------------------------------------------
+# --- model and end-to-end modes ----------------------------------------------------------------------
 
 def build_reference(name: str) -> nn.Module:
     import torchvision
@@ -254,29 +256,46 @@ def build_ours(name: str) -> nn.Module:
     return build_model(name, NUM_CLASSES)
 
 
-def bench_models(name: str, s: Settings, device: torch.device, reference: bool = True) -> list[Row]:
-    """Ours (and torchvision's) on synthetic input; alternating rounds so drift hits both alike."""
+def bench_model(name: str, s: Settings, device: torch.device, reference: bool = True,
+                inputs: tuple[str, ...] = (), store: ResidentSplit | None = None) -> list[Row]:
+    """Our model (and torchvision's) on synthetic input, then ours on the real data via `inputs`.
+
+    Ours and the reference run alternating timed rounds (median kept), so drift hits both alike.
+    The real-data runs reuse our model instance: a compiled model is compiled once.
+    """
     if s.compile:
         torch._dynamo.reset()
-    builders = {f"{name} (ours)": build_ours} | ({f"{name} (torchvision)": build_reference} if reference else {})
+    builders = {"ours": build_ours} | ({"torchvision": build_reference} if reference else {})
     trainers, flops = {}, {}
-    for label, build in builders.items():
+    for who, build in builders.items():
         torch.manual_seed(0)
-        trainers[label] = make_trainer(build(name), device, s)
+        trainers[who] = make_trainer(build(name), device, s)
         images, labels = next(synthetic_batches(device, s))
-        flops[label] = step_flops(_raw(trainers[label].model), images, labels, s)
-        time_training(trainers[label], synthetic_batches(device, s), 0, s.warmup)
-    timings: dict[str, list[Timing]] = {label: [] for label in builders}
+        flops[who] = step_flops(_raw(trainers[who].model), images, labels, s)
+        time_training(trainers[who], synthetic_batches(device, s), 0, s.warmup)
+    timings: dict[str, list[Timing]] = {who: [] for who in builders}
     for _ in range(s.rounds):
-        for label, trainer in trainers.items():
-            timings[label].append(time_training(trainer, synthetic_batches(device, s), s.steps, 0))
-    rows = [_median_row("model", label, timings[label], flops[label], s, device) for label in builders]
+        for who, trainer in trainers.items():
+            timings[who].append(time_training(trainer, synthetic_batches(device, s), s.steps, 0))
+    rows = [_median_row(f"{name} ({who}), synthetic", timings[who], flops[who], s, device) for who in builders]
     if reference:
         rows[0].ratio, rows[0].ratio_of = rows[0].img_s / rows[1].img_s, "torchvision"
-    for label in list(trainers):
-        del trainers[label]
+    for kind in inputs:
+        rows.append(_real_data_row(name, kind, trainers["ours"], flops["ours"], rows[0].img_s, s, device, store))
+    trainers.clear()
     free_memory(device)
     return rows
+
+
+def _real_data_row(name: str, kind: str, trainer: Trainer, flops: float, synthetic_img_s: float, s: Settings,
+                   device: torch.device, store: ResidentSplit | None) -> Row:
+    train_input = cached_train_input(s, device, store) if kind == "cached" else pil_train_input(s, device)
+    timing = time_training(trainer, endless(train_input.batches), s.steps, s.warmup)
+    del train_input  # PIL workers end here
+    settings = s.tag() + (f" w{s.workers}" if kind == "pil" else "")
+    return Row("e2e", f"{name} (ours), real data via {kind}", settings, timing.img_s,
+               mfu(flops, timing, s.batch_size, peak_flops(device, s)), timing.peak_gb, timing.wait,
+               timing.img_s / synthetic_img_s, "synthetic")
 
 
 def _raw(model: nn.Module) -> nn.Module:
@@ -284,42 +303,11 @@ def _raw(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def _median_row(mode: str, label: str, timings: list[Timing], flops: float, s: Settings,
-                device: torch.device) -> Row:
+def _median_row(label: str, timings: list[Timing], flops: float, s: Settings, device: torch.device) -> Row:
     median = sorted(timings, key=lambda t: t.img_s)[len(timings) // 2]
-    return Row(mode, label, s.tag(), median.img_s, mfu(flops, median, s.batch_size, peak_flops(device, s)),
+    return Row("model", label, s.tag(), median.img_s, mfu(flops, median, s.batch_size, peak_flops(device, s)),
                median.peak_gb, median.wait,
                extra={"img_s_rounds": [t.img_s for t in timings], "step_gflops": flops / 1e9})
-
-
-# --- end to end -------------------------------------------------------------------------------------
-
-def bench_end_to_end(name: str, s: Settings, device: torch.device, pil: bool = False,
-                     store: ResidentSplit | None = None) -> list[Row]:
-    """One model instance: synthetic input, then the real data through the cached (and PIL) path."""
-    if s.compile:
-        torch._dynamo.reset()
-    torch.manual_seed(0)
-    trainer = make_trainer(build_ours(name), device, s)
-    images, labels = next(synthetic_batches(device, s))
-    flops = step_flops(_raw(trainer.model), images, labels, s)
-    peak = peak_flops(device, s)
-    synthetic = time_training(trainer, synthetic_batches(device, s), s.steps, s.warmup)
-    rows = [Row("e2e", f"{name} synthetic", s.tag(), synthetic.img_s, mfu(flops, synthetic, s.batch_size, peak),
-                synthetic.peak_gb, synthetic.wait)]
-    inputs = {"cached": lambda: cached_train_input(s, device, store)}
-    if pil:
-        inputs["pil"] = lambda: pil_train_input(s, device)
-    for kind, make in inputs.items():
-        train_input = make()
-        timing = time_training(trainer, endless(train_input.batches), s.steps, s.warmup)
-        rows.append(Row("e2e", f"{name} real data, {kind}", s.tag() + (f" w{s.workers}" if kind == "pil" else ""),
-                        timing.img_s, mfu(flops, timing, s.batch_size, peak), timing.peak_gb, timing.wait,
-                        timing.img_s / synthetic.img_s, "synthetic"))
-        del train_input
-    del trainer
-    free_memory(device)
-    return rows
 
 
 def cached_train_input(s: Settings, device: torch.device, store: ResidentSplit | None = None) -> CachedTrainInput:
@@ -356,16 +344,25 @@ def bench_input(s: Settings, device: torch.device, store: ResidentSplit | None =
 # --- host CPU time per image ------------------------------------------------------------------------
 
 def bench_host(s: Settings, device: torch.device, images: int = 256) -> list[Row]:
-    """Process CPU time per image (all threads): what the host must do for each training image."""
+    """Process CPU time per image on one thread, as in a DataLoader worker: the host's work per image."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _host_rows(s, device, images)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _host_rows(s: Settings, device: torch.device, images: int) -> list[Row]:
     split = train_split(s)
     n = min(images, len(split.paths))
     pil = _cpu_per_image_pil(split, s.image_size, n)
     train_input = cached_train_input(replace(s, batch_size=min(s.batch_size, len(split.paths))), torch.device("cpu"))
-    plan_only, gather = _cpu_per_image_cached(train_input, n, device)
+    plan_only, gather = _cpu_per_image_cached(train_input, n)
     rows = [
         Row("host", "PIL decode + seed augment", f"{s.image_size}px, 1 process", us_per_image=pil),
         Row("host", "cached, split in GPU memory (epoch plan)", f"{s.image_size}px", us_per_image=plan_only,
-            ratio=pil / plan_only, ratio_of="PIL per image / this"),
+            ratio=pil / plan_only, ratio_of="PIL per image / this", note="+ ~20 kernel launches per batch"),
         Row("host", "cached, split in host memory (plan + gather" + (" + pin)" if torch.cuda.is_available() else ")"),
             f"{s.image_size}px", us_per_image=gather, ratio=pil / gather, ratio_of="PIL per image / this"),
     ]
@@ -385,22 +382,27 @@ def _cpu_per_image_pil(split: Split, size: int, n: int) -> float:
     return (time.process_time() - start) / n * 1e6
 
 
-def _cpu_per_image_cached(train_input: CachedTrainInput, n: int, device: torch.device) -> tuple[float, float]:
-    """(epoch plan only, plan + gather into a staging buffer) in microseconds per image."""
+def _cpu_per_image_cached(train_input: CachedTrainInput, n: int) -> tuple[float, float]:
+    """(epoch plan, epoch plan + gather into a staging buffer) in microseconds per image.
+
+    The plan is timed for a whole epoch (it is made once per epoch); the gather for about n images,
+    after one untimed pass so that the memory-mapped pages are resident, as during training.
+    """
     store, pin = train_input.store, torch.cuda.is_available()
-    store.images.index_select(0, torch.arange(len(store)))  # fault the memory map in: a cache hit
-    epochs = max(1, -(-n // (train_input.steps_per_epoch * train_input.plan.batch_size)))
     start = time.process_time()
-    plans = [train_input.epoch_plan(e) for e in range(epochs)]
-    plan_s = time.process_time() - start
-    count = sum(index.numel() for index, _ in plans)
+    index, _ = train_input.epoch_plan(0)
+    plan_us = (time.process_time() - start) / index.numel() * 1e6
+    micro = index[: max(1, -(-n // index.shape[1]))]
+
+    def gather() -> None:
+        for rows in micro:
+            buf = torch.empty((len(rows), *store.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+            torch.index_select(store.images, 0, rows, out=buf)
+
+    gather()
     start = time.process_time()
-    for index, _ in plans:
-        for micro in index:
-            buf = torch.empty((len(micro), *store.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
-            torch.index_select(store.images, 0, micro, out=buf)
-    gather_s = time.process_time() - start
-    return plan_s / count * 1e6, (plan_s + gather_s) / count * 1e6
+    gather()
+    return plan_us, plan_us + (time.process_time() - start) / micro.numel() * 1e6
 
 
 def _cpu_per_image_augment(train_input: CachedTrainInput, n: int) -> float:
@@ -477,30 +479,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile)
     p.add_argument("--ddp", action=argparse.BooleanOptionalAction, default=d.ddp,
                    help="wrap in DistributedDataParallel (a one-process group)")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=d.cudnn_benchmark)
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="model mode: also time torchvision's model and print ours / theirs")
     p.add_argument("--e2e-pil", action="store_true", help="e2e mode: also train through the PIL path")
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps (per round)")
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--workers", type=int, default=_cores(), help="PIL path DataLoader workers")
+    p.add_argument("--workers", type=int, default=available_cores(), help="PIL path DataLoader workers")
     p.add_argument("--host-images", type=int, default=256, help="host mode: images timed")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="MFU denominator (default: known GPUs)")
     p.add_argument("--json", default="runs/bench/bench.json", help="write the rows here ('' = do not write)")
     return p.parse_args(argv)
 
 
-def _cores() -> int:
-    from bfly.data.decode_cache import _available_cores
-
-    return _available_cores()
-
-
 def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(batch_size=args.batch_size, image_size=args.image_size, amp=args.amp,
                     channels_last=args.channels_last, compile=args.compile, ddp=args.ddp, steps=args.steps,
                     warmup=args.warmup, rounds=args.rounds, data=args.data, cache_dir=args.cache_dir,
-                    workers=args.workers, peak_tflops=args.peak_tflops)
+                    workers=args.workers, cudnn_benchmark=args.cudnn_benchmark, peak_tflops=args.peak_tflops)
 
 
 def modes_of(text: str, device: torch.device) -> list[str]:
@@ -515,6 +512,7 @@ def modes_of(text: str, device: torch.device) -> list[str]:
 
 def run(args: argparse.Namespace) -> list[Row]:
     device, s = default_device(), settings_from(args)
+    torch.backends.cudnn.benchmark = s.cudnn_benchmark
     rows: list[Row] = []
     for mode in modes_of(args.mode, device):
         if mode == "host":
@@ -523,9 +521,10 @@ def run(args: argparse.Namespace) -> list[Row]:
             rows += guarded("input", "input only", s.tag(), lambda: bench_input(s, device))
         for name in args.models.split(",") if mode in ("model", "e2e") else []:
             if mode == "model":
-                rows += guarded("model", name, s.tag(), lambda: bench_models(name, s, device, args.reference))
+                rows += guarded("model", name, s.tag(), lambda: bench_model(name, s, device, args.reference))
             else:
-                rows += guarded("e2e", name, s.tag(), lambda: bench_end_to_end(name, s, device, args.e2e_pil))
+                inputs = ("cached", "pil") if args.e2e_pil else ("cached",)
+                rows += guarded("e2e", name, s.tag(), lambda: bench_model(name, s, device, False, inputs))
     return rows
 
 

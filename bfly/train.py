@@ -135,7 +135,18 @@ def wrap_ddp(model: nn.Module, cfg: Config, env: DistEnv, device: torch.device) 
     return ddp
 
 
+def configure_backends(cfg: Config, device: torch.device) -> None:
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        # Fixed input shapes: let cuDNN pick the fastest kernels once.
+        torch.backends.cudnn.benchmark = not cfg.train.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def build_run(cfg: Config, env: DistEnv, meta: DatasetMeta, run_dir: Path, log: RunLog, device: torch.device) -> Run:
+    configure_backends(cfg, device)
     plan = StepPlan.make(cfg.train.batch_size, env.world_size, cfg.train.micro_batch_size)
     raw = build_model_for(cfg, meta, env, device, log)
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)

@@ -117,12 +117,18 @@ class CachedTrainInput:
         return self._micro_batches(index, params)
 
     def _micro_batches(self, index: torch.Tensor, params: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        index_device, params_device = index.to(self.device), params.to(self.device)
+        index_device, params_device = self._upload(index), self._upload(params)
         for j in range(index.shape[0]):
             images = self.augment(self.store.gather(index[j], index_device[j]), params_device[j])
             if self.erase is not None:
                 images = self.erase(images)
             yield images, self.store.labels.index_select(0, index_device[j])
+
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        # From pinned memory the copy is asynchronous: no wait for the previous epoch's last steps.
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
 
 class CachedEvalInput:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -64,7 +65,7 @@ def open_cache(split: Split, size: int, cache_dir: str | Path, workers: int = 0,
                progress: bool = True) -> np.ndarray:
     """The split as a read-only-on-disk (copy-on-write) memmap of shape (N, size, size, 3), uint8.
 
-    Built on first use or when the fingerprint changed; `workers` = 0 uses every available core.
+    Built on first use or when the fingerprint changed; `workers` = 0: a thread per core, up to 32.
     """
     cache_dir = Path(cache_dir)
     try:
@@ -75,7 +76,7 @@ def open_cache(split: Split, size: int, cache_dir: str | Path, workers: int = 0,
     path = cache_path(split, size, cache_dir)
     with _locked(path.with_name("." + path.name.rsplit("-", 1)[0] + ".lock")):
         if not path.exists():
-            build(split, size, path, workers or _available_cores(), progress)
+            build(split, size, path, workers or min(32, available_cores()), progress)
             _remove_stale(path)
     images = np.load(path, mmap_mode="c")
     if images.shape != (len(split.paths), size, size, 3) or images.dtype != np.uint8:
@@ -86,8 +87,9 @@ def open_cache(split: Split, size: int, cache_dir: str | Path, workers: int = 0,
 
 def build(split: Split, size: int, path: Path, workers: int, progress: bool) -> None:
     n = len(split.paths)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    _reserve(tmp)
     report = _progress(f"bfly: decoding split {split.name!r} ({n} images at {size}px) into {path}",
                        n, progress)
 
@@ -111,6 +113,18 @@ def build(split: Split, size: int, path: Path, workers: int, progress: bool) -> 
         pool.shutdown(cancel_futures=True)  # a bad image stops the build now, not after the rest
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _reserve(tmp: Path) -> None:
+    """Allocate the file's blocks now: a full disk is then an error here, not a SIGBUS mid-build."""
+    nbytes = tmp.stat().st_size
+    try:
+        with open(tmp, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{tmp.parent}: cannot write a {nbytes / 2**30:.2f} GB decode cache ({e.strerror}); "
+                        "free space or set data.cache_dir elsewhere") from None
 
 
 def _progress(title: str, total: int, enabled: bool) -> Callable[[int], None]:
@@ -146,13 +160,28 @@ def _locked(lock_path: Path):
 
 
 def _remove_stale(current: Path) -> None:
+    """Older versions of this slot, and half-built files left by killed builders on this host."""
     slot = current.name.rsplit("-", 1)[0]
     for old in current.parent.glob(f"{slot}-*.npy"):
         if old != current:
             old.unlink(missing_ok=True)  # a process still mapping it keeps its pages (POSIX)
+    for tmp in current.parent.glob(f"{slot}-*.npy.tmp-{socket.gethostname()}-*"):
+        if not _alive(int(tmp.name.rsplit("-", 1)[1])):
+            tmp.unlink(missing_ok=True)
 
 
-def _available_cores() -> int:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, as set by SLURM or taskset)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -31,7 +31,7 @@ PARAM_COLUMNS = ("crop_w", "crop_h", "center_x", "center_y", "angle", "flip",
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-_GRAY = (0.299, 0.587, 0.114)  # the ITU-R 601 luma weights torchvision uses
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as Pillow computes it (the seed preset jitters PIL images)
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,10 @@ def draw_params(seeds: Sequence[int] | np.ndarray, spec: AugmentSpec) -> torch.T
     area = spec.crop_scale[0] + (spec.crop_scale[1] - spec.crop_scale[0]) * u[:, 0]
     log_lo, log_hi = math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1])
     ratio = np.exp(log_lo + (log_hi - log_lo) * u[:, 1])
-    crop_w = np.minimum(np.sqrt(area * ratio), 1.0)
-    crop_h = np.minimum(np.sqrt(area / ratio), 1.0)
+    crop_w, crop_h = np.sqrt(area * ratio), np.sqrt(area / ratio)
+    # A crop that does not fit becomes the whole image: torchvision's fallback, without its 10 retries.
+    fits = (crop_w <= 1) & (crop_h <= 1)
+    crop_w, crop_h = np.where(fits, crop_w, 1.0), np.where(fits, crop_h, 1.0)
     columns = [
         crop_w, crop_h,
         (2 * u[:, 2] - 1) * (1 - crop_w), (2 * u[:, 3] - 1) * (1 - crop_h),
@@ -157,11 +159,14 @@ class Normalize:
 
 
 def affine_theta(params: torch.Tensor) -> torch.Tensor:
-    """(B, 2, 3) maps output to source coordinates: crop_offset + crop_scale . flip . rotation^-1."""
+    """(B, 2, 3): output -> source coordinates, crop (scale, offset) . flip . rotation.
+
+    A positive angle turns the picture counter-clockwise, as torchvision's rotate does (y points down).
+    """
     w, h, cx, cy, angle, flip = params[:, :6].unbind(1)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    row_x = torch.stack([w * flip * cos, w * flip * sin, cx], dim=1)
-    row_y = torch.stack([-h * sin, h * cos, cy], dim=1)
+    row_x = torch.stack([w * flip * cos, -w * flip * sin, cx], dim=1)
+    row_y = torch.stack([h * sin, h * cos, cy], dim=1)
     return torch.stack([row_x, row_y], dim=1)
 
 

@@ -1,0 +1,86 @@
+"""Smoke tests of the benchmark and the GPU check at tiny sizes (nothing here asserts a speed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bfly import bench, gpu_check
+from bfly.bench import Row, Settings
+
+CPU = torch.device("cpu")
+MINI = Path(__file__).resolve().parent.parent / "data" / "butterfly-mini"
+
+
+def tiny(tmp_path: Path, **kw) -> Settings:
+    base = dict(batch_size=4, image_size=32, amp="off", steps=1, warmup=1, rounds=1, data=str(MINI),
+                cache_dir=str(tmp_path / "cache"), workers=0)
+    return Settings(**(base | kw))
+
+
+def test_host_mode_cli_prints_the_per_image_costs_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = bench.main(["--mode", "host", "--data", str(MINI), "--cache-dir", str(tmp_path / "cache"),
+                       "--image-size", "32", "--batch-size", "8", "--host-images", "16", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "PIL decode + seed augment" in printed and "cached, split in host memory" in printed
+    rows = json.loads(out.read_text())["rows"]
+    pil, plan_only, gather = (r["us_per_image"] for r in rows[:3])
+    assert pil > 0 and 0 < plan_only <= gather
+    assert rows[2]["ratio"] == pytest.approx(pil / gather)
+
+
+def test_model_mode_compares_ours_with_torchvision_and_counts_flops(tmp_path):
+    rows = bench.bench_model("resnet50", tiny(tmp_path), CPU, reference=True, inputs=("cached", "pil"))
+    ours, theirs, cached, pil = rows
+    assert ours.case == "resnet50 (ours), synthetic" and theirs.case == "resnet50 (torchvision), synthetic"
+    assert ours.img_s > 0 and theirs.img_s > 0 and ours.ratio == pytest.approx(ours.img_s / theirs.img_s)
+    # ResNet-50 forward is 4.1 GMAC at 224 px: at 32 px, x 2 FLOP/MAC, x ~3 for the backward, x 4 images.
+    expected = 4.1e9 * (32 / 224) ** 2 * 2 * 3 * 4
+    assert 0.7 * expected < ours.extra["step_gflops"] * 1e9 < 1.2 * expected
+    assert ours.extra["step_gflops"] == pytest.approx(theirs.extra["step_gflops"])  # the same network
+    assert ours.mfu is None  # no known peak on a CPU
+    assert cached.case == "resnet50 (ours), real data via cached" and cached.ratio_of == "synthetic"
+    assert pil.case == "resnet50 (ours), real data via pil" and 0 <= pil.wait <= 1
+
+
+def test_ddp_wrapper_and_input_only_modes_run(tmp_path):
+    (row,) = bench.bench_model("resnet50", tiny(tmp_path, ddp=True), CPU, reference=False)
+    assert row.img_s > 0 and "ddp" in row.settings
+    pil, cached = bench.bench_input(tiny(tmp_path), CPU)
+    assert pil.img_s > 0 and cached.img_s > 0 and "cached" in cached.case
+
+
+def test_a_failing_cell_becomes_a_row(tmp_path):
+    rows = bench.guarded("model", "nonet", "b4", lambda: bench.bench_model("nonet", tiny(tmp_path), CPU))
+    assert len(rows) == 1 and rows[0].note.startswith("FAILED: ValueError: unknown model 'nonet'")
+    table = bench.format_table(rows + [Row("model", "x", img_s=10.0, ratio=1.02, ratio_of="torchvision")])
+    assert "FAILED" in table and "1.02x" in table
+
+
+def test_gpu_check_runs_cells_within_budget_and_reports_failures():
+    def broken() -> list[Row]:
+        raise RuntimeError("CUDA error: out of memory")
+
+    planned = [("quick", 0.0, lambda: [Row("model", "quick", img_s=5.0)]), ("broken", 0.0, broken),
+               ("too long", 10_000.0, lambda: [Row("model", "never")])]
+    rows = gpu_check.run_cells(planned, budget_s=60, settings="b4")
+    assert [r.case for r in rows] == ["quick", "broken", "too long"]
+    assert rows[1].note == "FAILED: RuntimeError: CUDA error: out of memory"
+    assert rows[2].mode == "skip" and "budget" in rows[2].note
+
+
+def test_gpu_check_matrix_without_data_or_compile_is_synthetic_only():
+    names = [name for name, _, _ in gpu_check.cells(Settings(), CPU, data=False, compile_cells=False)]
+    assert names == ["resnet50 eager", "vgg19_bn eager", "resnet50 eager, DDP wrapper"]
+    full = gpu_check.cells(Settings(), CPU, data=True, compile_cells=True)
+    assert sum(estimate for _, estimate, _ in full) <= 480  # the issue's 8 minutes
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on a machine without a GPU")
+def test_gpu_check_without_a_gpu_says_so(capsys):
+    assert gpu_check.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
