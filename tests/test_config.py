@@ -75,7 +75,7 @@ def test_round_trip_through_a_saved_dict():
     assert "name: vgg19" in dump_yaml(cfg)
 
 
-@pytest.mark.parametrize("name", ["resnet50.yaml", "vgg19_bn.yaml", "vgg19.yaml", "demo_cpu.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     load_config(REPO / "configs" / name)
 
