@@ -26,7 +26,7 @@ from bfly.data.inputs import build_eval_input
 from bfly.data.metadata import SPLIT_NAMES, DataError, DatasetMeta, load_metadata
 from bfly.engine import evaluate
 from bfly.env import DistEnv, dist_env
-from bfly.models import build_model
+from bfly.models import MODEL_NAMES, build_model
 
 USER_ERRORS = (ckpt.CheckpointError, ConfigError, DataError, ValueError)
 
@@ -44,6 +44,9 @@ def load_trained(path: str | Path) -> tuple[dict[str, Any], Config, nn.Module]:
         cfg = from_dict(saved["config"])
     except ConfigError as e:
         raise ckpt.CheckpointError(f"{path}: its saved config is not valid here ({e})") from None
+    if saved["arch"] not in MODEL_NAMES:
+        raise ckpt.CheckpointError(
+            f"{path}: checkpoint is a {saved['arch']!r} model; bfly builds {', '.join(MODEL_NAMES)}")
     model = build_model(saved["arch"], saved["num_classes"])
     weights = saved.get("ema") or saved["model"]
     check_weights_fit(model, weights, path, saved["arch"], saved["num_classes"])
@@ -149,7 +152,8 @@ def one_line(e: BaseException) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bfly.evaluate", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a bfly run")
     p.add_argument("--split", default="test", choices=SPLIT_NAMES)
     p.add_argument("--data-root", help="dataset folder (default: the one the model was trained on)")

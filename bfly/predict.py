@@ -41,13 +41,15 @@ def class_probs(model: nn.Module, images: Sequence[Image.Image], image_size: int
 def format_top(path: str, probs: torch.Tensor, class_names: Sequence[str], k: int) -> str:
     p, idx = probs.topk(min(k, len(class_names)))
     width = max(len(class_names[i]) for i in idx.tolist())
-    rows = [f"  {rank}. {class_names[i]:<{width}}  {q:6.2%}" for rank, (q, i) in enumerate(zip(p.tolist(), idx.tolist()), 1)]
+    rows = [f"  {rank}. {class_names[i]:<{width}}  {q:6.2%}"
+            for rank, (q, i) in enumerate(zip(p.tolist(), idx.tolist()), 1)]
     return "\n".join([path, *rows])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bfly.predict", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a bfly run")
     p.add_argument("--top", type=int, default=5, help="how many species to list per image")
     p.add_argument("images", nargs="+", metavar="IMG")

@@ -123,22 +123,25 @@ def plot_confusion(result: dict[str, Any], label: str, out: Path) -> Path:
     names = result["class_names"]
     n = len(names)
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    side = min(max(6.0, 0.22 * n + 3), 30.0)
+    small = n <= 30  # up to about 30 species the counts fit in the cells
+    side = min(max(7.0, 0.25 * n + 4), 32.0)
+    font, big = (9, 11) if small else (6, 18)
     fig, ax = plt.subplots(figsize=(side, side), dpi=100)
     im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ticks = range(n)
-    font = 9 if n <= 30 else max(4, 9 - n // 25)
-    ax.set_xticks(ticks, names, rotation=90, fontsize=font)
-    ax.set_yticks(ticks, names, fontsize=font)
-    if n <= 30:  # counts stay legible up to about 30 classes
+    ax.set_xticks(range(n), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), names, fontsize=font)
+    if small:
         for (r, c), v in np.ndenumerate(counts):
             if v:
                 ax.text(c, r, int(v), ha="center", va="center", fontsize=font,
                         color="white" if rates[r, c] > 0.5 else "black")
-    ax.set_xlabel("predicted species")
-    ax.set_ylabel("true species")
-    ax.set_title(f"{label}: {result['split']} split, top-1 {result['top1']:.2%} ({result['count']} images)")
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="fraction of the true species")
+    ax.set_xlabel("predicted species", fontsize=big)
+    ax.set_ylabel("true species", fontsize=big)
+    ax.set_title(f"{label}: {result['split']} split, top-1 {result['top1']:.2%} ({result['count']} images)",
+                 fontsize=big + 1)
+    bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    bar.set_label("fraction of the true species", fontsize=big)
+    bar.ax.tick_params(labelsize=font + 2 if small else big - 4)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -218,7 +221,8 @@ def write_report(runs: list[RunMetrics], out: Path, confusion_split: str, data_r
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bfly.report", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=Path)
     p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report)")
     p.add_argument("--confusion", default="valid", choices=(*SPLIT_NAMES, "none"),

@@ -217,8 +217,9 @@ def save_best(run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
     ckpt.save_atomic(payload, run.run_dir / ckpt.BEST)
 
 
-def restore(run: Run, saved: dict[str, Any]) -> TrainState:
-    ckpt.check_compatible(saved, run.run_dir / ckpt.LAST, run.cfg.model.name, run.meta.num_classes)
+def restore(run: Run, saved: dict[str, Any], source: Path) -> TrainState:
+    ckpt.check_compatible(saved, source, run.cfg.model.name, run.meta.num_classes)
+    ckpt.check_resumable(saved, source)
     t = run.trainer
     run.raw_model.load_state_dict(saved["model"])
     t.optimizer.load_state_dict(saved["optimizer"])
@@ -243,15 +244,15 @@ def restore(run: Run, saved: dict[str, Any]) -> TrainState:
 
 def load_start_state(run: Run) -> TrainState:
     resume = run.cfg.run.resume
-    saved = None
+    found = None
     if resume == "auto":
-        saved = ckpt.load_resumable(run.run_dir, run.log.warn)
+        found = ckpt.load_resumable(run.run_dir, run.log.warn)
     elif resume != "never":
-        saved = ckpt.load(resume)
-    if saved is None:
+        found = ckpt.load(resume), Path(resume)
+    if found is None:
         return TrainState(sums=new_sums(run.device))
-    state = restore(run, saved)
-    run.log.info(f"resumed from {resume if resume not in ('auto', 'never') else run.run_dir / ckpt.LAST}: "
+    state = restore(run, *found)
+    run.log.info(f"resumed from {found[1]}: "
                  f"epoch {state.epoch + 1}, step {state.step_in_epoch} of the epoch, global step {state.global_step}")
     return state
 
@@ -377,7 +378,7 @@ def open_wandb(run: Run, state: TrainState) -> None:
     from bfly.env import wandb_mode_override
 
     mode = wandb_mode_override() or run.cfg.wandb.mode  # WANDB_MODE wins, as in wandb itself
-    if mode == "disabled":
+    if mode == "disabled" or state.epoch >= run.cfg.train.epochs:  # finished: nothing to log
         return
     try:
         from bfly.wandb_log import WandbSink

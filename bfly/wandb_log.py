@@ -19,9 +19,11 @@ step twice or backwards, online or offline (offline runs are uploaded later with
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +59,12 @@ def job_info(run: Any) -> dict[str, Any]:
 
 
 class WandbSink:
-    def __init__(self, wb: Any, run_dir: Path, floor: int, last_epoch: int):
-        self.wb, self.run_dir = wb, run_dir
+    def __init__(self, wb: Any, run_dir: Path, floor: int, last_epoch: int, warn: Callable[[str], None]):
+        self.wb, self.run_dir, self.warn = wb, run_dir, warn
         self.floor = floor  # the last step logged by an earlier job: never log at or below it
         self.last_epoch = last_epoch  # the last epoch record logged, by any job
         self.step = floor  # the last step logged
+        self.broken = False
 
     @property
     def run_id(self) -> str:
@@ -69,20 +72,14 @@ class WandbSink:
 
     @classmethod
     def open(cls, run: Any, state: Any) -> "WandbSink":
-        c = run.cfg.wandb
-        wb = wandb.init(
-            dir=run.run_dir, mode=resolve_mode(c.mode), entity=c.entity or None, project=c.project or None,
-            group=c.group or None, name=c.name or run.run_dir.resolve().name, tags=c.tags or None,
-            notes=c.notes or None, id=run.wandb_run_id, resume="allow" if run.wandb_run_id else None,
-            config={**to_dict(run.cfg), "job": job_info(run)},
-        )
+        wb = _init(run)
         wb.define_metric("epoch")
         wb.define_metric("epoch/*", step_metric="epoch")
         saved = _read_resume(run.run_dir)
         floor, last_epoch = wb.step - 1, -1  # online, wandb knows the resumed run's next step
         if saved.get("run_id") == wb.id:
             floor, last_epoch = max(floor, saved["step"]), saved["epoch"]
-        return cls(wb, run.run_dir, floor, last_epoch)
+        return cls(wb, run.run_dir, floor, last_epoch, run.log.warn)
 
     def log_step(self, record: dict[str, Any], step: int) -> None:
         if step <= self.floor:  # already logged before a crash; wandb would drop it
@@ -99,16 +96,35 @@ class WandbSink:
         self._log(data, max(step, self.floor + 1))
 
     def _log(self, data: dict[str, Any], step: int) -> None:
-        self.wb.log(data, step=step)
-        self.step = step
-        _write_resume(self.run_dir, {"run_id": self.wb.id, "step": step, "epoch": self.last_epoch})
+        if self._call("logging", self.wb.log, data, step=step):
+            self.step = step
+            _write_resume(self.run_dir, {"run_id": self.wb.id, "step": step, "epoch": self.last_epoch})
+
+    def _call(self, what: str, fn: Callable, *args: Any, **kwargs: Any) -> bool:
+        """Calls wandb; False once wandb has failed. Logging never takes the training down: a scheduler
+        that signals every process of a job also stops wandb's service process."""
+        if self.broken:
+            return False
+        try:
+            fn(*args, **kwargs)
+            return True
+        except (OSError, wandb.Error) as e:
+            self.broken = True
+            self.warn(f"wandb failed while {what} ({type(e).__name__}: {e}); training goes on, "
+                      "logging to metrics.jsonl only")
+            # Drop wandb's process-wide state, or its exit hook fails once more at exit, with a traceback.
+            with contextlib.suppress(OSError, wandb.Error):
+                wandb.teardown(exit_code=1)
+            return False
 
     def finish(self, run: Any, completed: bool) -> None:
-        self.wb.summary.update(best_summary(run.run_dir / ckpt.BEST))
+        self._call("updating the summary", self.wb.summary.update, best_summary(run.run_dir / ckpt.BEST))
         if not completed:
             # Stopped by a signal to be requeued: the next job resumes this run.
-            self.wb.mark_preempting()
-            self.wb.finish(exit_code=_signal_exit_code(run.stop.signal_name))
+            self._call("marking the run preempting", self.wb.mark_preempting)
+            self._call("finishing", self.wb.finish, exit_code=_signal_exit_code(run.stop.signal_name))
+            return
+        if self.broken:
             return
         data: dict[str, Any] = {}
         names = list(run.meta.class_names)
@@ -120,7 +136,31 @@ class WandbSink:
             data[f"samples/{split}"] = sample_images(run, split, run.cfg.wandb.samples)
         if data:
             self._log(data, max(self.step, self.floor + 1))
-        self.wb.finish()
+        self._call("finishing", self.wb.finish)
+
+
+def _init(run: Any) -> Any:
+    c = run.cfg.wandb
+    mode = resolve_mode(c.mode)
+    kwargs = dict(
+        dir=run.run_dir, entity=c.entity or None, project=c.project or None, group=c.group or None,
+        name=c.name or run.run_dir.resolve().name, tags=c.tags or None, notes=c.notes or None,
+        id=run.wandb_run_id, resume="allow" if run.wandb_run_id else None,
+        config={**to_dict(run.cfg), "job": job_info(run)},
+    )
+    try:
+        return wandb.init(mode=mode, **kwargs)
+    except wandb.Error as e:
+        if mode != "online":
+            raise
+        reason = str(e).strip().splitlines()[0]
+        if (wandb_mode_override() or c.mode) != "auto":
+            raise ConfigError(f"wandb cannot log online ({reason}); set wandb.mode=offline or auto (or "
+                              "WANDB_MODE=offline) and upload the run later with `wandb sync`") from None
+        # A key is configured but this node has no way out (common on clusters): keep the run offline.
+        run.log.warn(f"wandb cannot log online ({reason}): logging offline to {run.run_dir / 'wandb'}; "
+                     "upload later with `wandb sync`")
+    return wandb.init(mode="offline", **kwargs)
 
 
 def per_class_table(m: dict[str, Any], names: list[str]) -> wandb.Table:
@@ -166,7 +206,7 @@ def best_summary(path: Path) -> dict[str, Any]:
         return {}
     metrics = saved.get("metrics") or {}
     out: dict[str, Any] = {"best/checkpoint": str(path.resolve())}
-    out.update({f"best/{k}": v for k, v in metrics.items() if k not in ("epoch", "time")})
+    out.update({f"best/{k}": v for k, v in metrics.items() if k == "step" or k.endswith(("_top1", "_top5", "_loss"))})
     if "epoch" in metrics:
         out["best/epoch"] = metrics["epoch"] + 1  # epochs completed, as the dashboard's `epoch`
     return out

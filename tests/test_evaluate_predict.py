@@ -68,13 +68,18 @@ def train_overrides(data_root: Path, run_dir: Path, **extra: object) -> list[str
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """A finished 1-epoch run: best.pt, last.pt, metrics.jsonl (valid and test evaluated)."""
+    """A finished 1-epoch run: best.pt, last.pt, metrics.jsonl (valid and test evaluated).
+
+    test_report.py imports this fixture, which makes pytest set it up once per module: the run is
+    kept under the session's base folder so that it is trained only once."""
     from bfly.train import main as train_main
 
-    base = tmp_path_factory.mktemp("trained")
-    data = tiny_dataset(base / "data", {"train": 2, "valid": 5, "test": 5})
+    base = tmp_path_factory.getbasetemp() / "trained-run"
     run_dir = base / "run"
-    assert train_main(train_overrides(data, run_dir, **{"train.eval_splits": "[valid,test]"})) == 0
+    if not (base / "done").exists():
+        data = tiny_dataset(base / "data", {"train": 2, "valid": 3, "test": 3})
+        assert train_main(train_overrides(data, run_dir, **{"train.eval_splits": "[valid,test]"})) == 0
+        (base / "done").touch()
     return run_dir
 
 
@@ -104,27 +109,27 @@ def test_evaluate_reproduces_the_training_metrics_and_saves_json(trained_run, ca
     rc, out, _ = run_cli(evaluate, ["--checkpoint", str(best), "--split", "valid"], capsys)
     assert rc == 0
     result = json.loads((trained_run / "best-eval-valid.json").read_text())
-    assert result["count"] == 50
+    assert result["count"] == 30
     assert result["top1"] == metrics["valid_top1"]
     assert result["top5"] == metrics["valid_top5"]
     assert result["loss"] == pytest.approx(metrics["valid_loss"], rel=1e-6)
     per_class = result["per_class"]
     assert [c["species"] for c in per_class] == load(best)["class_names"]
-    assert sum(c["correct"] for c in per_class) == round(result["top1"] * 50)
-    assert all(c["count"] == 5 and c["accuracy"] == c["correct"] / 5 for c in per_class)
-    assert sum(map(sum, result["confusion"])) == 50
+    assert sum(c["correct"] for c in per_class) == round(result["top1"] * 30)
+    assert all(c["count"] == 3 and c["accuracy"] == c["correct"] / 3 for c in per_class)
+    assert sum(map(sum, result["confusion"])) == 30
     assert f"top-1 {result['top1']:.2%}" in out and per_class[3]["species"] in out
     assert f"saved to {trained_run / 'best-eval-valid.json'}" in out
 
 
 def test_evaluate_any_split_in_the_kaggle_layout(trained_run, tmp_path, capsys):
-    kaggle = tiny_dataset(tmp_path / "kaggle", {"train": 2, "valid": 5, "test": 5}, layout="kaggle")
+    kaggle = tiny_dataset(tmp_path / "kaggle", {"train": 2, "valid": 3, "test": 3}, layout="kaggle")
     out_file = tmp_path / "test-result.json"
     rc, out, _ = run_cli(evaluate, ["--checkpoint", str(trained_run / "best.pt"), "--split", "test",
                                     "--data-root", str(kaggle), "--out", str(out_file)], capsys)
     assert rc == 0
     result = json.loads(out_file.read_text())
-    assert result["layout"] == "kaggle" and result["split"] == "test" and result["count"] == 50
+    assert result["layout"] == "kaggle" and result["split"] == "test" and result["count"] == 30
     test_top1 = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()][-1]["test_top1"]
     assert result["top1"] == test_top1  # one epoch: best.pt holds the weights that training tested
 
@@ -133,18 +138,18 @@ def test_evaluate_under_torchrun_is_exact(trained_run, tmp_path, capsys):
     """Two processes each evaluate their own shard; the summed result equals one process's."""
     ckpt_path = trained_run / "last.pt"
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    assert evaluate.main(["--checkpoint", str(ckpt_path), "--split", "valid", "--batch-size", "5",
+    assert evaluate.main(["--checkpoint", str(ckpt_path), "--split", "valid", "--batch-size", "4",
                           "--out", str(one)]) == 0
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "bfly.evaluate", "--checkpoint", str(ckpt_path), "--split", "valid", "--batch-size", "5",
+         "-m", "bfly.evaluate", "--checkpoint", str(ckpt_path), "--split", "valid", "--batch-size", "4",
          "--out", str(two)],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
     r1, r2 = json.loads(one.read_text()), json.loads(two.read_text())
-    assert r2["count"] == 50
+    assert r2["count"] == 30
     assert r2["confusion"] == r1["confusion"]
     assert r2["top5"] == r1["top5"]
     assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
@@ -176,7 +181,8 @@ def bad_checkpoints(trained_run, tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("bad")
     saved = load(trained_run / "best.pt")
     paths = {}
-    for name, change in {"vgg19": {"arch": "vgg19"}, "five_classes": {"num_classes": 5}}.items():
+    changes = {"vgg19": {"arch": "vgg19"}, "five_classes": {"num_classes": 5}, "alexnet": {"arch": "alexnet"}}
+    for name, change in changes.items():
         paths[name] = d / f"{name}.pt"
         torch.save({**saved, **change}, paths[name])
     paths["not_bfly"] = d / "not_bfly.pt"
@@ -188,6 +194,7 @@ def bad_checkpoints(trained_run, tmp_path_factory) -> dict[str, Path]:
 EXPECTED = {
     "vgg19": "weights do not fit a vgg19 with 10 classes",
     "five_classes": "fc.weight is [10, 2048] in the checkpoint, [5, 2048] in the model",
+    "alexnet": "checkpoint is a 'alexnet' model; bfly builds resnet50, vgg19, vgg19_bn",
     "not_bfly": "not a bfly checkpoint (no 'arch' entry)",
     "missing": "checkpoint not found",
 }
