@@ -1,0 +1,164 @@
+"""Command line of `python -m launch.submit`: cluster flags; the rest is the training config.
+
+Every flag here is about where and how the job runs. What it trains is `--config` plus
+`section.key=value` overrides, exactly as `python -m bfly.train` takes them; they are checked
+here, before anything is queued.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bfly.config import ConfigError, load_config
+
+CLUSTERS = ("slurm", "local", "debug")
+
+EXAMPLES = """examples:
+  # ResNet50 on 2 nodes x 8 GPUs, requeued every 24 h until done
+  python -m launch.submit --nodes 2 --gpus-per-node 8 --cpus-per-task 10 --partition gpu \\
+      --config configs/resnet50.yaml
+  # the seed's comparison: VGG19 and ResNet50, one job each, one wandb group
+  python -m launch.submit --gpus-per-node 4 --config configs/vgg19_bn.yaml --config configs/resnet50.yaml
+  # the same as one job array
+  python -m launch.submit --gpus-per-node 4 --array --config configs/vgg19_bn.yaml --config configs/resnet50.yaml
+  # what would be submitted
+  python -m launch.submit --dry-run --gpus-per-node 4 --config configs/resnet50.yaml
+  # the same job on this machine, 2 CPU processes, no SLURM
+  python -m launch.submit --cluster local --gpus-per-node 0 --tasks-per-node 2 --config configs/demo_cpu.yaml
+"""
+
+
+class UsageError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training run: the arguments bfly.train gets, and its run directory."""
+
+    name: str
+    train_args: list[str]
+    run_dir: Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m launch.submit", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Submit bfly training to SLURM with submitit: one task per GPU, checkpoint and "
+                    "requeue on time limit or preemption.", epilog=EXAMPLES)
+    where = p.add_argument_group("where it runs")
+    where.add_argument("--cluster", choices=CLUSTERS, default="slurm",
+                       help="slurm; local: the same tasks as processes on this machine; debug: in this process")
+    where.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
+    where.add_argument("--account", help="SLURM account")
+    where.add_argument("--qos", help="SLURM quality of service")
+    where.add_argument("--constraint", help="SLURM node features, e.g. 'h100|a100'")
+    size = p.add_argument_group("resources")
+    size.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
+    size.add_argument("--gpus-per-node", type=int, default=1,
+                      help="GPUs per node, one task (trainer) each; 0 for a CPU job (default: 1)")
+    size.add_argument("--tasks-per-node", type=int,
+                      help="trainers per node (default: --gpus-per-node; CPU jobs must set it)")
+    size.add_argument("--cpus-per-task", type=int, help="CPUs per trainer: data workers + 1 or more")
+    size.add_argument("--mem-gb", type=float, help="memory per node in GB (default: the cluster's default)")
+    size.add_argument("--time", default="24:00:00",
+                      help="time limit of one job, minutes or [D-]HH:MM[:SS] (default: 24:00:00); "
+                           "the run continues in requeued jobs")
+    size.add_argument("--signal-delay-s", type=int, default=300,
+                      help="seconds before the time limit at which the job checkpoints and requeues (default: 300)")
+    size.add_argument("--max-requeues", type=int, default=50,
+                      help="time-limit requeues allowed per run (submitit's max_num_timeout; "
+                           "preemptions do not count) (default: 50)")
+    size.add_argument("--job-name", help="SLURM job name (default: bfly-<run directory name>)")
+    sweep = p.add_argument_group("several runs")
+    sweep.add_argument("--array", action="store_true", help="submit several configs as one SLURM job array")
+    sweep.add_argument("--group", help="wandb group of the runs (default for several configs: sweep-<time>)")
+    out = p.add_argument_group("output")
+    out.add_argument("--dry-run", action="store_true", help="print the sbatch file and run directories; submit nothing")
+    out.add_argument("--wait", action="store_true",
+                     help="wait for the jobs and print their results (always on for --cluster local/debug)")
+    train = p.add_argument_group("training (passed to bfly.train)")
+    train.add_argument("--config", action="append", default=[],
+                       help="training config YAML; repeat it to submit several runs")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="config overrides, applied to every config (python -m bfly.train --help lists the keys)")
+    return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_intermixed_args(argv)
+    args.timeout_min = parse_time(args.time)
+    if args.tasks_per_node is None:
+        args.tasks_per_node = args.gpus_per_node
+    check(args)
+    return args
+
+
+def check(args: argparse.Namespace) -> None:
+    positive = {"--nodes": args.nodes, "--tasks-per-node": args.tasks_per_node, "--signal-delay-s": args.signal_delay_s}
+    for flag, value in positive.items():
+        if value < 1:
+            hint = " (a CPU job needs --tasks-per-node N)" if flag == "--tasks-per-node" else ""
+            raise UsageError(f"{flag} must be >= 1, got {value}{hint}")
+    if args.gpus_per_node < 0 or args.max_requeues < 0:
+        raise UsageError("--gpus-per-node and --max-requeues must be >= 0")
+    if args.gpus_per_node and args.tasks_per_node != args.gpus_per_node:
+        raise UsageError(f"one task per GPU: --tasks-per-node {args.tasks_per_node} must equal "
+                         f"--gpus-per-node {args.gpus_per_node} (or be left out)")
+    if args.signal_delay_s >= args.timeout_min * 60:
+        raise UsageError(f"--signal-delay-s {args.signal_delay_s} must be shorter than --time {args.time}")
+    if args.cluster != "slurm" and args.nodes != 1:
+        raise UsageError(f"--cluster {args.cluster} runs on this machine: --nodes must be 1")
+    if args.cluster == "debug" and args.tasks_per_node != 1:
+        raise UsageError("--cluster debug runs one trainer in this process: use --tasks-per-node 1 (or --cluster local)")
+    if args.array and args.cluster != "slurm":
+        raise UsageError("--array needs --cluster slurm")
+
+
+def parse_time(text: str) -> int:
+    """Minutes from SLURM's time formats: M, H:M:S, D-H, D-H:M, D-H:M:S (and H:M as minutes:seconds)."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        raise UsageError(f"--time {text!r}: expected minutes or [D-]HH:MM[:SS]")
+    days, a, b, c = (int(x) if x else None for x in m.groups())
+    if days is not None:  # D-H[:M[:S]]
+        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # H:M:S
+        seconds = a * 3600 + b * 60 + c
+    elif b is not None:  # M:S
+        seconds = a * 60 + b
+    else:  # M
+        seconds = a * 60
+    if seconds < 60:
+        raise UsageError(f"--time {text!r}: at least one minute")
+    return -(-seconds // 60)
+
+
+def train_specs(args: argparse.Namespace, cwd: Path) -> list[TrainSpec]:
+    """One spec per --config (or one without a config file), validated, with an absolute run.dir."""
+    from bfly.train import run_dir_of  # the trainer's own default; imports torch, so only here
+
+    configs = args.config or [None]
+    group = args.group
+    if group is None and len(configs) > 1 and not any(o.startswith("wandb.group=") for o in args.overrides):
+        group = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = list(args.overrides) + ([f"wandb.group={group}"] if group else [])
+    specs = []
+    for config in configs:
+        try:
+            cfg = load_config(config, overrides)
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+        run_dir = (cwd / run_dir_of(cfg)).resolve()
+        config_args = ["--config", str((cwd / config).resolve())] if config else []
+        specs.append(TrainSpec(run_dir.name, config_args + overrides + [f"run.dir={run_dir}"], run_dir))
+    seen: dict[Path, str] = {}
+    for spec, config in zip(specs, configs):
+        if spec.run_dir in seen:
+            raise UsageError(f"{seen[spec.run_dir]} and {config} would both train into {spec.run_dir}: "
+                             "give each config its own run.dir")
+        seen[spec.run_dir] = config
+    return specs

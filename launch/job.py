@@ -1,0 +1,112 @@
+"""What every task of a submitted job runs: one trainer process, `bfly.train.main` in-process.
+
+One SLURM task per GPU: submitit starts the tasks, so torchrun is not involved; the distributed
+environment torchrun would give (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) is exported
+from SLURM's before the trainer starts.
+
+Time limit and preemption: submitit sends its signal (SIGUSR2) to every task. While training, the
+trainer catches it, stops at the next step with a checkpoint and returns; this callable then hands
+the signal back to submitit, which calls `checkpoint()` and requeues the job (rank 0). Outside
+the training loop submitit's own handler does that directly. Either way the requeued job runs
+the same command with run.resume=auto and continues from the run directory's last.pt; so does
+a job that SLURM requeues by itself (preemption, `scontrol requeue`) without asking us.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from bfly import stopping
+from bfly.runlog import read_metrics
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """bfly.train with fixed arguments (run.dir included); threads: torch CPU threads (the task's CPUs)."""
+
+    def __init__(self, train_args: list[str], run_dir: str, workdir: str, threads: int | None = None):
+        self.train_args = list(train_args)
+        self.run_dir = run_dir
+        self.workdir = workdir  # where relative paths in the config resolve, as on the login node
+        self.threads = threads
+
+    def __call__(self) -> dict[str, Any] | None:
+        from bfly.train import main as train_main  # imports torch: only inside the job
+
+        os.chdir(self.workdir)
+        dist = export_distributed_env()
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        stopping.take_caught()
+        rc = train_main(self.train_args)
+        caught = stopping.take_caught()
+        if rc != 0:
+            raise TrainingFailed(f"bfly.train exited with status {rc} (rank {dist.rank}); its error is in this task's log")
+        if caught:
+            leave_after_signal(caught, dist.rank)
+        return summary(Path(self.run_dir)) if dist.rank == 0 else None
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # The state lives in the run directory (last.pt): a fresh copy of this job resumes from it.
+        return submitit.helpers.DelayedSubmission(TrainJob(self.train_args, self.run_dir, self.workdir, self.threads))
+
+
+def leave_after_signal(caught: list[str], rank: int) -> None:
+    """The trainer stopped on a signal and wrote its checkpoint: requeue, or leave without a result.
+
+    A result file would tell the submitter the job is over while SLURM may still requeue it, so a
+    stopped task never returns normally (SystemExit writes no result)."""
+    requeue_signal = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
+    if requeue_signal.name in caught:
+        # submitit's handler is back in place: rank 0 calls checkpoint(), requeues and exits;
+        # on the other ranks it returns.
+        signal.raise_signal(requeue_signal)
+        print(f"bfly launch: rank {rank} stopped for a requeue", flush=True)
+    else:
+        print(f"bfly launch: rank {rank} stopped by {', '.join(caught)}: not requeueing here (SLURM requeues "
+              "a preempted job itself; the run resumes from its last checkpoint)", flush=True)
+    sys.exit(0)
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    return {"run_dir": str(run_dir), "epochs_done": len(records), "last_epoch": records[-1] if records else None}
+
+
+def export_distributed_env() -> submitit.helpers.TorchDistributedEnvironment:
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, as torchrun sets them."""
+    dist = submitit.helpers.TorchDistributedEnvironment()
+    cluster = submitit.JobEnvironment().cluster
+    if cluster == "slurm":
+        dist.master_addr = node_address(dist.master_addr)
+    elif cluster in ("local", "debug"):
+        dist.master_addr = "127.0.0.1"  # every task runs on this machine
+    # Each task keeps every GPU of its node in view and picks LOCAL_RANK (bfly.distributed).
+    return dist.export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def node_address(node: str) -> str:
+    """The address SLURM reaches `node` at (NodeAddr): node names need not resolve as hostnames."""
+    out = subprocess.run(["scontrol", "show", "node", node, "-o"], capture_output=True, text=True, timeout=60)
+    match = re.search(r"\bNodeAddr=(\S+)", out.stdout)
+    if match and match.group(1) != "(null)":
+        return match.group(1)
+    try:
+        socket.getaddrinfo(node, None)
+    except OSError as e:
+        raise RuntimeError(f"cannot find the address of the first node {node!r}: 'scontrol show node' gave "
+                           f"{(out.stderr or out.stdout).strip()[:200]!r} and the name does not resolve ({e})") from None
+    return node

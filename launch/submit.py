@@ -1,0 +1,105 @@
+"""Submit bfly training to SLURM (or run it here) with submitit.
+
+    python -m launch.submit --nodes 1 --gpus-per-node 4 --cpus-per-task 10 --config configs/resnet50.yaml
+    python -m launch.submit --dry-run --gpus-per-node 4 --config configs/resnet50.yaml
+    python -m launch.submit --help
+
+Each job runs one task per GPU; each task is one bfly trainer (see launch/job.py). A job that
+reaches its time limit or is preempted checkpoints and is requeued, and the run continues in
+its run directory. submitit's files (sbatch script, pickles, one log per task) are kept in
+<run dir>/submitit; a job array's in <common parent of the run dirs>/submitit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import submitit
+
+from launch.cluster_args import TrainSpec, UsageError, parse, train_specs
+from launch.executor import make_executor, sbatch_text
+from launch.job import TrainJob
+
+
+def submission_groups(args: argparse.Namespace, specs: list[TrainSpec]) -> list[tuple[Path, str, list[TrainSpec]]]:
+    """(submitit folder, job name, runs) per submission: one per run, or one for a job array."""
+    if args.array and len(specs) > 1:
+        parent = Path(os.path.commonpath([s.run_dir for s in specs]))
+        return [(parent / "submitit", args.job_name or f"bfly-{args.group or parent.name}", specs)]
+    return [(s.run_dir / "submitit", args.job_name or f"bfly-{s.name}", [s]) for s in specs]
+
+
+def make_job(args: argparse.Namespace, spec: TrainSpec) -> TrainJob:
+    return TrainJob(spec.train_args, str(spec.run_dir), str(Path.cwd()), threads=args.cpus_per_task)
+
+
+def dry_run(args: argparse.Namespace, groups: list[tuple[Path, str, list[TrainSpec]]]) -> None:
+    for folder, name, specs in groups:
+        print(f"# submitit folder: {folder}")
+        for i, spec in enumerate(specs):
+            where = f" (array task {i})" if len(specs) > 1 else ""
+            print(f"# run directory{where}: {spec.run_dir}")
+            print(f"# bfly.train arguments{where}: {' '.join(spec.train_args)}")
+        if args.cluster == "slurm":
+            print(sbatch_text(args, folder, name, array_size=len(specs)))
+        else:
+            print(f"# --cluster {args.cluster}: {args.tasks_per_node} trainer process(es) on this machine, no sbatch\n")
+
+
+def submit(args: argparse.Namespace, groups: list[tuple[Path, str, list[TrainSpec]]]) -> list[tuple[submitit.Job, TrainSpec]]:
+    submitted = []
+    for folder, name, specs in groups:
+        executor = make_executor(args, folder, name)
+        with executor.batch():  # several specs: one job array
+            jobs = [executor.submit(make_job(args, spec)) for spec in specs]
+        for job, spec in zip(jobs, specs):
+            submitted.append((job, spec))
+            print_job(job, spec, folder)
+    return submitted
+
+
+def print_job(job: submitit.Job, spec: TrainSpec, folder: Path) -> None:
+    print(f"submitted job {job.job_id}: {spec.name}")
+    print(f"  run directory: {spec.run_dir}  (train.log, metrics.jsonl, last.pt)")
+    print(f"  task logs:     {job.paths.stdout}  (and _log.err; one pair per task)")
+    if isinstance(job, submitit.SlurmJob):
+        print(f"  status:        squeue -j {job.job_id}   sacct -j {job.job_id}   cancel: scancel {job.job_id}")
+
+
+def wait(submitted: list[tuple[submitit.Job, TrainSpec]]) -> int:
+    failed = 0
+    for job, spec in submitted:
+        try:
+            result = job.results()[0]
+        except Exception as e:  # submitit raises the job's own error, or why there is no result
+            failed += 1
+            print(f"job {job.job_id} ({spec.name}) failed: {str(e).strip()[-2000:]}", file=sys.stderr)
+            continue
+        last = (result or {}).get("last_epoch") or {}
+        top1 = f", valid top1 {last['valid_top1']:.2%}" if "valid_top1" in last else ""
+        print(f"job {job.job_id} ({spec.name}) done: {(result or {}).get('epochs_done', 0)} epoch(s){top1}; "
+              f"run directory {spec.run_dir}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse(argv)
+        specs = train_specs(args, Path.cwd())
+    except UsageError as e:
+        print(f"launch.submit: error: {e}", file=sys.stderr)
+        return 2
+    groups = submission_groups(args, specs)
+    if args.dry_run:
+        dry_run(args, groups)
+        return 0
+    submitted = submit(args, groups)
+    if args.wait or args.cluster != "slurm":
+        return wait(submitted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Training under a real SLURM: slurm/local_cluster.sh runs a controller, accounting and two
+nodes (n1, n2) on this machine; jobs train on CPU with gloo on the mini data at 32 px.
+
+The sbatch scripts and launch.submit train to completion; a job signalled before its time limit
+or preempted writes a checkpoint at the current step, is requeued, resumes and ends with exactly
+the weights of an uninterrupted run, every step trained once.
+"""
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import submitit
+import torch
+
+from conftest import PYTHON, REPO, read_jsonl, subprocess_env, tiny_overrides
+
+CLUSTER = REPO / "slurm" / "local_cluster.sh"
+SINGLE_NODE = REPO / "slurm" / "train_single_node.sbatch"
+MULTI_NODE = REPO / "slurm" / "train_multi_node.sbatch"
+STEPS = 10  # per epoch: 60 images, global batch 6
+DONE_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+slurm = pytest.mark.slurm
+
+
+def train_args(data: Path, run_dir: Path) -> list[str]:
+    return tiny_overrides(data, run_dir, **{"train.batch_size": 6, "optim.lr": 0.01})
+
+
+# --- the cluster -----------------------------------------------------------------------------------
+
+def cluster(command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CLUSTER), command], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """Brought up for this module and taken down after it, unless it was already up."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (slurm/local_cluster.sh starts system daemons)")
+    if not shutil.which("sbatch") and not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    was_up = cluster("status").returncode == 0
+    up = cluster("up")
+    if up.returncode != 0:
+        pytest.skip(f"the local SLURM cluster did not come up:\n{up.stdout[-1500:]}\n{up.stderr[-1500:]}")
+    yield
+    if not was_up:
+        cluster("down")
+
+
+# --- submitting and waiting on jobs ---------------------------------------------------------------
+
+SUBMITTED: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def cancel_leftover_jobs():
+    """A failed test must not leave its job holding a node for the next one."""
+    first = len(SUBMITTED)
+    yield
+    if SUBMITTED[first:]:
+        subprocess.run(["scancel", *SUBMITTED[first:]], capture_output=True, timeout=60)
+
+
+def sacct(job_id: str, field: str = "State", steps: bool = False) -> list[str]:
+    cmd = ["sacct", "-n", "-P", "-j", job_id, "-o", field] + ([] if steps else ["-X"])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.split()
+
+
+def wait_until(condition, timeout_s: float, what: str, log: Path | None = None, job_id: str | None = None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    if job_id:
+        subprocess.run(["scancel", job_id], timeout=60)
+    tail = log.read_text()[-4000:] if log and log.exists() else "(no log)"
+    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}; log {log}:\n{tail}")
+
+
+def wait_for_text(path: Path, text: str, job_id: str, timeout_s: float = 180) -> None:
+    wait_until(lambda: path.exists() and text in path.read_text(), timeout_s, repr(text), path, job_id)
+
+
+def wait_job_done(job_id: str, log: Path, timeout_s: float = 300) -> str:
+    wait_until(lambda: any(s.startswith(DONE_STATES) for s in sacct(job_id)), timeout_s,
+               f"job {job_id} to end", log, job_id)
+    return sacct(job_id)[0]
+
+
+def sbatch(script: Path, run_dir: Path, data: Path, *flags: str, nproc: int = 2) -> tuple[str, Path]:
+    log = run_dir.parent / f"{run_dir.name}.slurm.out"
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--time=10", f"--output={log}", *flags,
+           str(script), *train_args(data, run_dir)]
+    env = subprocess_env(BFLY_PYTHON=PYTHON, BFLY_NPROC_PER_NODE=str(nproc))
+    out = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    SUBMITTED.append(out.stdout.strip().split(";")[0])
+    return SUBMITTED[-1], log
+
+
+# --- what a finished run must look like ------------------------------------------------------------
+
+def progress_steps(log: Path) -> list[tuple[int, int]]:
+    """(epoch, step) of every progress line rank 0 printed, over all attempts of the job."""
+    return [(int(e), int(s)) for e, s in re.findall(r"^epoch (\d+)/2 step (\d+)/\d+ ", log.read_text(), re.M)]
+
+
+def assert_trained_every_step_once(run_dir: Path, log: Path) -> None:
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [(r["epoch"], r["step"]) for r in records] == [(0, STEPS), (1, 2 * STEPS)]
+    assert progress_steps(log) == [(e, s) for e in (1, 2) for s in range(1, STEPS + 1)]
+
+
+def assert_same_weights(run_dir: Path, reference: Path) -> None:
+    a = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    b = torch.load(reference / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == [], f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+def assert_stopped_mid_epoch_and_resumed(text: str, signal_name: str, run_dir: Path) -> None:
+    stop = re.search(rf"stopped by {signal_name}: checkpoint at epoch 1 step (\d+) written", text)
+    assert stop, f"no mid-epoch stop by {signal_name} in:\n{text[-3000:]}"
+    step = int(stop.group(1))
+    assert 2 <= step < STEPS, step
+    assert f"resumed from {run_dir}/last.pt: epoch 1, step {step} of the epoch, global step {step}" in text
+
+
+# --- sbatch scripts --------------------------------------------------------------------------------
+
+class Finished(NamedTuple):
+    job_id: str
+    run_dir: Path
+    log: Path
+    state: str
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster, tiny_data, tmp_path_factory) -> Finished:
+    """An uninterrupted 2-process run through the single-node script: what every other run must match."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    job_id, log = sbatch(SINGLE_NODE, run_dir, tiny_data, "--cpus-per-task=2")
+    return Finished(job_id, run_dir, log, wait_job_done(job_id, log))
+
+
+@slurm
+def test_single_node_script_trains_two_processes_to_completion(reference):
+    job_id, run_dir, log, state = reference
+    assert state == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    assert f"bfly: job {job_id} attempt 1 on " in text and "2 trainer(s)" in text
+    assert "2 process(es) on cpu" in text and "done: best valid top1" in text
+    for name in ("config.yaml", "metrics.jsonl", "train.log", "last.pt", "best.pt"):
+        assert (run_dir / name).is_file(), name
+    assert_trained_every_step_once(run_dir, log)
+
+
+@slurm
+@pytest.mark.parametrize("how", ["time limit (SIGUSR1 to the batch shell)", "preemption (scontrol requeue)"])
+def test_single_node_script_checkpoints_requeues_and_resumes(how, reference, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id, log = sbatch(SINGLE_NODE, run_dir, tiny_data, "--cpus-per-task=2")
+    wait_for_text(log, f"epoch 1/2 step 2/{STEPS}", job_id)
+    if how.startswith("time limit"):
+        # What --signal=B:USR1@300 does 300 s before the limit.
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=60)
+        signal_name = "SIGUSR1"
+    else:
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+        signal_name = "SIGTERM"
+    assert wait_job_done(job_id, log) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    assert f"bfly: job {job_id} attempt 2 " in text
+    if signal_name == "SIGUSR1":
+        assert f"requeueing job {job_id}" in text
+    assert_stopped_mid_epoch_and_resumed(text, signal_name, run_dir)
+    assert_trained_every_step_once(run_dir, log)
+    assert_same_weights(run_dir, reference.run_dir)
+
+
+@slurm
+@pytest.mark.slow
+def test_single_node_script_checkpoints_and_requeues_before_a_real_time_limit(slurm_cluster, tiny_data, tmp_path):
+    """A 1-minute limit, SLURM's own signal 50 s before it, a run far longer than a minute."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "slurm.out"
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--time=1", "--signal=B:USR1@50",
+           f"--output={log}", str(SINGLE_NODE), *train_args(tiny_data, run_dir), "train.epochs=20"]
+    env = subprocess_env(BFLY_PYTHON=PYTHON, BFLY_NPROC_PER_NODE="2")
+    job_id = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    SUBMITTED.append(job_id)
+    wait_for_text(log, f"resumed from {run_dir}/last.pt", job_id, timeout_s=240)
+    subprocess.run(["scancel", job_id], timeout=60)
+    text = log.read_text()
+    assert "bfly: SIGUSR1 (time limit near)" in text and f"requeueing job {job_id}" in text
+    assert f"bfly: job {job_id} attempt 2 " in text and "DUE TO TIME LIMIT" not in text
+    stop = re.search(r"stopped by SIGUSR1: checkpoint at epoch (\d+) step (\d+) written", text)
+    assert stop, text[-3000:]
+    assert f"epoch {stop.group(1)}, step {stop.group(2)} of the epoch" in text
+
+
+@slurm
+def test_multi_node_script_trains_one_process_on_each_of_two_nodes(reference, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id, log = sbatch(MULTI_NODE, run_dir, tiny_data, "--nodes=2", "--cpus-per-task=1", nproc=1)
+    assert wait_job_done(job_id, log) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    # n1 is not a resolvable hostname here: the rendezvous address came from `scontrol show node`.
+    assert "2 node(s) x 1 trainer(s), rendezvous 127.0.0.1:" in text and "(n1)" in text
+    assert "2 process(es) on cpu" in text
+    step_nodes = dict(zip(sacct(job_id, "JobID", steps=True), sacct(job_id, "NodeList", steps=True)))
+    assert step_nodes[f"{job_id}.0"] == "n[1-2]"  # the torchrun step ran on both nodes
+    assert_trained_every_step_once(run_dir, log)
+    assert_same_weights(run_dir, reference.run_dir)  # 2 nodes x 1 process computes what 1 node x 2 does
+
+
+def run_script_as_slurm_would(script: Path, **env: str) -> subprocess.CompletedProcess:
+    """The script started the way slurmd starts a batch script, with the given job environment."""
+    full = subprocess_env(BFLY_PYTHON=PYTHON, **env)
+    for name in [n for n in full if n.startswith("SLURM_") and n not in env]:
+        del full[name]
+    return subprocess.run(["bash", str(script), "train.epochs=1"], env=full, capture_output=True, text=True, timeout=60)
+
+
+@slurm
+def test_multi_node_script_fails_at_once_when_the_first_node_has_no_address(slurm_cluster):
+    out = run_script_as_slurm_would(MULTI_NODE, SLURM_JOB_ID="123", SLURM_JOB_NODELIST="gpu-[07-08]",
+                                    SLURM_JOB_NUM_NODES="2", BFLY_NPROC_PER_NODE="1")
+    assert out.returncode == 1
+    assert "cannot resolve the first node gpu-07" in out.stderr and "scontrol show node gpu-07" in out.stderr
+
+
+@pytest.mark.parametrize("script", [SINGLE_NODE, MULTI_NODE], ids=["single", "multi"])
+def test_scripts_refuse_to_start_without_gpus_or_a_process_count(script):
+    out = run_script_as_slurm_would(script, SLURM_JOB_ID="5", SLURM_JOB_NODELIST="n1", SLURM_JOB_NUM_NODES="1")
+    assert out.returncode == 1
+    assert "no trainers to start: ask for GPUs (--gpus-per-node=G) or set BFLY_NPROC_PER_NODE" in out.stderr
+
+
+# --- launch.submit (submitit) ----------------------------------------------------------------------
+
+def launch_submit(run_dir: Path, data: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [PYTHON, "-m", "launch.submit", "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
+           *flags, *train_args(data, run_dir)]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(cmd, cwd=run_dir.parent, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def submitted_job(out: subprocess.CompletedProcess, run_dir: Path) -> submitit.SlurmJob:
+    match = re.search(r"^submitted job (\d+): ", out.stdout, re.M)
+    assert match, out.stdout
+    job_id = match.group(1)
+    SUBMITTED.append(job_id)
+    assert f"task logs:     {run_dir}/submitit/{job_id}_0_log.out" in out.stdout
+    assert f"sacct -j {job_id}" in out.stdout
+    return submitit.SlurmJob(run_dir / "submitit", job_id, tasks=[0, 1])
+
+
+def job_results(job, timeout_s: float = 300) -> list:
+    log = job.paths.folder / f"{job.job_id}_0_log.out"
+    wait_until(lambda: job.done(force_check=True), timeout_s, f"submitit job {job.job_id}", log, job.job_id)
+    return job.results()
+
+
+@pytest.fixture(scope="module")
+def submitted_run(slurm_cluster, tiny_data, tmp_path_factory):
+    """`python -m launch.submit` with 2 tasks, uninterrupted; its results read back with submitit."""
+    run_dir = tmp_path_factory.mktemp("submitit") / "run"
+    out = launch_submit(run_dir, tiny_data, "--time", "10")
+    job = submitted_job(out, run_dir)
+    return job, run_dir, job_results(job)
+
+
+@slurm
+def test_launch_submit_trains_with_two_tasks_and_the_results_read_back(submitted_run, reference):
+    job, run_dir, results = submitted_run
+    assert len(results) == 2 and results[1] is None  # rank 0 reports for the run
+    assert results[0]["run_dir"] == str(run_dir) and results[0]["epochs_done"] == 2
+    assert results[0]["last_epoch"] == read_jsonl(run_dir / "metrics.jsonl")[-1]
+    log = job.paths.folder / f"{job.job_id}_0_log.out"
+    assert "2 process(es) on cpu" in log.read_text()
+    assert_trained_every_step_once(run_dir, log)
+    assert_same_weights(run_dir, reference.run_dir)  # one task per process computes what torchrun does
+
+
+@slurm
+@pytest.mark.parametrize("how", ["timeout", "preemption", pytest.param("scontrol requeue", marks=pytest.mark.slow)])
+def test_launch_submit_job_checkpoints_requeues_and_resumes(how, reference, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    # submitit counts a signal as a time-out unless the job ran under 80% of a limit of 50 min or more.
+    out = launch_submit(run_dir, tiny_data, "--time", "10" if how == "timeout" else "60")
+    job = submitted_job(out, run_dir)
+    log = run_dir / "submitit" / f"{job.job_id}_0_log.out"
+    wait_for_text(log, f"epoch 1/2 step 2/{STEPS}", job.job_id)
+    if how == "scontrol requeue":  # SLURM requeues by itself: SIGTERM, then the original job again
+        subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=60)
+    else:
+        job._interrupt(timeout=how == "timeout")  # submitit's own simulation: USR2, after SIGTERM for preemption
+    results = job_results(job)
+    assert results[0]["epochs_done"] == 2
+    text = log.read_text()
+    if how == "timeout":
+        assert "this job is timed-out" in text and f"Requeued job {job.job_id} (49 remaining timeouts)" in text
+    elif how == "preemption":
+        assert "this job is preempted" in text and f"Requeued job {job.job_id} (50 remaining timeouts)" in text
+    else:
+        assert "not requeueing here" in text and "Requeued job" not in text
+    # Preemption: SIGTERM then SIGUSR2; the trainer may stop on either, submitit requeues on SIGUSR2.
+    stop_signal = {"timeout": "SIGUSR2", "preemption": "(?:SIGTERM|SIGUSR2)", "scontrol requeue": "SIGTERM"}[how]
+    assert_stopped_mid_epoch_and_resumed(text, stop_signal, run_dir)
+    assert_trained_every_step_once(run_dir, log)
+    assert_same_weights(run_dir, reference.run_dir)
+
+
+# --- without SLURM ---------------------------------------------------------------------------------
+
+def test_cluster_local_runs_the_same_job_on_this_machine(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    out = launch_submit(run_dir, tiny_data, "--cluster", "local", "--time", "10", timeout=300)
+    assert re.search(rf"job \d+ \(run\) done: 2 epoch\(s\), valid top1 [\d.]+%; run directory {run_dir}", out.stdout)
+    assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1]
