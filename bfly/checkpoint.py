@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically by rank 0, read with weights_only=True.
+"""Checkpoints: written atomically by rank 0, read with weights_only=True after a CRC check.
 
 `last.pt` is replaced by write-to-temp, fsync, rename; the one it replaces is kept as
 `last.prev.pt`, so a crash at any point leaves at least one complete checkpoint, and a corrupt
@@ -44,37 +44,52 @@ def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False) 
     _fsync_dir(path.parent)
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _check_crc(path: Path) -> None:
+    """torch.load does not verify the zip's CRC-32s: flipped bytes inside a tensor would load as
+    silently wrong weights. Checking them costs one read of the file."""
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise zipfile.BadZipFile(f"CRC-32 mismatch in {bad}")
+
+
 def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
+        _check_crc(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
         raise CheckpointError(
             f"{path}: refused by torch.load(weights_only=True): it holds more than tensors and plain "
-            f"data ({first}); only load checkpoints you trust, and re-save them with bfly"
+            f"data ({_first_line(e)}); only load checkpoints you trust, and re-save them with bfly"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})") from None
+    # A damaged header can surface as a decode error (ValueError) from zipfile or the unpickler.
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
 
 
-def load_resumable(run_dir: Path, warn) -> dict[str, Any] | None:
-    """The newest complete checkpoint of a run directory, or None for a fresh run."""
+def load_resumable(run_dir: Path, warn) -> tuple[dict[str, Any], Path] | None:
+    """The newest complete checkpoint of a run directory and its path, or None for a fresh run."""
     last, prev = run_dir / LAST, run_dir / PREV
     if not last.exists():
         if prev.exists():  # killed between the two renames
             warn(f"{last} missing; resuming from {prev}")
-            return load(prev)
+            return load(prev), prev
         return None
     try:
-        return load(last)
+        return load(last), last
     except CheckpointError as e:
         if not prev.exists():
             raise
         warn(f"{e}; falling back to the previous checkpoint {prev}")
-        return load(prev)
+        return load(prev), prev
 
 
 def check_compatible(state: dict[str, Any], path: str | Path, arch: str, num_classes: int) -> None:
@@ -87,6 +102,13 @@ def check_compatible(state: dict[str, Any], path: str | Path, arch: str, num_cla
         raise CheckpointError(
             f"{path}: checkpoint has {state['num_classes']} classes, this dataset has {num_classes}"
         )
+
+
+def check_resumable(state: dict[str, Any], path: str | Path) -> None:
+    for key in ("optimizer", "global_step", "epoch_sums", "rng"):
+        if key not in state:
+            raise CheckpointError(f"{path}: holds weights only (no {key!r} entry), it cannot resume a run; "
+                                  f"resume from a {LAST}")
 
 
 def ensure_writable(run_dir: Path, need_bytes: int) -> None:

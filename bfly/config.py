@@ -235,6 +235,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.eval_splits: unknown split {split!r} (train, valid, test)")
 
 
+def run_dir_of(cfg: Config) -> Path:
+    """The run directory: run.dir, or runs/<model> by default (relative to the working directory)."""
+    return Path(cfg.run.dir or f"runs/{cfg.model.name}")
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

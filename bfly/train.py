@@ -7,8 +7,8 @@
 
 A run directory (run.dir) holds config.yaml, metrics.jsonl, train.log, last.pt and best.pt.
 With run.resume=auto (the default) a run restarted on the same directory continues where its
-last checkpoint left off, mid-epoch included. SIGTERM or SIGUSR1 stop the run with a checkpoint
-at the current step.
+last checkpoint left off, mid-epoch included. SIGTERM, SIGUSR1 or SIGUSR2 (submitit's) stop the run
+with a checkpoint at the current step.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from bfly import checkpoint as ckpt
 from bfly import distributed
-from bfly.config import Config, ConfigError, dump_yaml, help_text, load_config, to_dict
+from bfly.config import Config, ConfigError, dump_yaml, help_text, load_config, run_dir_of, to_dict
 from bfly.data.inputs import build_eval_input, build_train_input
 from bfly.data.metadata import DataError, DatasetMeta, load_metadata
 from bfly.data.sampling import StepPlan
@@ -51,10 +51,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser.parse_args(argv)
-
-
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.run.dir or f"runs/{cfg.model.name}")
 
 
 def seed_all(*parts: int) -> None:

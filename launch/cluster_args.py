@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bfly.config import ConfigError, load_config
+from bfly.config import ConfigError, load_config, run_dir_of
 
 CLUSTERS = ("slurm", "local", "debug")
 
@@ -139,7 +139,6 @@ def parse_time(text: str) -> int:
 
 def train_specs(args: argparse.Namespace, cwd: Path) -> list[TrainSpec]:
     """One spec per --config (or one without a config file), validated, with an absolute run.dir."""
-    from bfly.train import run_dir_of  # the trainer's own default; imports torch, so only here
 
     configs = args.config or [None]
     group = args.group

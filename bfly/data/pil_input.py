@@ -18,13 +18,21 @@ def open_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return _to_rgb(im)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: cannot decode image ({e})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # 16-bit samples (e.g. a 16-bit grayscale PNG): convert("RGB") would clip them at 255, a white picture.
+        pixels = np.asarray(image, dtype=np.float64) / 257
+        image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
 
 
 class ImageDataset(Dataset):

@@ -1,0 +1,253 @@
+"""Launching real training processes for the fault-injection tests (tests/test_faults.py and friends).
+
+A `Launch` starts `python -m bfly.train` or `torchrun ... -m bfly.train` with stdout and stderr
+merged and read live, so a test can wait for a training step, find a worker's pid by its RANK,
+send it a real signal, and bound every wait: on a timeout the whole process tree is killed (by pid)
+and the test fails with the output's tail. Linux only (/proc).
+
+Reference runs (uninterrupted, same config) are cached per session: every test that compares its
+final weights with an uninterrupted run of the same config reuses one.
+"""
+from __future__ import annotations
+
+import atexit
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+TESTS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TESTS))
+from conftest import PYTHON, REPO, subprocess_env  # noqa: E402
+
+from conftest import tiny_overrides  # noqa: E402
+
+PROGRESS = re.compile(r"^epoch (\d+)/\d+ step (\d+)/(\d+) ")
+
+# The config of the fault tests: tiny data (60 train images, 32 px), global batch 12: 5 steps per
+# epoch, 2 epochs, last.pt every 2 steps and at each epoch's end.
+CKPT_EVERY = 2
+STEPS = 10
+FAULT = {"train.epochs": 2, "train.checkpoint_every_steps": CKPT_EVERY}
+
+
+def fault_args(data: Path, run_dir: Path, **extra) -> list[str]:
+    return tiny_overrides(data, run_dir, **{**FAULT, **extra})
+
+
+def train_cmd(args: list[str]) -> list[str]:
+    return [PYTHON, "-m", "bfly.train", *args]
+
+
+# torchrun's agent keeps one TCPStore for all restarts and lets the workers use it (torch >= 2.5):
+# restarted workers then read the dead workers' gloo addresses from it and fail or hang in
+# init_process_group (pytorch/pytorch#135712; 3 restarts in 5 failed here without this setting).
+# The static rendezvous (--master_port) has the same problem and no switch: use --standalone.
+RESTARTABLE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def torchrun_cmd(nproc: int, args: list[str], max_restarts: int = 0) -> list[str]:
+    return ["env", *[f"{k}={v}" for k, v in RESTARTABLE.items()], PYTHON, "-m", "torch.distributed.run",
+            "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", "-m", "bfly.train", *args]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for kid in _children(pid):
+        out += [kid, *_descendants(kid)]
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
+    return ranks[-1] if ranks else None
+
+
+class Launch:
+    """One launched command, its merged output collected line by line with arrival times."""
+
+    def __init__(self, cmd: list[str], timeout: float):
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + timeout
+        self.lines: list[tuple[float, str]] = []
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        atexit.register(self.kill_all)  # a test that fails half-way leaves no process behind
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic() - self.t0, line.rstrip("\n")))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def fail(self, why: str) -> None:
+        self.kill_all()
+        raise AssertionError(f"{why}\n--- output (tail) ---\n{self.output[-6000:]}")
+
+    def wait_for(self, pattern: str, timeout: float | None = None) -> re.Match:
+        """The first output line matching `pattern` (regex, searched), waiting for it if needed."""
+        end = min(self.deadline, time.monotonic() + timeout) if timeout else self.deadline
+        rx, i = re.compile(pattern), 0
+        while True:
+            while i < len(self.lines):
+                m = rx.search(self.lines[i][1])
+                i += 1
+                if m:
+                    return m
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                if i >= len(self.lines):
+                    self.fail(f"exited ({self.proc.returncode}) before printing a line matching {pattern!r}")
+            elif time.monotonic() > end:
+                self.fail(f"no line matching {pattern!r} within the time limit")
+            time.sleep(0.02)
+
+    def wait_step(self, global_step: int, timeout: float | None = None) -> int:
+        """Waits for rank 0's progress line of `global_step` or later (needs train.log_every=1)."""
+        end = min(self.deadline, time.monotonic() + timeout) if timeout else self.deadline
+        while True:
+            steps = [progress_step(line) for _, line in self.lines]
+            done = [s for s in steps if s is not None and s >= global_step]
+            if done:
+                return max(s for s in steps if s is not None)
+            if self.proc.poll() is not None:
+                self.fail(f"exited ({self.proc.returncode}) before step {global_step}")
+            if time.monotonic() > end:
+                self.fail(f"step {global_step} not reached within the time limit")
+            time.sleep(0.02)
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = min(self.deadline, time.monotonic() + timeout) if timeout else self.deadline
+        try:
+            self.proc.wait(max(end - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            self.fail("did not exit within the time limit (a hang)")
+        self._reader.join(10)
+        return self.proc.returncode
+
+    def workers(self, n: int, timeout: float = 60) -> dict[int, int]:
+        """rank -> pid of the current torchrun workers, once all `n` have started."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            ranks = {_rank_of(pid): pid for pid in _children(self.proc.pid)}
+            ranks.pop(None, None)
+            if len(ranks) == n:
+                return ranks
+            time.sleep(0.05)
+        self.fail(f"{n} workers not found")
+
+    def kill_all(self) -> None:
+        """SIGKILL this launch's processes, each by pid: descendants first (while they are still
+        the launcher's, so no pid is a recycled one), then the launcher."""
+        if self.proc.poll() is not None:
+            return
+        for pid in _descendants(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def progress_step(line: str) -> int | None:
+    """Global step of a rank-0 progress line `epoch E/N step S/T ...`."""
+    m = PROGRESS.match(line)
+    return (int(m[1]) - 1) * int(m[3]) + int(m[2]) if m else None
+
+
+def run_to_end(cmd: list[str], timeout: float = 300) -> Launch:
+    launch = Launch(cmd, timeout)
+    rc = launch.wait()
+    if rc != 0:
+        launch.fail(f"exit code {rc}")
+    return launch
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
+
+
+_references: dict[tuple, Path] = {}
+
+
+def reference_run(base: Path, nproc: int, args: list[str]) -> Path:
+    """An uninterrupted run of `args` (run.dir excluded) on `nproc` processes, once per session."""
+    key = (nproc, *[a for a in args if not a.startswith("run.dir=")])
+    if key not in _references:
+        run_dir = base / f"reference-{len(_references)}"
+        cmd = train_cmd if nproc == 1 else lambda a: torchrun_cmd(nproc, a)
+        run_to_end(cmd([*args, f"run.dir={run_dir}"]))
+        _references[key] = run_dir
+    return _references[key]
+
+
+# --- editable copies of a dataset --------------------------------------------------------------------
+
+def data_copy(src: Path, dst: Path) -> Path:
+    """A course-layout copy of `src` whose CSVs can be edited; the image folders are linked."""
+    dst.mkdir(parents=True)
+    for split in ("train", "valid", "test"):
+        (dst / f"{split}.csv").write_bytes((src / f"{split}.csv").read_bytes())
+        (dst / split).symlink_to((src / split).resolve(), target_is_directory=True)
+    return dst
+
+
+def read_rows(csv_path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(csv_path, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    return header, rows
+
+
+def write_rows(csv_path: Path, header: list[str], rows: list[list[str]]) -> None:
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+def replace_image(root: Path, split: str, row: int, name: str, content: bytes | None = None) -> Path:
+    """Points data row `row` (0-based) of `split` at `root/broken/name`, written with `content`
+    (None: the file is not created). Returns the path the trainer will name."""
+    header, rows = read_rows(root / f"{split}.csv")
+    rows[row][header.index("filepaths")] = f"broken/{name}"
+    write_rows(root / f"{split}.csv", header, rows)
+    path = root.resolve() / "broken" / name
+    if content is not None:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+    return path

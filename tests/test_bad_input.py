@@ -1,0 +1,285 @@
+"""Bad input: one clear line naming the culprit, exit code 2, on every rank, and no hang.
+
+`BAD` is the table of broken inputs: data files, CSV metadata, config and checkpoints. Each row
+breaks one thing in a fresh copy of the tiny dataset and says which file, row or key the error must
+name. Add a row to cover a new case. `VALID` lists images that look unusual but are valid input:
+they are converted, never refused.
+
+Default tier: the whole table in-process (one process), and two rows under torchrun. Slow tier
+(`-m slow`): every row under `torchrun --nproc_per_node=2`.
+"""
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bfly.data.pil_input import open_rgb
+from bfly.data.sampling import epoch_permutation
+from bfly.models import build_model
+from bfly.train import main
+from conftest import read_jsonl, tiny_overrides
+from probes.fault_launch import Launch, data_copy, read_rows, replace_image, torchrun_cmd, write_rows
+
+
+class Workspace:
+    """A fresh editable copy of the tiny data, a run directory, and ways to break them."""
+
+    def __init__(self, tmp: Path, tiny_data: Path):
+        self.tmp = tmp
+        self.data = data_copy(tiny_data, tmp / "data")
+        self.run = tmp / "run"
+
+    def args(self, **extra) -> list[str]:
+        return tiny_overrides(self.data, self.run, **extra)
+
+    def csv(self, split: str = "train") -> Path:
+        return self.data.resolve() / f"{split}.csv"
+
+    def edit_cell(self, split: str, row: int, column: str, value: str) -> None:
+        header, rows = read_rows(self.csv(split))
+        rows[row][header.index(column)] = value
+        write_rows(self.csv(split), header, rows)
+
+    def image_bytes(self, row: int = 0) -> bytes:
+        header, rows = read_rows(self.csv())
+        return (self.data / rows[row][header.index("filepaths")]).read_bytes()
+
+    def checkpoint(self, name: str, arch: str = "resnet50", num_classes: int = 10, **entries) -> Path:
+        """A checkpoint as bfly writes it, of our own model with the given architecture and classes."""
+        model = build_model(arch, num_classes)
+        payload = {"arch": arch, "num_classes": num_classes, "model": model.state_dict(),
+                   "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
+                   "epoch": 0, "step_in_epoch": 1, "global_step": 1, "best_top1": -1.0, "epoch_sums": {},
+                   "rng": [], "world_size": 1, **entries}
+        path = self.tmp / name
+        torch.save(payload, path)
+        return path
+
+
+# The train row read first (by rank 0, whatever the world size): a broken image there fails at once.
+FIRST_READ = int(epoch_permutation(60, 0, 0)[0])
+
+Setup = Callable[[Workspace], tuple[list[str], str, str]]  # -> (overrides, culprit, what the line says)
+
+
+def missing_image(ws):
+    path = replace_image(ws.data, "train", 5, "gone.jpg")
+    return ws.args(), str(path), r"\d image file\(s\) in column 'filepaths' do not exist \(first 1: row 7: "
+
+
+def truncated_jpeg(ws):
+    whole = ws.image_bytes(FIRST_READ)
+    path = replace_image(ws.data, "train", FIRST_READ, "truncated.jpg", whole[: len(whole) * 2 // 3])
+    return ws.args(), str(path), r"cannot decode image \(image file is truncated"
+
+
+def text_named_jpg(ws):
+    path = replace_image(ws.data, "train", FIRST_READ, "notes.jpg", b"these are my notes, not a picture\n")
+    return ws.args(), str(path), "not an image Pillow can read"
+
+
+def csv_missing_column(ws):
+    header, rows = read_rows(ws.csv())
+    i = header.index("label_id")
+    write_rows(ws.csv(), header[:i] + header[i + 1:], [r[:i] + r[i + 1:] for r in rows])
+    return ws.args(), str(ws.csv()), r"row 1 \(header\): missing required column\(s\) 'label_id'"
+
+
+def label_out_of_range(ws):
+    ws.edit_cell("train", 3, "label_id", "99")
+    ws.edit_cell("train", 3, "labels", "NEW SPECIES")
+    return ws.args(), str(ws.csv()), r"row 5, column 'label_id': class id 99 is outside \[0, 11\)"
+
+
+def non_integer_label(ws):
+    ws.edit_cell("train", 3, "label_id", "7.5")
+    return ws.args(), str(ws.csv()), r"row 5, column 'label_id': class id '7\.5' is not an integer"
+
+
+def empty_split(ws):
+    header, _ = read_rows(ws.csv("valid"))
+    write_rows(ws.csv("valid"), header, [])
+    return ws.args(), str(ws.csv("valid")), "split 'valid' has no rows"
+
+
+def id_name_mismatch(ws):
+    header, rows = read_rows(ws.csv())
+    other = next(r for r in rows if r[header.index("label_id")] != "0")[header.index("labels")]
+    ws.edit_cell("train", 0, "labels", other)
+    return ws.args(), f"{ws.csv()}: row 2", "class id 0 has two names in column 'labels'"
+
+
+def unknown_config_key(ws):
+    return ws.args(**{"train.epoch": 3}), "'train.epoch'", r"unknown config key 'train\.epoch' \(known in train: "
+
+
+def unknown_key_in_config_file(ws):
+    config = ws.tmp / "my.yaml"
+    config.write_text("train:\n  epochs: 2\n  lr: 0.1\n")
+    return ["--config", str(config), *ws.args()], str(config), r"unknown config key 'train\.lr'"
+
+
+def wrong_config_type(ws):
+    return ws.args(**{"train.epochs": "two"}), "train.epochs", "expected int, got str 'two'"
+
+
+def run_directory_under_a_file(ws):
+    (ws.tmp / "a-file").write_text("")
+    run_dir = ws.tmp / "a-file" / "run"
+    return ws.args(**{"run.dir": run_dir}), str(run_dir), "is not writable: Not a directory$"
+
+
+def nonexistent_checkpoint(ws):
+    path = ws.tmp / "nowhere" / "last.pt"
+    return ws.args(**{"run.resume": path}), str(path), "checkpoint not found$"
+
+
+def checkpoint_of_another_architecture(ws):
+    path = ws.checkpoint("resnet50.pt")
+    return (ws.args(**{"run.resume": path, "model.name": "vgg19"}), str(path),
+            "checkpoint is a resnet50 model, this run builds vgg19")
+
+
+def checkpoint_of_another_class_count(ws):
+    path = ws.checkpoint("nine-classes.pt", num_classes=9)
+    return ws.args(**{"run.resume": path}), str(path), "checkpoint has 9 classes, this dataset has 10"
+
+
+class OpensAFile:
+    """Unpickling this calls open(path, "w"): what a malicious checkpoint could do with any callable."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def checkpoint_with_a_pickled_object(ws):
+    path = ws.checkpoint("pickled.pt", note=OpensAFile(ws.tmp / "created-by-unpickling"))
+    return ws.args(**{"run.resume": path}), str(path), r"refused by torch\.load\(weights_only=True\)"
+
+
+def best_checkpoint_as_resume(ws):
+    path = ws.tmp / "best.pt"
+    torch.save({"arch": "resnet50", "num_classes": 10, "model": build_model("resnet50", 10).state_dict(),
+                "epoch": 1, "global_step": 5, "metrics": {}}, path)
+    return ws.args(**{"run.resume": path}), str(path), "holds weights only .* resume from a last.pt$"
+
+
+def truncated_last_checkpoint(ws):
+    ws.run.mkdir()
+    whole = ws.checkpoint("whole.pt").read_bytes()
+    (ws.run / "last.pt").write_bytes(whole[: len(whole) // 2])
+    return ws.args(), str(ws.run / "last.pt"), r"truncated or corrupt checkpoint \(File is not a zip file\)$"
+
+
+@dataclass(frozen=True)
+class Bad:
+    name: str
+    setup: Setup
+
+
+BAD = [Bad(f.__name__.replace("_", " "), f) for f in (
+    missing_image, truncated_jpeg, text_named_jpg,
+    csv_missing_column, label_out_of_range, non_integer_label, empty_split, id_name_mismatch,
+    unknown_config_key, unknown_key_in_config_file, wrong_config_type, run_directory_under_a_file,
+    nonexistent_checkpoint, checkpoint_of_another_architecture, checkpoint_of_another_class_count,
+    checkpoint_with_a_pickled_object, best_checkpoint_as_resume, truncated_last_checkpoint,
+)]
+TORCHRUN_DEFAULT = {"csv missing column", "checkpoint of another class count"}
+
+
+def is_the_error(line: str, culprit: str, says: str, rank_tag: str = "") -> bool:
+    return bool(re.match(rf"bfly\.train: error{rank_tag}: ", line)) and culprit in line and bool(re.search(says, line))
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c.name for c in BAD])
+def test_bad_input_is_one_line_naming_the_culprit(case, tiny_data, tmp_path, capsys):
+    ws = Workspace(tmp_path, tiny_data)
+    args, culprit, says = case.setup(ws)
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and is_the_error(err.strip(), culprit, says), err
+    assert " step 1/" not in out  # stopped before the first step's end
+    assert not (tmp_path / "created-by-unpickling").exists()
+
+
+def run_bad_case_under_torchrun(case: Bad, ws: Workspace) -> None:
+    args, culprit, says = case.setup(ws)
+    launch = Launch(torchrun_cmd(2, args), timeout=240)
+    assert launch.wait() != 0
+    out = launch.output
+    lines = [line for line in out.splitlines() if line.startswith("bfly.train: error")]
+    # Errors met before the process group starts (config, metadata, run directory) are the same on
+    # every rank: rank 0 prints them. Errors met later (checkpoints, images) are printed by each rank
+    # that meets them: one line per rank at most, each tagged with its rank.
+    assert 1 <= len(lines) <= 2, out[-3000:]
+    for line in lines:
+        assert is_the_error(line, culprit, says, r" \[rank \d\]"), out[-3000:]
+    codes = dict(re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\n\s+exitcode\s+: (-?\d+)", out))
+    assert set(codes) == {"0", "1"} and "0" not in codes.values(), out[-3000:]  # every rank non-zero
+    assert out.count("Traceback (most recent call last)") == 1  # torchrun's own ChildFailedError, no worker's
+
+
+@pytest.mark.parametrize("case", [c for c in BAD if c.name in TORCHRUN_DEFAULT], ids=lambda c: c.name)
+def test_bad_input_stops_every_rank(case, tiny_data, tmp_path):
+    run_bad_case_under_torchrun(case, Workspace(tmp_path, tiny_data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in BAD if c.name not in TORCHRUN_DEFAULT], ids=lambda c: c.name)
+def test_bad_input_stops_every_rank_slow(case, tiny_data, tmp_path):
+    run_bad_case_under_torchrun(case, Workspace(tmp_path, tiny_data))
+
+
+# --- warnings, not errors ------------------------------------------------------------------------------
+
+def test_duplicate_rows_are_a_warning_and_the_run_goes_on(tiny_data, tmp_path):
+    ws = Workspace(tmp_path, tiny_data)
+    header, rows = read_rows(ws.csv())
+    write_rows(ws.csv(), header, rows + [rows[4]])
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(ws.csv()))}: split 'train' lists 1 duplicate image "
+                                         rf"path\(s\) \(first 1: rows 6 and {len(rows) + 2}: "):
+        assert main(ws.args(**{"run.stop_after_steps": 1})) == 0
+    assert (ws.run / "last.pt").exists()
+
+
+# --- unusual but valid images: converted to RGB -------------------------------------------------------
+
+def sixteen_bit(image: Image.Image) -> Image.Image:
+    return Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257)
+
+
+VALID = {  # name: (file name, how to make it from an RGB picture, format)
+    "grayscale JPEG": ("gray.jpg", lambda im: im.convert("L"), "JPEG"),
+    "CMYK JPEG": ("cmyk.jpg", lambda im: im.convert("CMYK"), "JPEG"),
+    "RGBA PNG": ("rgba.png", lambda im: im.convert("RGBA"), "PNG"),
+    "RGB PNG": ("rgb.png", lambda im: im, "PNG"),
+    "palette PNG": ("palette.png", lambda im: im.convert("P"), "PNG"),
+    "grayscale+alpha PNG": ("la.png", lambda im: im.convert("LA"), "PNG"),
+    "16-bit grayscale PNG": ("gray16.png", sixteen_bit, "PNG"),
+    "PNG named .jpg": ("really-a-png.jpg", lambda im: im, "PNG"),
+}
+
+
+def test_unusual_image_modes_are_converted_not_refused(tiny_data, tmp_path):
+    ws = Workspace(tmp_path, tiny_data)
+    for split in ("train", "valid"):
+        header, rows = read_rows(ws.csv(split))
+        for i, (name, (file_name, make, fmt)) in enumerate(VALID.items()):
+            picture = open_rgb(str(ws.data / rows[i][header.index("filepaths")]))
+            path = replace_image(ws.data, split, i, f"{split}-{file_name}", b"")
+            make(picture).save(path, fmt)
+            converted = open_rgb(str(path))
+            assert converted.mode == "RGB" and converted.size == picture.size, name
+            # Same brightness as the picture it was made from: not clipped to white, not black.
+            assert abs(np.asarray(converted).mean() - np.asarray(picture).mean()) < 8, name
+    # One epoch of one step: every train image read once, then every valid one.
+    assert main(ws.args(**{"train.epochs": 1, "train.batch_size": 60})) == 0
+    assert read_jsonl(ws.run / "metrics.jsonl")[0]["epoch"] == 0
