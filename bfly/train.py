@@ -177,25 +177,30 @@ def build_run(cfg: Config, env: DistEnv, meta: DatasetMeta, run_dir: Path, log: 
 
 # --- checkpoints -----------------------------------------------------------------------------------
 
-def save_checkpoint(run: Run, state: TrainState, extra: dict[str, Any] | None = None) -> None:
+def _identity(run: Run, state: TrainState) -> dict[str, Any]:
+    """What every checkpoint carries to be loaded safely elsewhere (evaluate, predict, resume)."""
+    return {
+        "arch": run.cfg.model.name, "num_classes": run.meta.num_classes,
+        "class_names": list(run.meta.class_names), "config": to_dict(run.cfg),
+        "epoch": state.epoch, "global_step": state.global_step, "wandb_run_id": run.wandb_run_id,
+    }
+
+
+def save_checkpoint(run: Run, state: TrainState) -> None:
     """Collective: every rank contributes its RNG state; rank 0 writes."""
     rngs = distributed.all_gather_objects(ckpt.rng_state())
     sums = {k: distributed.all_reduce_sum(v.clone()).cpu() for k, v in state.sums.items()}
     if not run.env.is_main:
         return
     t = run.trainer
-    payload = {
-        "arch": run.cfg.model.name, "num_classes": run.meta.num_classes,
-        "class_names": list(run.meta.class_names), "config": to_dict(run.cfg),
+    payload = _identity(run, state) | {
         "model": run.raw_model.state_dict(), "optimizer": t.optimizer.state_dict(),
         "scheduler": {"global_step": state.global_step, "total_steps": t.schedule.total_steps},
         "scaler": t.scaler.state_dict() if t.scaler else None,
         "ema": t.ema.state_dict() if t.ema else None,
-        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
-        "best_top1": state.best_top1, "epoch_sums": sums, "rng": rngs,
-        "world_size": run.env.world_size, "wandb_run_id": run.wandb_run_id,
+        "step_in_epoch": state.step_in_epoch, "best_top1": state.best_top1, "epoch_sums": sums,
+        "rng": rngs, "world_size": run.env.world_size,
     }
-    payload.update(extra or {})
     ckpt.save_atomic(payload, run.run_dir / ckpt.LAST, keep_previous=True)
 
 
@@ -203,12 +208,8 @@ def save_best(run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
     if not run.env.is_main:
         return
     t = run.trainer
-    payload = {
-        "arch": run.cfg.model.name, "num_classes": run.meta.num_classes,
-        "class_names": list(run.meta.class_names), "config": to_dict(run.cfg),
-        "model": (t.ema.module if t.ema else run.raw_model).state_dict(),
-        "epoch": state.epoch, "global_step": state.global_step, "metrics": metrics,
-        "wandb_run_id": run.wandb_run_id,
+    payload = _identity(run, state) | {
+        "model": (t.ema.module if t.ema else run.raw_model).state_dict(), "metrics": metrics,
     }
     ckpt.save_atomic(payload, run.run_dir / ckpt.BEST)
 
@@ -303,7 +304,8 @@ def epoch_hooks(run: Run, state: TrainState, budget: JobBudget) -> StepHooks:
     return StepHooks(cfg.train.log_every, on_log, should_stop, on_step)
 
 
-def finish_epoch(run: Run, state: TrainState, epoch_s: float) -> None:
+def finish_epoch(run: Run, state: TrainState, epoch_s: float, images_before: int) -> None:
+    """images_before: images of this epoch counted before this job (restored from a checkpoint)."""
     sums = {k: distributed.all_reduce_sum(v.clone()) for k, v in state.sums.items()}
     count = max(int(sums["count"].item()), 1)
     record: dict[str, Any] = {
@@ -311,7 +313,7 @@ def finish_epoch(run: Run, state: TrainState, epoch_s: float) -> None:
         "train_loss": sums["loss"].item() / count, "train_top1": sums["correct"].item() / count,
         "train_top5": sums["correct5"].item() / count,
         "lr": run.trainer.optimizer.param_groups[0]["lr"], "epoch_s": epoch_s,
-        "img_per_s": count / max(epoch_s, 1e-9),
+        "img_per_s": (count - images_before) / max(epoch_s, 1e-9),
     }
     eval_model = run.trainer.ema.module if run.trainer.ema else run.trainer.model
     metrics = {}
@@ -354,6 +356,7 @@ def train_loop(run: Run, state: TrainState) -> bool:
         if state.step_in_epoch == 0:
             seed_all(cfg.train.seed, run.env.rank, state.epoch)
         t0 = time.perf_counter()
+        images_before = int(distributed.all_reduce_sum(state.sums["count"].clone()).item())
         batches = run.train_input.batches(state.epoch, state.step_in_epoch)
         if not train_one_epoch(run.trainer, state, batches, hooks):
             save_checkpoint(run, state)
@@ -361,7 +364,7 @@ def train_loop(run: Run, state: TrainState) -> bool:
             run.log.info(f"stopped by {why}: checkpoint at epoch {state.epoch + 1} step {state.step_in_epoch} "
                          f"written to {run.run_dir / ckpt.LAST}; run again with run.resume=auto to continue")
             return False
-        finish_epoch(run, state, time.perf_counter() - t0)
+        finish_epoch(run, state, time.perf_counter() - t0, images_before)
         if state.epoch < cfg.train.epochs and (budget.epochs_done(state) or distributed.any_rank(run.stop.requested, run.device)):
             why = "run.stop_after_epochs" if budget.epochs_done(state) else run.stop.signal_name or "a signal on another rank"
             run.log.info(f"stopped by {why} after epoch {state.epoch}; checkpoint written to {run.run_dir / ckpt.LAST}")

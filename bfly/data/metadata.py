@@ -255,7 +255,7 @@ def _check_files_exist(by_split: dict[str, list[_Row]]) -> None:
             raise DataError(
                 f"{missing[0].file}: {len(missing)} image file(s) in column 'filepaths' do not exist "
                 f"(first {min(len(missing), _MAX_LISTED)}: {listed}); "
-                "check_files=False skips this check"
+                "paths in the CSV are relative to the dataset root (data.root)"
             )
 
 

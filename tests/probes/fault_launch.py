@@ -25,9 +25,7 @@ import torch
 
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
-from conftest import PYTHON, REPO, subprocess_env  # noqa: E402
-
-from conftest import tiny_overrides  # noqa: E402
+from conftest import PYTHON, REPO, subprocess_env, tiny_overrides  # noqa: E402
 
 PROGRESS = re.compile(r"^epoch (\d+)/\d+ step (\d+)/(\d+) ")
 
@@ -132,7 +130,7 @@ class Launch:
             time.sleep(0.02)
 
     def wait_step(self, global_step: int, timeout: float | None = None) -> int:
-        """Waits for rank 0's progress line of `global_step` or later (needs train.log_every=1)."""
+        """Waits for rank 0's progress line of `global_step` or a later one; returns the latest step seen."""
         end = min(self.deadline, time.monotonic() + timeout) if timeout else self.deadline
         while True:
             steps = [progress_step(line) for _, line in self.lines]
