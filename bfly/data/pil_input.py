@@ -18,7 +18,7 @@ def open_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return _to_rgb(im)
+            return to_rgb(im)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except UnidentifiedImageError:
@@ -27,11 +27,17 @@ def open_rgb(path: str) -> Image.Image:
         raise DataError(f"{path}: cannot decode image ({e})") from None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to RGB: the one conversion every input path and transform uses."""
+    if image.mode == "RGB":
+        return image
     if image.mode == "I" or image.mode.startswith("I;16"):
         # 16-bit samples (e.g. a 16-bit grayscale PNG): convert("RGB") would clip them at 255, a white picture.
         pixels = np.asarray(image, dtype=np.float64) / 257
         image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        # Pillow warns when a palette image with transparency is converted straight to RGB.
+        image = image.convert("RGBA")
     return image.convert("RGB")
 
 

@@ -13,6 +13,8 @@ from timm.data import Mixup, create_transform
 from timm.data import auto_augment as timm_aa
 from torchvision import transforms
 
+from bfly.data.pil_input import to_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRAIN_PRESETS = ("seed", "timm")
@@ -22,12 +24,7 @@ class ToRGB:
     """Convert a PIL image of any mode to RGB (a class, not a lambda, so DataLoader workers can pickle it)."""
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        if img.mode == "RGB":
-            return img
-        if img.mode == "P" and "transparency" in img.info:
-            # Pillow warns when a palette image with transparency is converted straight to RGB.
-            img = img.convert("RGBA")
-        return img.convert("RGB")
+        return to_rgb(img)
 
     def __repr__(self) -> str:
         return "ToRGB()"
