@@ -6,11 +6,15 @@
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
 import random
 import shutil
+import threading
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +36,109 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class DiskFullError(CheckpointError):
+    def __init__(self, path: Path):
+        self.path = path
+        super().__init__(f"no space left on device while writing {path.name} in {path.parent}")
+
+
 def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
+    """Write-to-temp, fsync, rename. On a full disk the temp file is removed and the file it would have
+    replaced is untouched."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if _is_disk_full(e):
+            raise DiskFullError(path) from None
+        raise
     if keep_previous and path.exists():
         os.replace(path, path.with_name(PREV))
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    # torch.save reports a failed write as a RuntimeError from its zip writer ("unexpected pos ..."),
+    # not as an OSError: look for the errno, then for the message.
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "No space left" in str(e))
+
+
+def to_host(obj: Any) -> Any:
+    """A copy of a (nested) state with every tensor copied to host memory: what training changes next
+    cannot reach it. The synchronous part of a checkpoint: the rest can be written in the background."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+@dataclass
+class Write:
+    payload: dict[str, Any]  # already on the host (to_host)
+    path: Path
+    keep_previous: bool = False
+    step: int = 0
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, at most one batch of files in flight.
+
+    `submit` waits for the write in flight, then hands the new one over and returns: the caller has
+    already copied the state off the device, so training goes on while the file is written, fsync'ed
+    and renamed. An error of a background write is raised by the next `submit` or `wait`. With
+    asynchronous=False every write happens in `submit` (the reference to measure the stall against).
+    """
+
+    def __init__(self, asynchronous: bool = True):
+        self.asynchronous = asynchronous
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.intact: dict[str, int] = {}  # file name -> step of the newest complete write
+
+    def submit(self, writes: list[Write]) -> None:
+        self.wait()
+        if not self.asynchronous:
+            self._write_all(writes)
+            self._raise()
+            return
+        self._thread = threading.Thread(target=self._write_all, args=(writes,), name="bfly-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise()
+
+    def _raise(self) -> None:
+        error, self._error = self._error, None
+        if error is None:
+            return
+        if isinstance(error, DiskFullError):
+            name = error.path.name
+            step = self.intact.get(name)
+            kept = f"{name} (step {step}) is intact" if step is not None else f"no earlier {name} exists"
+            raise CheckpointError(f"{error}; {kept}") from None
+        raise error
+
+    def _write_all(self, writes: list[Write]) -> None:
+        try:
+            for w in writes:
+                save_atomic(w.payload, w.path, w.keep_previous)
+                self.intact[w.path.name] = w.step
+        except BaseException as e:  # raised in the training thread by the next submit/wait
+            self._error = e
 
 
 def _first_line(e: BaseException) -> str:
@@ -111,8 +208,8 @@ def check_resumable(state: dict[str, Any], path: str | Path) -> None:
                                   f"resume from a {LAST}")
 
 
-def ensure_writable(run_dir: Path, need_bytes: int) -> None:
-    """Fail at start-up, not after an epoch: the directory must be writable and have room."""
+def ensure_writable(run_dir: Path) -> None:
+    """Fail at start-up, not after an epoch: the directory must exist (it is created) and be writable."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-probe"
@@ -123,6 +220,30 @@ def ensure_writable(run_dir: Path, need_bytes: int) -> None:
         probe.unlink()
     except OSError as e:
         raise CheckpointError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state: what torch.save writes, give or take its headers."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def space_needed(run_dir: Path, last_bytes: int, best_bytes: int) -> int:
+    """Free bytes a run still needs: at the peak of a write, last.pt, last.prev.pt, best.pt and the
+    temp file of the next last.pt exist together. Files already there count as room already taken."""
+    existing = sum((run_dir / name).stat().st_size for name in (LAST, PREV, BEST) if (run_dir / name).exists())
+    if (run_dir / LAST).exists():
+        last_bytes = max(last_bytes, (run_dir / LAST).stat().st_size)  # the real size beats the estimate
+    margin = 16 * 2**20 + last_bytes // 50  # zip headers, metadata, the pickled config
+    return max(0, 3 * last_bytes + best_bytes - existing) + margin
+
+
+def ensure_space(run_dir: Path, need_bytes: int) -> None:
     free = shutil.disk_usage(run_dir).free
     if free < need_bytes:
         raise CheckpointError(

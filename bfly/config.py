@@ -19,8 +19,10 @@ class ConfigError(ValueError):
     pass
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    meta = {"help": help, "choices": choices}
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, operational: bool = False) -> Any:
+    """operational: the key changes how a run executes, not what it computes; a resume may change it freely
+    (every other key changes the optimisation or the data: a resume refuses to change it unless allowed)."""
+    meta = {"help": help, "choices": choices, "operational": operational}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -32,13 +34,13 @@ class ModelConfig:
     zero_init_residual: bool = _opt(True, "ResNet: zero-init the last BN of each block")
     dropout: float = _opt(0.5, "VGG: dropout in the classifier")
     sync_bn: bool = _opt(True, "SyncBatchNorm when world size > 1 (CUDA only; CPU keeps BN)")
-    channels_last: bool = _opt(True, "channels-last memory format (CUDA only)")
-    compile: bool = _opt(False, "torch.compile the model")
+    channels_last: bool = _opt(True, "channels-last memory format (CUDA only)", operational=True)
+    compile: bool = _opt(False, "torch.compile the model", operational=True)
 
 
 @dataclass
 class DataConfig:
-    root: str = _opt("data/butterfly-mini", "dataset folder (course or Kaggle CSV layout)")
+    root: str = _opt("data/butterfly-mini", "dataset folder (course or Kaggle CSV layout)", operational=True)
     input: str = _opt("pil", "input path: PIL workers, or decoded cache + GPU augmentation", ("pil", "cached"))
     preset: str = _opt("seed", "train augmentation preset", ("seed", "timm"))
     image_size: int = _opt(224, "training/eval image size (square)")
@@ -47,11 +49,12 @@ class DataConfig:
     crop_scale_min: float = _opt(0.25, "cached input: random-resized-crop minimum area fraction")
     mixup: float = _opt(0.0, "mixup alpha (0 = off)")
     cutmix: float = _opt(0.0, "cutmix alpha (0 = off)")
-    workers: int = _opt(4, "DataLoader workers per process")
-    pin_memory: bool = _opt(True, "pin host memory (CUDA only)")
-    cache_dir: str = _opt("", "cached input: where decoded arrays live (default: <root>/.bfly-cache)")
+    workers: int = _opt(4, "DataLoader workers per process", operational=True)
+    pin_memory: bool = _opt(True, "pin host memory (CUDA only)", operational=True)
+    cache_dir: str = _opt("", "cached input: where decoded arrays live (default: <root>/.bfly-cache)", operational=True)
     cache_placement: str = _opt("auto", "cached input: where the decoded split is kept; auto = GPU memory if it "
-                                "fits in a quarter of the free memory, else host memory", ("auto", "device", "host"))
+                                "fits in a quarter of the free memory, else host memory", ("auto", "device", "host"),
+                                operational=True)
 
 
 @dataclass
@@ -73,44 +76,55 @@ class TrainConfig:
     epochs: int = _opt(30, "epochs")
     batch_size: int = _opt(256, "global batch per optimizer step (kept when the world size changes)")
     micro_batch_size: int = _opt(0, "per-process batch per forward pass; 0 = batch_size / world size")
-    eval_batch_size: int = _opt(0, "per-process eval batch; 0 = the micro batch size")
+    eval_batch_size: int = _opt(0, "per-process eval batch; 0 = the micro batch size", operational=True)
     amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, off on CPU", ("auto", "bf16", "fp16", "off"))
     ema_decay: float = _opt(0.0, "EMA of weights, evaluated instead of the raw model (0 = off)")
     seed: int = _opt(0, "seed for init, data order and augmentation")
-    deterministic: bool = _opt(False, "deterministic kernels (slower on CUDA)")
-    log_every: int = _opt(10, "steps between progress/log lines (and signal checks under DDP)")
-    checkpoint_every_steps: int = _opt(0, "also write last.pt every N steps (0 = each epoch only)")
-    eval_splits: list[str] = _opt(["valid"], "splits evaluated each epoch")
+    deterministic: bool = _opt(False, "deterministic kernels (slower on CUDA)", operational=True)
+    log_every: int = _opt(10, "steps between progress/log lines (and signal checks under DDP)", operational=True)
+    checkpoint_every_steps: int = _opt(0, "also write last.pt every N steps (0 = off)", operational=True)
+    checkpoint_every_epochs: int = _opt(1, "write last.pt every N epochs (and always at the end and on a stop)",
+                                        operational=True)
+    checkpoint_async: bool = _opt(True, "write checkpoint files in the background (the state is copied "
+                                  "off the device at the step; at most one write in flight)", operational=True)
+    eval_splits: list[str] = _opt(["valid"], "splits evaluated each epoch", operational=True)
 
 
 @dataclass
 class DistConfig:
-    backend: str = _opt("auto", "process group backend: auto = nccl on CUDA, gloo on CPU", ("auto", "nccl", "gloo"))
-    timeout_s: int = _opt(600, "collective timeout")
-    bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size")
-    gradient_as_bucket_view: bool = _opt(True, "DDP: gradients as views into buckets (saves memory)")
-    static_graph: bool = _opt(False, "DDP static graph")
+    backend: str = _opt("auto", "process group backend: auto = nccl on CUDA, gloo on CPU", ("auto", "nccl", "gloo"),
+                        operational=True)
+    timeout_s: int = _opt(600, "collective timeout", operational=True)
+    bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size", operational=True)
+    gradient_as_bucket_view: bool = _opt(True, "DDP: gradients as views into buckets (saves memory)", operational=True)
+    static_graph: bool = _opt(False, "DDP static graph", operational=True)
     comm_hook: str = _opt("none", "DDP gradient compression", ("none", "bf16"))
 
 
 @dataclass
 class WandbConfig:
-    mode: str = _opt("auto", "auto = online with an API key, else offline", ("auto", "online", "offline", "disabled"))
-    entity: str = _opt("", "team (entity)")
-    project: str = _opt("bfly", "project")
-    group: str = _opt("", "group (e.g. a sweep)")
-    name: str = _opt("", "run name (default: the run directory's name)")
-    tags: list[str] = _opt([], "tags")
-    notes: str = _opt("", "notes")
-    samples: int = _opt(16, "sample predictions logged at the end")
+    mode: str = _opt("auto", "auto = online with an API key, else offline", ("auto", "online", "offline", "disabled"), operational=True)
+    entity: str = _opt("", "team (entity)", operational=True)
+    project: str = _opt("bfly", "project", operational=True)
+    group: str = _opt("", "group (e.g. a sweep)", operational=True)
+    name: str = _opt("", "run name (default: the run directory's name)", operational=True)
+    tags: list[str] = _opt([], "tags", operational=True)
+    notes: str = _opt("", "notes", operational=True)
+    samples: int = _opt(16, "sample predictions logged at the end", operational=True)
 
 
 @dataclass
 class RunConfig:
-    dir: str = _opt("", "run directory (default: runs/<model>)")
-    resume: str = _opt("auto", "auto = continue from <dir>/last.pt if present; never; or a checkpoint path")
-    stop_after_epochs: int = _opt(0, "end this job (checkpointed) after N epochs; a resume continues (0 = off)")
-    stop_after_steps: int = _opt(0, "end this job (checkpointed) after N optimizer steps; a resume continues (0 = off)")
+    dir: str = _opt("", "run directory (default: runs/<model>)", operational=True)
+    resume: str = _opt("auto", "auto = continue from <dir>/last.pt if present; never; or a checkpoint path", operational=True)
+    stop_after_epochs: int = _opt(0, "end this job (checkpointed) after N epochs; a resume continues (0 = off)", operational=True)
+    stop_after_steps: int = _opt(0, "end this job (checkpointed) after N optimizer steps; a resume continues (0 = off)", operational=True)
+    allow_changes: list[str] = _opt([], "keys a resume may change although they change the optimisation or the "
+                                    "data (e.g. [optim.lr,train.epochs]); each change is logged and kept in "
+                                    "config_history.jsonl", operational=True)
+    stopped_exit_code: int = _opt(75, "exit status after a stop by a signal with the checkpoint written (75: "
+                                  "EX_TEMPFAIL, run again to resume); torchrun counts any non-zero worker status "
+                                  "as a failure, so scripts that run torchrun and requeue themselves may set 0", operational=True)
 
 
 @dataclass
@@ -230,6 +244,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    if cfg.train.checkpoint_every_epochs < 1:
+        raise ConfigError(f"train.checkpoint_every_epochs: must be >= 1, got {cfg.train.checkpoint_every_epochs}")
+    if not 0 <= cfg.run.stopped_exit_code <= 255:
+        raise ConfigError(f"run.stopped_exit_code: must be in 0..255, got {cfg.run.stopped_exit_code}")
+    known = set(flat(to_dict(Config()))) | set(DATA_IDENTITY)
+    for key in cfg.run.allow_changes:
+        if key not in known:
+            raise ConfigError(f"run.allow_changes: unknown key {key!r}")
     for split in cfg.train.eval_splits:
         if split not in ("train", "valid", "test"):
             raise ConfigError(f"train.eval_splits: unknown split {split!r} (train, valid, test)")
@@ -266,3 +288,34 @@ def help_text() -> str:
             extra = f" [{'|'.join(choices)}]" if choices else ""
             lines.append(f"  {section}.{f.name:<24} {default!r:<26} {f.metadata['help']}{extra}")
     return "\n".join(lines)
+
+
+# Not config keys, but compared on a resume like one: what the checkpoint's data looked like.
+DATA_IDENTITY = ("data.class_names", "data.train_images")
+
+
+def flat(tree: dict[str, Any]) -> dict[str, Any]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}"""
+    return {f"{section}.{k}": v for section, values in tree.items() if isinstance(values, dict)
+            for k, v in values.items()}
+
+
+def is_operational(key: str) -> bool:
+    section, _, name = key.partition(".")
+    cls = _sections().get(section)
+    f = cls.__dataclass_fields__.get(name) if cls else None
+    return bool(f and f.metadata.get("operational"))
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for each key of the flat dicts whose value differs and that is not operational.
+    Keys missing from `old` (a checkpoint from before the key existed) compare as the default."""
+    defaults = flat(to_dict(Config()))
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if is_operational(key):
+            continue
+        before, after = old.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+        if before != after:
+            out.append((key, before, after))
+    return out

@@ -4,6 +4,7 @@ Other ranks are quiet. Extra sinks (wandb) receive the same step and epoch recor
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -16,23 +17,57 @@ from bfly.env import stdout_is_tty
 class Sink(Protocol):
     def log_step(self, record: dict[str, Any], step: int) -> None: ...
     def log_epoch(self, record: dict[str, Any], step: int) -> None: ...
+    def log_config_change(self, changes: dict[str, dict[str, Any]], step: int) -> None: ...
     def finish(self, run: Any, completed: bool) -> None: ...
 
 
 class RunLog:
+    """Rank 0 prints and keeps train.log. Nothing is written to the run directory until `attach`, which
+    the trainer calls once every start-up check has passed: a refused run leaves the directory as it was.
+    Lines printed before are written to train.log then."""
+
     def __init__(self, run_dir: Path, is_main: bool, sinks: list[Sink] | None = None):
         self.run_dir, self.is_main = run_dir, is_main
         self.sinks = sinks or []
         self.tty = stdout_is_tty()
-        self._log = open(run_dir / "train.log", "a") if is_main else None
+        self._log = None
+        self._pending: list[str] = []
+        self._metrics_from_epoch: int | None = None  # drop metrics.jsonl records from here on, at the first write
+
+    def attach(self, resume_epoch: int) -> None:
+        if not self.is_main:
+            return
+        self._log = open(self.run_dir / "train.log", "a")
+        for line in self._pending:
+            self._log.write(line)
+        self._pending.clear()
+        self._log.flush()
+        self._metrics_from_epoch = resume_epoch
+
+    @property
+    def attached(self) -> bool:
+        return self._log is not None
 
     def info(self, msg: str) -> None:
         if not self.is_main:
             return
         self._end_progress()
         print(msg, flush=True)
-        self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
-        self._log.flush()
+        self.to_file(msg)
+
+    def to_file(self, msg: str) -> None:
+        """train.log only (an error the caller prints itself)."""
+        if not self.is_main:
+            return
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n"
+        if self._log is None:
+            self._pending.append(line)
+            return
+        try:
+            self._log.write(line)
+            self._log.flush()
+        except OSError:  # a full disk must not hide the error being reported
+            pass
 
     def warn(self, msg: str) -> None:
         self.info(f"warning: {msg}")
@@ -62,6 +97,9 @@ class RunLog:
     def epoch(self, record: dict[str, Any], step: int) -> None:
         if not self.is_main:
             return
+        if self._metrics_from_epoch is not None:  # on resume: no record of an epoch twice
+            truncate_metrics(self.run_dir, self._metrics_from_epoch)
+            self._metrics_from_epoch = None
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         for sink in self.sinks:
@@ -70,7 +108,8 @@ class RunLog:
     def close(self) -> None:
         if self._log:
             self._end_progress()
-            self._log.close()
+            with contextlib.suppress(OSError):
+                self._log.close()
 
 
 def truncate_metrics(run_dir: Path, before_epoch: int) -> None:

@@ -1,33 +1,46 @@
-"""Turns SIGTERM / SIGUSR1 / SIGUSR2 (what SLURM, torchrun and submitit send before a time limit or
-preemption) into a flag the training loop checks at step boundaries, so the run stops with a
-checkpoint at the current step instead of dying mid-write.
+"""Stop requests: SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 become a flag the training loop checks at step
+boundaries, so a run stops with a checkpoint at the current step instead of dying mid-write.
 
-The signals caught are also recorded for the process: a caller that runs the trainer in-process
-(launch.job, under submitit) reads them to tell a stopped run from a finished one."""
+Who sends what: SLURM sends SIGTERM to every process of a job on preemption, `scancel` and requeue,
+and `--signal=B:USR1@T` before the time limit (our sbatch scripts pass it on); submitit sends SIGUSR2;
+`timeout` sends SIGTERM; a terminal's Ctrl-C sends SIGINT to the whole foreground process group;
+torchrun's agent forwards SIGTERM/SIGINT to each trainer's process group (`os.killpg`). Two things
+follow, both handled here:
+
+* DataLoader workers are in the trainer's process group and would die of those signals (torch installs
+  a handler in workers that re-raises SIGTERM), taking the epoch with them. They ignore the stop
+  signals instead; their parent ends them when it is done. The signals are blocked while workers are
+  forked, so none can arrive in the window before a new worker has set its dispositions.
+* A trainer whose launcher dies (kill -9 of torchrun's agent) would train on as an orphan. Linux's
+  parent-death signal turns the launcher's death into a SIGTERM for the trainer: it checkpoints and exits.
+
+A second signal while the checkpoint is being written changes nothing: the flag is already set.
+"""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import signal
+import sys
+from collections.abc import Iterator
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
-_caught: list[str] = []
-
-
-def take_caught() -> list[str]:
-    """Names of the signals caught since the last call, oldest first."""
-    names = list(_caught)
-    _caught.clear()
-    return names
+# The exit status of a trainer stopped by a signal after writing its checkpoint (sysexits.h EX_TEMPFAIL:
+# "try again later"): a script tells it apart from a crash (1) and a user error (2). Run it again to resume.
+EXIT_STOPPED = 75
 
 
 class StopRequest:
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    """Records the first stop signal. Installed once per process, before start-up work begins."""
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous = {}
+        self.caught: list[str] = []  # every stop signal received, oldest first
+        self._previous: dict[int, object] = {}
 
     def install(self) -> "StopRequest":
-        for sig in self.SIGNALS:
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -37,9 +50,51 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.signal_name = signal.Signals(signum).name
-        _caught.append(self.signal_name)
+        self.caught.append(signal.Signals(signum).name)
+
+    @property
+    def signal_name(self) -> str | None:
+        """The first stop signal: the one the run stops for."""
+        return self.caught[0] if self.caught else None
 
     @property
     def requested(self) -> bool:
-        return self.signal_name is not None
+        return bool(self.caught)
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Around forking DataLoader workers: children inherit the blocked mask, so a stop signal sent to
+    the process group meanwhile waits (in the parent) instead of killing a half-started worker."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_stop_signals() -> None:
+    """In a DataLoader worker: the trainer decides when to stop, the worker only serves batches."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_when_parent_dies() -> bool:
+    """Linux: SIGTERM this process when its parent (torchrun's agent) dies. Returns False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True

@@ -7,8 +7,12 @@
 
 A run directory (run.dir) holds config.yaml, metrics.jsonl, train.log, last.pt and best.pt.
 With run.resume=auto (the default) a run restarted on the same directory continues where its
-last checkpoint left off, mid-epoch included. SIGTERM, SIGUSR1 or SIGUSR2 (submitit's) stop the run
-with a checkpoint at the current step.
+last checkpoint left off, mid-epoch included. SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 (to a trainer, to
+torchrun's agent or to the whole process group) stop the run with a checkpoint at the current step.
+
+Exit status: 0 finished (or a run.stop_after_* budget reached), 75 stopped by a signal with the
+checkpoint written (run.stopped_exit_code; run again to resume), 2 a user error (config, data, run
+directory, checkpoint: one line names the culprit), 1 anything else (a crash, a failed collective).
 """
 from __future__ import annotations
 
@@ -26,20 +30,22 @@ from torch import nn
 
 from bfly import checkpoint as ckpt
 from bfly import distributed
-from bfly.config import Config, ConfigError, dump_yaml, help_text, load_config, run_dir_of, to_dict
+from bfly.config import (Config, ConfigError, changed_keys, dump_yaml, flat, help_text, load_config, run_dir_of,
+                         to_dict)
 from bfly.data.inputs import build_eval_input, build_train_input
 from bfly.data.metadata import DataError, DatasetMeta, load_metadata
 from bfly.data.sampling import StepPlan
 from bfly.data.transforms import build_mixup
 from bfly.engine import Schedule, StepHooks, Trainer, TrainState, evaluate, new_sums, train_one_epoch
 from bfly.ema import ModelEma
-from bfly.env import DistEnv, dist_env
+from bfly.env import DistEnv, dist_env, slurm_job_id
 from bfly.models import build_model
 from bfly.optim import build_optimizer
-from bfly.runlog import RunLog, truncate_metrics
-from bfly.stopping import StopRequest
+from bfly.rundir import RunDirBusy, RunDirLock, append_history, this_process
+from bfly.runlog import RunLog
+from bfly.stopping import StopRequest, stop_when_parent_dies
 
-USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError)
+USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, RunDirBusy)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides before or after --config
 
 
 def seed_all(*parts: int) -> None:
@@ -70,14 +76,6 @@ def amp_setup(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch
     return torch.bfloat16, None
 
 
-APPROX_PARAMS = {"resnet50": 24e6, "vgg19": 140e6, "vgg19_bn": 140e6}
-
-
-def checkpoint_bytes(arch: str) -> int:
-    # fp32 weights + optimizer state, in last.pt, last.prev.pt and best.pt, with headroom.
-    return int(APPROX_PARAMS[arch] * 4 * 8)
-
-
 @dataclass
 class Run:
     """The pieces of one training run, built once."""
@@ -94,8 +92,11 @@ class Run:
     train_input: Any
     eval_inputs: dict[str, Any]
     stop: StopRequest
+    writer: ckpt.CheckpointWriter
     wandb_run_id: str | None = None
     last_eval: dict[str, Any] | None = None  # split -> metrics of the latest evaluation
+    config_written: bool = False  # config.yaml describes this job's config (rank 0)
+    stall_s: float = 0.0  # seconds training waited for checkpoints since the last epoch record
 
 
 def build_model_for(cfg: Config, meta: DatasetMeta, env: DistEnv, device: torch.device, log: RunLog) -> nn.Module:
@@ -141,7 +142,8 @@ def configure_backends(cfg: Config, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def build_run(cfg: Config, env: DistEnv, meta: DatasetMeta, run_dir: Path, log: RunLog, device: torch.device) -> Run:
+def build_run(cfg: Config, env: DistEnv, meta: DatasetMeta, run_dir: Path, log: RunLog, device: torch.device,
+              stop: StopRequest) -> Run:
     configure_backends(cfg, device)
     plan = StepPlan.make(cfg.train.batch_size, env.world_size, cfg.train.micro_batch_size)
     raw = build_model_for(cfg, meta, env, device, log)
@@ -172,7 +174,8 @@ def build_run(cfg: Config, env: DistEnv, meta: DatasetMeta, run_dir: Path, log: 
     eval_bs = cfg.train.eval_batch_size or plan.micro_batch
     eval_inputs = {s: build_eval_input(cfg, meta, s, env.rank, env.world_size, eval_bs, device)
                    for s in cfg.train.eval_splits}
-    return Run(cfg, env, meta, run_dir, log, device, raw, trainer, plan, train_input, eval_inputs, StopRequest())
+    return Run(cfg, env, meta, run_dir, log, device, raw, trainer, plan, train_input, eval_inputs, stop,
+               ckpt.CheckpointWriter(cfg.train.checkpoint_async))
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
@@ -181,37 +184,48 @@ def _identity(run: Run, state: TrainState) -> dict[str, Any]:
     """What every checkpoint carries to be loaded safely elsewhere (evaluate, predict, resume)."""
     return {
         "arch": run.cfg.model.name, "num_classes": run.meta.num_classes,
-        "class_names": list(run.meta.class_names), "config": to_dict(run.cfg),
-        "epoch": state.epoch, "global_step": state.global_step, "wandb_run_id": run.wandb_run_id,
+        "class_names": list(run.meta.class_names), "train_images": len(run.meta.splits["train"].paths),
+        "config": to_dict(run.cfg), "epoch": state.epoch, "global_step": state.global_step,
+        "wandb_run_id": run.wandb_run_id,
     }
 
 
-def save_checkpoint(run: Run, state: TrainState) -> None:
-    """Collective: every rank contributes its RNG state; rank 0 writes."""
+def save_checkpoint(run: Run, state: TrainState, best_metrics: dict[str, Any] | None = None) -> None:
+    """Collective: every rank contributes its RNG state; rank 0 copies the state to host memory and hands
+    the files to the background writer (best.pt first when `best_metrics` is given, then last.pt)."""
+    t0 = time.perf_counter()
     rngs = distributed.all_gather_objects(ckpt.rng_state())
     sums = {k: distributed.all_reduce_sum(v.clone()).cpu() for k, v in state.sums.items()}
-    if not run.env.is_main:
-        return
-    t = run.trainer
-    payload = _identity(run, state) | {
-        "model": run.raw_model.state_dict(), "optimizer": t.optimizer.state_dict(),
-        "scheduler": {"global_step": state.global_step, "total_steps": t.schedule.total_steps},
-        "scaler": t.scaler.state_dict() if t.scaler else None,
-        "ema": t.ema.state_dict() if t.ema else None,
-        "step_in_epoch": state.step_in_epoch, "best_top1": state.best_top1, "epoch_sums": sums,
-        "rng": rngs, "world_size": run.env.world_size,
-    }
-    ckpt.save_atomic(payload, run.run_dir / ckpt.LAST, keep_previous=True)
+    if run.env.is_main:
+        t = run.trainer
+        identity = _identity(run, state)
+        writes = []
+        if best_metrics is not None:
+            best = identity | {"model": (t.ema.module if t.ema else run.raw_model).state_dict(),
+                               "metrics": best_metrics}
+            writes.append(ckpt.Write(ckpt.to_host(best), run.run_dir / ckpt.BEST, step=state.global_step))
+        last = identity | {
+            "model": run.raw_model.state_dict(), "optimizer": t.optimizer.state_dict(),
+            "scheduler": {"global_step": state.global_step, "total_steps": t.schedule.total_steps},
+            "scaler": t.scaler.state_dict() if t.scaler else None,
+            "ema": t.ema.state_dict() if t.ema else None,
+            "step_in_epoch": state.step_in_epoch, "best_top1": state.best_top1, "epoch_sums": sums,
+            "rng": rngs, "world_size": run.env.world_size,
+        }
+        writes.append(ckpt.Write(ckpt.to_host(last), run.run_dir / ckpt.LAST, keep_previous=True,
+                                 step=state.global_step))
+        run.writer.submit(writes)
+        if not run.config_written:  # config.yaml changes with the first checkpoint of this job
+            write_config(run)
+    run.stall_s += time.perf_counter() - t0
 
 
-def save_best(run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
-    if not run.env.is_main:
-        return
-    t = run.trainer
-    payload = _identity(run, state) | {
-        "model": (t.ema.module if t.ema else run.raw_model).state_dict(), "metrics": metrics,
-    }
-    ckpt.save_atomic(payload, run.run_dir / ckpt.BEST)
+def write_config(run: Run) -> None:
+    path = run.run_dir / "config.yaml"
+    text = dump_yaml(run.cfg)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    run.config_written = True
 
 
 def restore(run: Run, saved: dict[str, Any], source: Path) -> TrainState:
@@ -231,15 +245,82 @@ def restore(run: Run, saved: dict[str, Any], source: Path) -> TrainState:
     if saved["world_size"] == run.env.world_size:
         ckpt.set_rng_state(saved["rng"][run.env.rank])
     else:
-        run.log.info(f"resuming a {saved['world_size']}-process run on {run.env.world_size}: global batch "
-                     f"{run.plan.batch_size} kept with {run.plan.accum_steps} micro-step(s) per step; "
-                     "random streams re-seeded")
+        before = StepPlan.make(run.plan.batch_size, saved["world_size"],
+                               saved.get("config", {}).get("train", {}).get("micro_batch_size", 0))
+        now = run.plan.micro_batch
+        synced = run.device.type == "cuda" and run.cfg.model.sync_bn and run.env.distributed
+        bn = (f"BatchNorm batches stay {now} images per forward pass" if before.micro_batch == now else
+              f"changes: BatchNorm statistics come from {now} images per forward pass (were {before.micro_batch})"
+              + (", synchronised across processes (SyncBN)" if synced else ""))
+        run.log.info(
+            f"resuming a {saved['world_size']}-process run on {run.env.world_size}: global batch "
+            f"{run.plan.batch_size} kept with {run.plan.accum_steps} micro-step(s) per step; exact: which images "
+            f"each step sees, their augmentation, the LR schedule; {bn}; dropout and mixup random streams are "
+            "re-seeded")
         seed_all(run.cfg.train.seed, run.env.rank, state.epoch, state.step_in_epoch)
     run.wandb_run_id = saved.get("wandb_run_id")
     return state
 
 
-def load_start_state(run: Run) -> TrainState:
+def resume_changes(run: Run, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Keys whose change alters the optimisation or the data, between the checkpoint and this run."""
+    old, new = flat(saved.get("config", {})), flat(to_dict(run.cfg))
+    changes = changed_keys(old, new)
+    names = list(run.meta.class_names)
+    if "class_names" in saved and list(saved["class_names"]) != names:
+        before = list(saved["class_names"])
+        first = next((i for i, (a, b) in enumerate(zip(before, names)) if a != b), min(len(before), len(names)))
+        changes.append((f"data.class_names[{first}]", before[first] if first < len(before) else None,
+                        names[first] if first < len(names) else None))
+    images = len(run.meta.splits["train"].paths)
+    if "train_images" in saved and saved["train_images"] != images:
+        changes.append(("data.train_images", saved["train_images"], images))
+    return changes
+
+
+def _key_of(change: tuple[str, Any, Any]) -> str:
+    return change[0].split("[", 1)[0]
+
+
+def _show(changes: list[tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
+
+
+def check_edited_config(run: Run, saved: dict[str, Any]) -> None:
+    """The run directory's config.yaml describes its checkpoints; an edit of it is not read by bfly and
+    would be overwritten: say so instead of discarding it."""
+    path = run.run_dir / "config.yaml"
+    if not path.exists():
+        return
+    try:
+        import yaml
+
+        on_disk = flat(yaml.safe_load(path.read_text()) or {})
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e}); restore it or remove it") from None
+    edits = changed_keys(flat(saved.get("config", {})), on_disk)
+    if edits and changed_keys(on_disk, flat(to_dict(run.cfg))):
+        raise ConfigError(
+            f"{path} was edited after its checkpoint ({_show(edits)}) and this run was started with other "
+            f"settings; bfly does not read that file: start with --config {path} to use the edit "
+            f"(with run.allow_changes=[{','.join(k for k, _, _ in edits)}]) or undo it")
+
+
+def check_resume(run: Run, saved: dict[str, Any], source: Path) -> list[tuple[str, Any, Any]]:
+    """Refuses a resume that would silently change the optimisation or the data; returns the allowed changes."""
+    check_edited_config(run, saved)
+    changes = resume_changes(run, saved)
+    refused = [c for c in changes if _key_of(c) not in run.cfg.run.allow_changes]
+    if refused:
+        keys = ",".join(dict.fromkeys(_key_of(c) for c in refused))
+        raise ConfigError(
+            f"resuming {source} with a different config: {_show(refused)}; these change the optimisation or the "
+            f"data: undo them, start a new run.dir, or allow them with run.allow_changes=[{keys}]")
+    return changes
+
+
+def load_start_state(run: Run) -> tuple[TrainState, list[tuple[str, Any, Any]]]:
+    """The state to start from and the config changes allowed on this resume (checked: refusals raise)."""
     resume = run.cfg.run.resume
     found = None
     if resume == "auto":
@@ -247,11 +328,26 @@ def load_start_state(run: Run) -> TrainState:
     elif resume != "never":
         found = ckpt.load(resume), Path(resume)
     if found is None:
-        return TrainState(sums=new_sums(run.device))
-    state = restore(run, *found)
-    run.log.info(f"resumed from {found[1]}: "
+        return TrainState(sums=new_sums(run.device)), []
+    saved, source = found
+    ckpt.check_compatible(saved, source, run.cfg.model.name, run.meta.num_classes)
+    changes = check_resume(run, saved, source)
+    state = restore(run, saved, source)
+    run.writer.intact[ckpt.LAST] = state.global_step
+    run.log.info(f"resumed from {source}: "
                  f"epoch {state.epoch + 1}, step {state.step_in_epoch} of the epoch, global step {state.global_step}")
-    return state
+    return state, changes
+
+
+def record_changes(run: Run, state: TrainState, changes: list[tuple[str, Any, Any]]) -> None:
+    """Rank 0, after start-up: an allowed change is logged, kept in config_history.jsonl and sent to wandb."""
+    if not changes or not run.env.is_main:
+        return
+    run.log.info(f"config changed on resume at global step {state.global_step} (run.allow_changes): {_show(changes)}")
+    append_history(run.run_dir, {"time": time.time(), "global_step": state.global_step, "epoch": state.epoch,
+                                 "changes": {k: {"old": a, "new": b} for k, a, b in changes}})
+    for sink in run.log.sinks:
+        sink.log_config_change({k: {"old": a, "new": b} for k, a, b in changes}, state.global_step)
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -304,8 +400,9 @@ def epoch_hooks(run: Run, state: TrainState, budget: JobBudget) -> StepHooks:
     return StepHooks(cfg.train.log_every, on_log, should_stop, on_step)
 
 
-def finish_epoch(run: Run, state: TrainState, epoch_s: float, images_before: int) -> None:
-    """images_before: images of this epoch counted before this job (restored from a checkpoint)."""
+def finish_epoch(run: Run, state: TrainState, epoch_s: float, images_before: int) -> bool:
+    """images_before: images of this epoch counted before this job (restored from a checkpoint).
+    Returns whether last.pt was written (train.checkpoint_every_epochs)."""
     sums = {k: distributed.all_reduce_sum(v.clone()) for k, v in state.sums.items()}
     count = max(int(sums["count"].item()), 1)
     record: dict[str, Any] = {
@@ -328,14 +425,29 @@ def finish_epoch(run: Run, state: TrainState, epoch_s: float, images_before: int
     is_best = key is not None and metrics[key]["top1"] > state.best_top1
     if is_best:
         state.best_top1 = metrics[key]["top1"]
-    run.log.epoch(record, state.global_step)
-    run.log.info(_epoch_line(record, run.cfg.train.epochs))
     state.epoch += 1
     state.step_in_epoch = 0
     state.sums = new_sums(run.device)
-    if is_best:
-        save_best(run, state, {k: v for k, v in record.items()})
-    save_checkpoint(run, state)
+    last_due = state.epoch % run.cfg.train.checkpoint_every_epochs == 0 or state.epoch >= run.cfg.train.epochs
+    # The stall of the checkpoints of this epoch: step checkpoints so far, plus the epoch's own.
+    if last_due:
+        save_checkpoint(run, state, dict(record) if is_best else None)
+    elif is_best:
+        save_best_only(run, state, dict(record))
+    record["ckpt_stall_s"], run.stall_s = run.stall_s, 0.0
+    run.log.epoch(record, state.global_step)
+    run.log.info(_epoch_line(record, run.cfg.train.epochs))
+    return last_due
+
+
+def save_best_only(run: Run, state: TrainState, metrics: dict[str, Any]) -> None:
+    t0 = time.perf_counter()
+    if run.env.is_main:
+        t = run.trainer
+        best = _identity(run, state) | {"model": (t.ema.module if t.ema else run.raw_model).state_dict(),
+                                        "metrics": metrics}
+        run.writer.submit([ckpt.Write(ckpt.to_host(best), run.run_dir / ckpt.BEST, step=state.global_step)])
+    run.stall_s += time.perf_counter() - t0
 
 
 def _epoch_line(r: dict[str, Any], epochs: int) -> str:
@@ -344,11 +456,53 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
         if f"{split}_top5" in r:
             parts.append(f"{split} top1 {r[f'{split}_top1']:.2%} top5 {r[f'{split}_top5']:.2%}")
     parts.append(f"{r['epoch_s']:.1f}s {r['img_per_s']:.0f} img/s")
+    parts.append(f"ckpt stall {r['ckpt_stall_s']:.2f}s")
     return " | ".join(parts)
 
 
-def train_loop(run: Run, state: TrainState) -> bool:
-    """Returns False when stopped by a signal (checkpoint written)."""
+@dataclass(frozen=True)
+class Outcome:
+    """How a training job ended. `stopped_by`: None (the schedule is complete), a signal name, or the
+    run.stop_after_* key whose budget ended this job."""
+
+    stopped_by: str | None = None
+    checkpoint: Path | None = None  # where the state at the stop was written
+    signals: tuple[str, ...] = ()  # every stop signal this process received (submitit requeues on its own)
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped_by is None
+
+    @property
+    def by_signal(self) -> bool:
+        """Stopped by a signal to this process or to another rank (not by a run.stop_after_* budget)."""
+        return self.stopped_by is not None and not self.stopped_by.startswith("run.stop_after_")
+
+
+def _stopped(run: Run, state: TrainState, why: str) -> Outcome:
+    """Every rank: the checkpoint of `state` is written (waited for); one line per rank says so."""
+    run.writer.wait()
+    last = run.run_dir / ckpt.LAST
+    where = f"epoch {state.epoch + 1} step {state.step_in_epoch}" if state.step_in_epoch else f"the end of epoch {state.epoch}"
+    if run.env.is_main:
+        run.log.info(f"stopped by {why}: checkpoint at {where} written to {last}; run again "
+                     "(run.resume=auto) to continue")
+    else:
+        print(f"[rank {run.env.rank}] stopped by {why}: checkpoint at {where} written to {last} by rank 0", flush=True)
+    return Outcome(why, last, tuple(run.stop.caught))
+
+
+def _stop_reason(run: Run, budget: JobBudget, state: TrainState) -> str:
+    if run.stop.signal_name:
+        return run.stop.signal_name
+    if budget.steps_done(state):
+        return "run.stop_after_steps"
+    if budget.epochs_done(state):
+        return "run.stop_after_epochs"
+    return "a signal on another rank"
+
+
+def train_loop(run: Run, state: TrainState) -> Outcome:
     cfg = run.cfg
     budget = JobBudget(state.global_step, state.epoch, cfg.run.stop_after_steps, cfg.run.stop_after_epochs)
     hooks = epoch_hooks(run, state, budget)
@@ -360,16 +514,14 @@ def train_loop(run: Run, state: TrainState) -> bool:
         batches = run.train_input.batches(state.epoch, state.step_in_epoch)
         if not train_one_epoch(run.trainer, state, batches, hooks):
             save_checkpoint(run, state)
-            why = "run.stop_after_steps" if budget.steps_done(state) else (run.stop.signal_name or "a signal on another rank")
-            run.log.info(f"stopped by {why}: checkpoint at epoch {state.epoch + 1} step {state.step_in_epoch} "
-                         f"written to {run.run_dir / ckpt.LAST}; run again with run.resume=auto to continue")
-            return False
-        finish_epoch(run, state, time.perf_counter() - t0, images_before)
+            return _stopped(run, state, _stop_reason(run, budget, state))
+        saved = finish_epoch(run, state, time.perf_counter() - t0, images_before)
         if state.epoch < cfg.train.epochs and (budget.epochs_done(state) or distributed.any_rank(run.stop.requested, run.device)):
-            why = "run.stop_after_epochs" if budget.epochs_done(state) else run.stop.signal_name or "a signal on another rank"
-            run.log.info(f"stopped by {why} after epoch {state.epoch}; checkpoint written to {run.run_dir / ckpt.LAST}")
-            return False
-    return True
+            if not saved:
+                save_checkpoint(run, state)
+            return _stopped(run, state, _stop_reason(run, budget, state))
+    run.writer.wait()
+    return Outcome()
 
 
 def open_wandb(run: Run, state: TrainState) -> None:
@@ -393,53 +545,99 @@ def open_wandb(run: Run, state: TrainState) -> None:
 
 # --- entry -----------------------------------------------------------------------------------------
 
-def prepare_run_dir(cfg: Config, env: DistEnv, run_dir: Path) -> None:
-    """Before any process-group work: a full disk or a read-only directory fails now, not after an epoch."""
+class StartupRefused(Exception):
+    """On ranks other than 0: rank 0 refused the start and prints why."""
+
+
+def lock_run_dir(run_dir: Path, env: DistEnv) -> RunDirLock | None:
+    """Rank 0 takes the run directory's lock; every rank learns whether it got it."""
+    lock, error = None, None
     if env.is_main:
-        ckpt.ensure_writable(run_dir, checkpoint_bytes(cfg.model.name))
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        lock = RunDirLock(run_dir, this_process(slurm_job_id()))
+        try:
+            note = lock.acquire()
+            if note:
+                print(f"warning: {note}", flush=True)
+        except RunDirBusy as e:
+            lock, error = None, e
+    refused = distributed.all_gather_objects(error is not None)[0]
+    if error is not None:
+        raise error
+    if refused:
+        raise StartupRefused()
+    return lock
 
 
-def train(cfg: Config) -> int:
-    env = dist_env()
+def checkpoint_sizes(run: Run) -> tuple[int, int]:
+    """(last.pt, best.pt) bytes, from the model and the optimizer's per-parameter state."""
+    model = ckpt.state_bytes(run.raw_model.state_dict())
+    params = sum(p.numel() * p.element_size() for p in run.raw_model.parameters() if p.requires_grad)
+    o = run.cfg.optim
+    per_param = 2 if o.name == "adamw" else int(o.momentum > 0)
+    ema = model if run.trainer.ema else 0
+    return model + per_param * params + ema, model
+
+
+def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
     meta = load_metadata(cfg.data.root, splits=sorted({"train", *cfg.train.eval_splits}))
     run_dir = run_dir_of(cfg)
     device = distributed.pick_device(env)
-    prepare_run_dir(cfg, env, run_dir)
+    if env.is_main:  # before any process-group work: an unwritable directory fails now, not after an epoch
+        ckpt.ensure_writable(run_dir)
     distributed.init(env, device, cfg.dist.backend, cfg.dist.timeout_s)
+    lock = lock_run_dir(run_dir, env)
     log = RunLog(run_dir, env.is_main)
+    run = None
     try:
-        run = build_run(cfg, env, meta, run_dir, log, device)
-        state = load_start_state(run)
+        run = build_run(cfg, env, meta, run_dir, log, device, stop)
+        state, changes = load_start_state(run)
         if env.is_main:
-            truncate_metrics(run_dir, state.epoch)
+            ckpt.ensure_space(run_dir, ckpt.space_needed(run_dir, *checkpoint_sizes(run)))
+        if distributed.any_rank(stop.requested, device):
+            log.info(f"stopped by {stop.signal_name or 'a signal on another rank'} during start-up: nothing "
+                     f"trained, nothing written")
+            return Outcome(stop.signal_name or "a signal on another rank", None, tuple(stop.caught))
+        # Every start-up check passed: from here on the run directory changes.
+        log.attach(state.epoch)
+        if env.is_main and not (run_dir / "config.yaml").exists():
+            write_config(run)
+        if env.is_main:
             open_wandb(run, state)
+        record_changes(run, state, changes)
         return _train_and_report(run, state)
+    except (*USER_ERRORS, RuntimeError) as e:
+        if log.attached:  # met after start-up: also in train.log
+            log.to_file(f"error{_rank_tag(env)}: {_one_line(e)}")
+        raise
     finally:
+        if run is not None:
+            try:
+                run.writer.wait()
+            except Exception as e:  # noqa: BLE001 - already failing; say what else went wrong
+                print(f"bfly.train{_rank_tag(env)}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        if lock is not None:
+            lock.release()
         log.close()
 
 
-def _train_and_report(run: Run, state: TrainState) -> int:
+def _train_and_report(run: Run, state: TrainState) -> Outcome:
     cfg, env = run.cfg, run.env
     if state.epoch >= cfg.train.epochs:
         run.log.info(f"run in {run.run_dir} already finished {cfg.train.epochs} epochs (best valid top1 "
-                     f"{state.best_top1:.2%}); pick another run.dir or raise train.epochs to train more")
-        return 0
+                     f"{state.best_top1:.2%}); pick another run.dir, or raise train.epochs with "
+                     f"run.allow_changes=[train.epochs] to train more")
+        return Outcome()
     run.log.info(
         f"bfly: {cfg.model.name}, {run.meta.num_classes} classes, {len(run.meta.splits['train'].paths)} train "
         f"images ({run.meta.layout} layout), {env.world_size} process(es) on {run.device.type}, global batch "
         f"{run.plan.batch_size} = {env.world_size} x {run.plan.accum_steps} x {run.plan.micro_batch}, "
         f"{run.train_input.steps_per_epoch} steps/epoch, run dir {run.run_dir}")
-    run.stop.install()
-    try:
-        finished = train_loop(run, state)
-    finally:
-        run.stop.uninstall()
-    if finished:
+    outcome = train_loop(run, state)
+    if outcome.finished:
         run.log.info(f"done: best valid top1 {state.best_top1:.2%}; checkpoints in {run.run_dir}")
     for sink in run.log.sinks:
-        sink.finish(run, finished)
-    return 0
+        sink.finish(run, outcome.finished)
+    return outcome
 
 
 def _one_line(e: BaseException) -> str:
@@ -453,30 +651,49 @@ def _rank_tag(env: DistEnv) -> str:
     return f" [rank {env.rank}]" if env.distributed else ""
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class Result:
+    exit_code: int
+    outcome: Outcome | None  # None: the job failed or only printed something
+
+
+def run_job(argv: list[str] | None = None) -> Result:
+    """The command: parse, train, map the outcome and the errors to an exit status (module docstring)."""
     args = parse_args(argv)
     env = dist_env()
+    # Before any start-up work, so that a stop signal at any time ends the job cleanly (no traceback).
+    stop = StopRequest().install()
+    if env.source == "torchrun":
+        stop_when_parent_dies()  # the agent's death (kill -9) becomes a SIGTERM: checkpoint and exit
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(dump_yaml(cfg), end="")
-            return 0
-        return train(cfg)
+            return Result(0, None)
+        outcome = train(cfg, env, stop)
+        return Result(cfg.run.stopped_exit_code if outcome.by_signal else 0, outcome)
+    except StartupRefused:
+        return Result(2, None)
     except USER_ERRORS + (ValueError,) as e:
         # Start-up errors are the same on every rank: rank 0 reports them. Errors met while training
         # (a bad image) are reported by the rank that met them.
         if env.is_main or distributed.active():
             print(f"bfly.train: error{_rank_tag(env)}: {_one_line(e)}", file=sys.stderr, flush=True)
-        return 2
+        return Result(2, None)
     except RuntimeError as e:
         if not distributed.active():
             raise
         # A collective failed: almost always another rank died first and printed its own error.
         print(f"bfly.train{_rank_tag(env)}: stopping, a collective failed ({_one_line(e)[:200]}); "
               "the failing rank's error is printed above", file=sys.stderr, flush=True)
-        return 1
+        return Result(1, None)
     finally:
         distributed.shutdown()
+        stop.uninstall()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(argv).exit_code
 
 
 if __name__ == "__main__":

@@ -95,6 +95,16 @@ class WandbSink:
         # Normally the epoch's last step; later only when a crash left newer steps logged.
         self._log(data, max(step, self.floor + 1))
 
+    def log_config_change(self, changes: dict[str, dict[str, Any]], step: int) -> None:
+        """A change allowed on resume (run.allow_changes): the run's config shows the new values, its
+        summary keeps what changed at which step (config_history.jsonl has every change)."""
+        new = {k: c["new"] for k, c in changes.items() if "[" not in k}
+        if new:
+            self._call("updating the config", self.wb.config.update, new, allow_val_change=True)
+        self._call("updating the summary", self.wb.summary.update,
+                   {"config_changes": {"global_step": step, **{k: f"{c['old']!r} -> {c['new']!r}"
+                                                               for k, c in changes.items()}}})
+
     def _log(self, data: dict[str, Any], step: int) -> None:
         if self._call("logging", self.wb.log, data, step=step):
             self.step = step

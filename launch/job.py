@@ -4,10 +4,10 @@ One SLURM task per GPU: submitit starts the tasks, so torchrun is not involved; 
 environment torchrun would give (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) is exported
 from SLURM's before the trainer starts.
 
-Time limit and preemption: submitit sends its signal (SIGUSR2) to every task. While training, the
-trainer catches it, stops at the next step with a checkpoint and returns; this callable then hands
-the signal back to submitit, which calls `checkpoint()` and requeues the job (rank 0). Outside
-the training loop submitit's own handler does that directly. Either way the requeued job runs
+Time limit and preemption: submitit sends its signal (SIGUSR2) to every task. The trainer catches it
+(from its start), stops at the next step with a checkpoint and returns its outcome; this callable then hands
+the signal back to submitit, which calls `checkpoint()` and requeues the job (rank 0). Before and
+after the trainer, submitit's own handler does that directly. Either way the requeued job runs
 the same command with run.resume=auto and continues from the run directory's last.pt; so does
 a job that SLURM requeues by itself (preemption, `scontrol requeue`) without asking us.
 """
@@ -24,7 +24,6 @@ from typing import Any
 
 import submitit
 
-from bfly import stopping
 from bfly.runlog import read_metrics
 
 
@@ -42,7 +41,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.threads = threads
 
     def __call__(self) -> dict[str, Any] | None:
-        from bfly.train import main as train_main  # imports torch: only inside the job
+        from bfly.train import run_job  # imports torch: only inside the job
 
         os.chdir(self.workdir)
         dist = export_distributed_env()
@@ -50,13 +49,12 @@ class TrainJob(submitit.helpers.Checkpointable):
             import torch
 
             torch.set_num_threads(self.threads)
-        stopping.take_caught()
-        rc = train_main(self.train_args)
-        caught = stopping.take_caught()
-        if rc != 0:
-            raise TrainingFailed(f"bfly.train exited with status {rc} (rank {dist.rank}); its error is in this task's log")
-        if caught:
-            leave_after_signal(caught, dist.rank)
+        result = run_job(self.train_args)
+        if result.outcome is None and result.exit_code != 0:
+            raise TrainingFailed(f"bfly.train exited with status {result.exit_code} (rank {dist.rank}); "
+                                 "its error is in this task's log")
+        if result.outcome is not None and result.outcome.by_signal:
+            leave_after_signal(result.outcome.signals, dist.rank)
         return summary(Path(self.run_dir)) if dist.rank == 0 else None
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
@@ -64,7 +62,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob(self.train_args, self.run_dir, self.workdir, self.threads))
 
 
-def leave_after_signal(caught: list[str], rank: int) -> None:
+def leave_after_signal(caught: tuple[str, ...], rank: int) -> None:
     """The trainer stopped on a signal and wrote its checkpoint: requeue, or leave without a result.
 
     A result file would tell the submitter the job is over while SLURM may still requeue it, so a
@@ -76,7 +74,7 @@ def leave_after_signal(caught: list[str], rank: int) -> None:
         signal.raise_signal(requeue_signal)
         print(f"bfly launch: rank {rank} stopped for a requeue", flush=True)
     else:
-        print(f"bfly launch: rank {rank} stopped by {', '.join(caught)}: not requeueing here (SLURM requeues "
+        print(f"bfly launch: rank {rank} stopped by {', '.join(caught) or 'a signal to another rank'}: not requeueing here (SLURM requeues "
               "a preempted job itself; the run resumes from its last checkpoint)", flush=True)
     sys.exit(0)
 

@@ -29,7 +29,9 @@ slurm = pytest.mark.slurm
 
 
 def train_args(data: Path, run_dir: Path) -> list[str]:
-    return tiny_overrides(data, run_dir, **{"train.batch_size": 6, "optim.lr": 0.01})
+    # data.workers=2: the signals SLURM sends reach the DataLoader worker processes too, as with the
+    # shipped default (4); they must not take the checkpoint down with them.
+    return tiny_overrides(data, run_dir, **{"train.batch_size": 6, "optim.lr": 0.01, "data.workers": 2})
 
 
 # --- the cluster -----------------------------------------------------------------------------------

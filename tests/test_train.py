@@ -93,7 +93,7 @@ def test_two_process_resume_after_epochs_is_bit_identical(ddp_straight, tiny_dat
     args = tiny_overrides(tiny_data, run, **DDP_ARGS)
     first = torchrun(2, "bfly.train", args + ["run.stop_after_epochs=3"])
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "stopped by run.stop_after_epochs after epoch 3" in first.stdout
+    assert "stopped by run.stop_after_epochs: checkpoint at the end of epoch 3 written to" in first.stdout
     second = torchrun(2, "bfly.train", args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout

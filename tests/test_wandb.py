@@ -24,6 +24,7 @@ import yaml
 
 from bfly.checkpoint import load
 from bfly.config import ConfigError
+from bfly.stopping import EXIT_STOPPED
 from test_evaluate_predict import REPO, tiny_dataset, train_overrides
 
 wandb = pytest.importorskip("wandb")
@@ -172,7 +173,7 @@ def requeued_run(tmp_path_factory) -> dict[str, Any]:
     with fresh_wandb(base / "home") as (_, dirs):
         with pytest.MonkeyPatch.context() as preempt:
             preempt.setattr(wandb_log.WandbSink, "log_step", log_step_then_sigterm)
-            assert train_main(args) == 0  # job 1: stopped at step 3 (epoch 2) with a checkpoint
+            assert train_main(args) == EXIT_STOPPED  # job 1: stopped at step 3 (epoch 2) with a checkpoint
         run_id = load(run_dir / "last.pt")["wandb_run_id"]
         assert train_main(args) == 0  # job 2 (requeued): finishes epoch 2
         metrics_done = metrics(run_dir)

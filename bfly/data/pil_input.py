@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bfly.data.metadata import DataError, Split
 from bfly.data.sampling import Sample, StepPlan, eval_shard, rank_micro_batches, steps_per_epoch
+from bfly.stopping import ignore_stop_signals, signals_blocked
 
 
 def open_rgb(path: str) -> Image.Image:
@@ -71,6 +72,7 @@ def _seeded(seed: int, transform: Callable, image: Image.Image) -> torch.Tensor:
 
 
 def _worker_init(worker_id: int) -> None:
+    ignore_stop_signals()  # a signal to the process group is the trainer's to handle (bfly.stopping)
     info = torch.utils.data.get_worker_info()
     np.random.seed(info.seed % 2**32)
     random.seed(info.seed)
@@ -99,7 +101,9 @@ def _loader(dataset: Dataset, batches: object, workers: int, pin: bool) -> DataL
 
 
 def _to(device: torch.device, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for images, labels in loader:
+    with signals_blocked():  # workers are forked here (first pass): see bfly.stopping
+        batches = iter(loader)
+    for images, labels in batches:
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import atexit
 import csv
+import fcntl
 import os
+import pty
 import re
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -87,21 +90,58 @@ def _rank_of(pid: int) -> int | None:
 
 
 class Launch:
-    """One launched command, its merged output collected line by line with arrival times."""
+    """One launched command, its merged output collected line by line with arrival times.
 
-    def __init__(self, cmd: list[str], timeout: float):
+    group=True: the command leads a process group of its own, as a batch job or a `timeout` child does,
+    so `signal_group` reaches every process in it (loader workers included). tty=True: it also runs on a
+    pseudo-terminal as the foreground job, so `ctrl_c` is a real Ctrl-C (the terminal sends SIGINT to
+    the foreground process group)."""
+
+    def __init__(self, cmd: list[str], timeout: float, group: bool = False, tty: bool = False):
         self.t0 = time.monotonic()
         self.deadline = self.t0 + timeout
         self.lines: list[tuple[float, str]] = []
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self.master = None
+        if tty:
+            self.master, slave = pty.openpty()
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(TERM="xterm"), stdin=slave, stdout=slave,
+                                         stderr=slave, start_new_session=True, preexec_fn=_take_terminal)
+            os.close(slave)
+            self._reader = threading.Thread(target=self._read_tty, daemon=True)
+        else:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=group)
+            self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         atexit.register(self.kill_all)  # a test that fails half-way leaves no process behind
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.lines.append((time.monotonic() - self.t0, line.rstrip("\n")))
+
+    def _read_tty(self) -> None:
+        buffer = b""
+        while True:
+            try:
+                chunk = os.read(self.master, 4096)
+            except OSError:  # EIO: every process holding the terminal has exited
+                chunk = b""
+            if not chunk:
+                break
+            buffer += chunk
+            *done, buffer = re.split(rb"\r\n|\r|\n", buffer)
+            for raw in done:
+                text = raw.decode(errors="replace").replace("\x1b[K", "")
+                if text:
+                    self.lines.append((time.monotonic() - self.t0, text))
+        if buffer:
+            self.lines.append((time.monotonic() - self.t0, buffer.decode(errors="replace")))
+
+    def signal_group(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def ctrl_c(self) -> None:
+        os.write(self.master, b"\x03")
 
     @property
     def output(self) -> str:
@@ -175,6 +215,11 @@ class Launch:
                 pass
         self.proc.kill()
         self.proc.wait(10)
+
+
+def _take_terminal() -> None:
+    """In the child, after setsid: make stdin (the pty) its controlling terminal, as a shell does."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def progress_step(line: str) -> int | None:
