@@ -191,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         # Start-up errors are the same on every rank: rank 0 reports them. A bad image is reported by
         # the rank that met it.
-        tag = f" [rank {env.rank}]" if env.distributed else ""
-        if env.is_main or isinstance(e, ImageError):
-            print(f"bfly.evaluate: error{tag if isinstance(e, ImageError) else ''}: {one_line(e)}",
-                  file=sys.stderr, flush=True)
+        per_rank = isinstance(e, ImageError)
+        if env.is_main or per_rank:
+            tag = f" [rank {env.rank}]" if per_rank and env.distributed else ""
+            print(f"bfly.evaluate: error{tag}: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as e:
         if not distributed.active():

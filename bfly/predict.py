@@ -4,8 +4,8 @@
 
 Any size and mode (grayscale, palette, RGBA, CMYK) is accepted: images are turned upright by their
 EXIF orientation tag (phone photos), converted and resized exactly as the evaluation transform does
-in training. A file that cannot be read as an image gets
-an error line on stderr and the others are still answered (exit status 1 when any failed).
+in training. A file that cannot be read as an image gets an error line on stderr and the others are
+still answered (exit status 1 when any failed).
 """
 from __future__ import annotations
 
