@@ -31,6 +31,10 @@ from bfly.models import MODEL_NAMES, build_model
 USER_ERRORS = (ckpt.CheckpointError, ConfigError, DataError, ValueError)
 
 
+class ImageError(DataError):
+    """An image of the split cannot be read: met by the one rank whose shard holds it."""
+
+
 # --- loading a trained model (shared with bfly.predict and bfly.report) ----------------------------
 
 def load_trained(path: str | Path) -> tuple[dict[str, Any], Config, nn.Module]:
@@ -110,7 +114,11 @@ def evaluate_checkpoint(path: str | Path, split: str, env: DistEnv, device: torc
     bs = batch_size or cfg.train.eval_batch_size or cfg.train.micro_batch_size or max(
         cfg.train.batch_size // env.world_size, 1)
     eval_input = build_eval_input(cfg, meta, split, env.rank, env.world_size, bs, device)
-    m = evaluate(model, eval_input.batches(), meta.num_classes, device, amp_dtype_for(cfg, device), channels_last)
+    try:
+        m = evaluate(model, eval_input.batches(), meta.num_classes, device, amp_dtype_for(cfg, device),
+                     channels_last)
+    except DataError as e:
+        raise ImageError(one_line(e)) from None
     confusion = m["confusion"]
     per_class = [
         {"class_id": i, "species": name, "accuracy": m["per_class"][i],
@@ -181,10 +189,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"saved to {out}")
         return 0
     except USER_ERRORS as e:
-        # Start-up errors are the same on every rank: rank 0 reports them.
-        if env.is_main:
-            print(f"bfly.evaluate: error: {one_line(e)}", file=sys.stderr)
+        # Start-up errors are the same on every rank: rank 0 reports them. A bad image is reported by
+        # the rank that met it.
+        per_rank = isinstance(e, ImageError)
+        if env.is_main or per_rank:
+            tag = f" [rank {env.rank}]" if per_rank and env.distributed else ""
+            print(f"bfly.evaluate: error{tag}: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        if not distributed.active():
+            raise
+        # A collective failed: almost always another rank met a bad image and printed it.
+        print(f"bfly.evaluate [rank {env.rank}]: stopping, a collective failed ({one_line(e)[:200]}); "
+              "the failing rank's error is printed above", file=sys.stderr, flush=True)
+        return 1
     finally:
         distributed.shutdown()
 

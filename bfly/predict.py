@@ -2,16 +2,16 @@
 
     python -m bfly.predict --checkpoint runs/resnet50/best.pt photo1.jpg photo2.png
 
-Any size and mode (grayscale, palette, RGBA, CMYK) is accepted: images are converted and resized
-exactly as the evaluation transform does in training. A file that cannot be read as an image gets
-an error line on stderr and the others are still answered (exit status 1 when any failed).
+Any size and mode (grayscale, palette, RGBA, CMYK) is accepted: images are turned upright by their
+EXIF orientation tag (phone photos), converted and resized exactly as the evaluation transform does
+in training. A file that cannot be read as an image gets an error line on stderr and the others are
+still answered (exit status 1 when any failed).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         images, paths = [], []
         for path in args.images[i : i + BATCH]:
             try:
-                images.append(read_image(path))
+                images.append(open_rgb(path))
                 paths.append(path)
             except DataError as e:
                 print(f"bfly.predict: error: {e}", file=sys.stderr, flush=True)
@@ -82,13 +82,6 @@ def main(argv: list[str] | None = None) -> int:
             for path, p in zip(paths, class_probs(model, images, cfg.data.image_size, device)):
                 print(format_top(path, p, saved["class_names"], args.top), flush=True)
     return 1 if failed else 0
-
-
-def read_image(path: str) -> Image.Image:
-    """RGB, fully decoded; DataError naming the file otherwise."""
-    if Path(path).is_dir():
-        raise DataError(f"{path}: a directory, not an image file")
-    return open_rgb(path)
 
 
 if __name__ == "__main__":

@@ -289,7 +289,8 @@ def test_many_missing_image_files_are_counted_and_the_first_five_listed(mini_cop
 
 def test_a_directory_is_not_an_image_file(mini_copy_meta):
     set_cell(mini_copy_meta / "valid.csv", 2, 0, "valid/HERCULES MOTH")
-    with pytest.raises(DataError, match=r"valid\.csv: 1 image file.*row 2: "):
+    with pytest.raises(DataError, match=r"valid\.csv: 1 path\(s\) in column 'filepaths' are directories, "
+                                        r"not image files \(first 1: row 2: .*/valid/HERCULES MOTH\)$"):
         load_metadata(mini_copy_meta)
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 from bfly.data.metadata import DataError, Split
 from bfly.data.pil_input import open_rgb
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: EXIF orientation applied (open_rgb); caches of version 1 are rebuilt
 _CHUNK = 64  # images per task: large enough to amortise scheduling, small enough for a smooth bar
 
 

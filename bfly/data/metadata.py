@@ -158,6 +158,7 @@ def _read_kaggle(root: Path, splits: tuple[str, ...]) -> list[_Row]:
 
 def _read_table(csv_path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
     """Return (line number, {column: stripped non-empty value}) for each data row."""
+    _check_utf8(csv_path)
     # newline="" lets the csv module handle the CRLF endings of the Kaggle original;
     # utf-8-sig drops the byte-order mark that spreadsheet exports add.
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -181,6 +182,23 @@ def _read_table(csv_path: Path, columns: Sequence[str]) -> list[tuple[int, dict[
                 )
             table.append((reader.line_num, _cells(csv_path, reader.line_num, fields, index)))
     return table
+
+
+def _check_utf8(csv_path: Path) -> None:
+    """A row number and a fix instead of the codec's "can't decode byte 0xe9 in position 4113"."""
+    try:
+        csv_path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        data = e.object  # without the byte-order mark, as e.start counts
+        start = data.rfind(b"\n", 0, e.start) + 1
+        end = data.find(b"\n", e.start)
+        text = data[start : end if end >= 0 else len(data)].rstrip(b"\r").decode("utf-8", "backslashreplace")
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{csv_path}: row {line}: byte 0x{data[e.start]:02x} is not UTF-8 (row text: {text[:120]}); "
+            "the file was saved in another encoding (Windows-1252/Latin-1 are common for spreadsheet "
+            "exports): re-save it as UTF-8 ('CSV UTF-8' in a spreadsheet)"
+        ) from None
 
 
 def _cells(csv_path: Path, line: int, fields: list[str], index: dict[str, int]) -> dict[str, str]:
@@ -250,6 +268,13 @@ def _class_names(rows: list[_Row], id_column: str) -> tuple[str, ...]:
 def _check_files_exist(by_split: dict[str, list[_Row]]) -> None:
     for rows in by_split.values():
         missing = [row for row in rows if not os.path.isfile(row.path)]
+        folders = [row for row in missing if os.path.isdir(row.path)]
+        if folders:
+            listed = "; ".join(f"row {row.line}: {row.path}" for row in folders[:_MAX_LISTED])
+            raise DataError(
+                f"{folders[0].file}: {len(folders)} path(s) in column 'filepaths' are directories, not image "
+                f"files (first {min(len(folders), _MAX_LISTED)}: {listed})"
+            )
         if missing:
             listed = "; ".join(f"row {row.line}: {row.path}" for row in missing[:_MAX_LISTED])
             raise DataError(
@@ -261,12 +286,14 @@ def _check_files_exist(by_split: dict[str, list[_Row]]) -> None:
 
 def _warn_duplicates(by_split: dict[str, list[_Row]]) -> None:
     for split, rows in by_split.items():
-        first_line: dict[str, int] = {}
+        first: dict[str, _Row] = {}
         duplicates = []
         for row in rows:
-            line = first_line.setdefault(row.path, row.line)
-            if line != row.line:
-                duplicates.append(f"rows {line} and {row.line}: {row.path}")
+            # train/X and train/../train/X are one file: compare the paths spelled the one way.
+            seen = first.setdefault(os.path.normpath(row.path), row)
+            if seen is not row:
+                same = row.path if seen.path == row.path else f"{seen.path} and {row.path}"
+                duplicates.append(f"rows {seen.line} and {row.line}: {same}")
         if duplicates:
             warnings.warn(
                 f"{rows[0].file}: split {split!r} lists {len(duplicates)} duplicate image path(s) "

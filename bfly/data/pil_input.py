@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from bfly.data.metadata import DataError, Split
@@ -14,18 +15,43 @@ from bfly.data.sampling import Sample, StepPlan, eval_shard, rank_micro_batches,
 from bfly.stopping import ignore_stop_signals, signals_blocked
 
 
+# Pillow's decompression-bomb warning does not say which file it is about: open_rgb gives its own,
+# naming the file. Pillow's message starts with "Image size", ours with the path.
+warnings.filterwarnings("ignore", message="Image size", category=Image.DecompressionBombWarning)
+
+
 def open_rgb(path: str) -> Image.Image:
-    """Decode fully now, so a truncated file fails here with its name, not later inside a transform."""
+    """The picture as the camera saw it, in RGB, decoded fully now: a bad file fails here with its name,
+    not later inside a transform or a DataLoader worker.
+
+    Over Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89 Mpx) an image is decoded with a
+    warning; over twice the limit it is refused, as Pillow does. Both messages name the file.
+    """
     try:
         with Image.open(path) as im:
+            _warn_if_huge(path, im.size)
             im.load()
+            # Phone photos store the sensor's pixels plus an EXIF orientation tag: without it a
+            # portrait photo reaches the model lying on its side.
+            ImageOps.exif_transpose(im, in_place=True)
             return to_rgb(im)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not an image file") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image Pillow can read") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: too large to decode safely ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: cannot decode image ({e})") from None
+
+
+def _warn_if_huge(path: str, size: tuple[int, int]) -> None:
+    if Image.MAX_IMAGE_PIXELS and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
+        warnings.warn(f"{path}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels is over Pillow's "
+                      f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}; decoding it anyway "
+                      "(over twice the limit it would be refused)", Image.DecompressionBombWarning, stacklevel=3)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
