@@ -214,6 +214,24 @@ def test_fused_ema_equals_the_per_tensor_update_bit_for_bit(arch):
     assert not torch.equal(a[next(iter(a))], model.state_dict()[next(iter(a))])  # averaged, not copied
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_fused_ema_on_cuda_equals_the_per_tensor_update():
+    model = build_model("resnet50", 10).cuda()
+    fused, loop = ModelEma(model, 0.999), LoopEma(model, 0.999)
+    with torch.no_grad():
+        for step in range(3):
+            for p in model.parameters():
+                p.mul_(1.0 - 0.01 * step).add_(0.001)
+            for b in model.buffers():
+                b.add_(1)
+            fused.update(model)
+            loop.update(model)
+    a, b = fused.state_dict(), loop.state_dict()
+    for k in a:  # the fused CUDA kernel may round differently from the per-tensor one
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
 def test_ema_keeps_working_after_loading_a_checkpoint():
     model = small_bn_net()
     ema = ModelEma(model, 0.5)
