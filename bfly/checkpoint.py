@@ -259,7 +259,9 @@ def rng_state() -> dict[str, Any]:
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This rank's own device only: get_rng_state_all would create a CUDA context (~0.5 GB) on
+        # every visible GPU, and could not be restored where fewer GPUs are visible.
+        "cuda": torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_available() else None,
     }
 
 
@@ -270,5 +272,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = own_cuda_state(state["cuda"], torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
+
+
+def own_cuda_state(saved: torch.Tensor | list[torch.Tensor] | None, device_index: int) -> torch.Tensor | None:
+    """The CUDA RNG state to restore on device `device_index`. Checkpoints before issue 11 hold a list
+    with one state per visible device: take this device's entry, or the first if fewer were visible."""
+    if isinstance(saved, (list, tuple)):
+        if not saved:
+            return None
+        return saved[device_index] if device_index < len(saved) else saved[0]
+    return saved

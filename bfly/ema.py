@@ -13,14 +13,16 @@ class ModelEma:
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        # Fixed for the module's lifetime: built once, not per step.
+        self._params = list(self.module.parameters())
+        self._buffers = list(self.module.buffers())
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema_params = list(self.module.parameters())
-        params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
-        for ema_b, b in zip(self.module.buffers(), model.buffers()):
-            ema_b.copy_(b)
+        # Two fused multi-tensor ops instead of ~160 (ResNet50) per-tensor kernels: the float
+        # parameters are averaged, the buffers (BN running stats and integer counters) copied.
+        torch._foreach_lerp_(self._params, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        torch._foreach_copy_(self._buffers, list(model.buffers()))
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

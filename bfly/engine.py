@@ -93,6 +93,14 @@ class Trainer:
             self.ema.update(_unwrap(self.model))
 
 
+def device_clock(device: torch.device) -> float:
+    """time.perf_counter() once the device has finished the work queued so far: CUDA kernels run
+    asynchronously, so an unsynchronised clock times the host's queueing, not the training."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def new_sums(device: torch.device) -> dict[str, torch.Tensor]:
     return {
         "loss": torch.zeros((), dtype=torch.float64, device=device),
@@ -121,7 +129,7 @@ def train_one_epoch(trainer: Trainer, state: TrainState, batches, hooks: StepHoo
     """Runs from state.step_in_epoch to the epoch's end. Returns False if stopped early."""
     trainer.model.train()
     micro = 0
-    images_seen, t0, wait = 0, time.perf_counter(), 0.0
+    images_seen, t0, wait = 0, device_clock(trainer.device), 0.0
     t_fetch = time.perf_counter()
     for images, labels in batches:
         wait += time.perf_counter() - t_fetch
@@ -138,10 +146,10 @@ def train_one_epoch(trainer: Trainer, state: TrainState, batches, hooks: StepHoo
             state.step_in_epoch += 1
             at_log = state.global_step % hooks.every_n == 0
             if at_log:
-                dt = time.perf_counter() - t0
+                dt = device_clock(trainer.device) - t0
                 hooks.on_log(state, {"img_per_s": images_seen / dt, "data_wait": wait / dt,
                                      "lr": trainer.optimizer.param_groups[0]["lr"]})
-                images_seen, t0, wait = 0, time.perf_counter(), 0.0
+                images_seen, t0, wait = 0, device_clock(trainer.device), 0.0
             hooks.on_step(state)
             if hooks.should_stop(state, at_log):
                 return False
@@ -152,7 +160,12 @@ def train_one_epoch(trainer: Trainer, state: TrainState, batches, hooks: StepHoo
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, num_classes: int, device: torch.device,
              amp_dtype: torch.dtype | None, channels_last: bool = False) -> dict[str, Any]:
-    """Exact over the whole split: each rank evaluates its own shard, counts are summed."""
+    """Exact over the whole split: each rank evaluates its own shard, counts are summed.
+
+    Runs the plain module, never the torch.compile'd or DDP wrapper: compiled evaluation recompiles
+    (grad mode changes, and the last, smaller batch adds a dynamic-shape graph), and eval splits are
+    small (1,000 images of 13.6k), so eager evaluation costs less than compiling for it."""
+    model = _unwrap(model)
     model.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -30,13 +30,13 @@ from torch import nn
 
 from bfly import checkpoint as ckpt
 from bfly import distributed
-from bfly.config import (Config, ConfigError, changed_keys, dump_yaml, flat, help_text, load_config, run_dir_of,
-                         to_dict)
-from bfly.data.inputs import build_eval_input, build_train_input
+from bfly.config import (Config, ConfigError, DistConfig, changed_keys, dump_yaml, flat, help_text, load_config,
+                         run_dir_of, to_dict)
+from bfly.data.inputs import build_eval_input, build_train_input, shm_free, shm_warning
 from bfly.data.metadata import DataError, DatasetMeta, load_metadata
 from bfly.data.sampling import StepPlan
 from bfly.data.transforms import build_mixup
-from bfly.engine import Schedule, StepHooks, Trainer, TrainState, evaluate, new_sums, train_one_epoch
+from bfly.engine import Schedule, StepHooks, Trainer, TrainState, device_clock, evaluate, new_sums, train_one_epoch
 from bfly.ema import ModelEma
 from bfly.env import DistEnv, dist_env, slurm_job_id
 from bfly.models import build_model
@@ -107,6 +107,8 @@ def build_model_for(cfg: Config, meta: DatasetMeta, env: DistEnv, device: torch.
     if env.distributed and cfg.model.sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if note := compile_sync_bn_warning(cfg.model.compile, sync_bn=True):
+                log.warn(note)
         else:
             log.info("CPU run: SyncBatchNorm is off (PyTorch supports it on GPU modules only); "
                      "each rank normalizes with its own batch statistics")
@@ -114,6 +116,29 @@ def build_model_for(cfg: Config, meta: DatasetMeta, env: DistEnv, device: torch.
     if device.type == "cuda" and cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def compile_sync_bn_warning(compile: bool, sync_bn: bool) -> str | None:
+    """model.compile with SyncBatchNorm compiles, but into many small graphs: say what it costs."""
+    if not (compile and sync_bn):
+        return None
+    return ("model.compile=true with SyncBatchNorm: each SyncBN layer breaks the compiled graph "
+            "(pytorch#161302; ResNet50 becomes ~53 graphs), so compiling gains little. model.sync_bn=false "
+            "keeps per-GPU BatchNorm, which compiles into one graph; at 32 or more images per GPU its "
+            "effect on accuracy is small")
+
+
+def check_ddp_plan(d: DistConfig, plan: StepPlan) -> None:
+    """DDP options that cannot work with this step plan: refused at start-up, not at the first backward."""
+    if d.static_graph and plan.world_size > 1 and plan.accum_steps > 1:
+        # Reproduced with torch 2.14 (gloo): an INTERNAL ASSERT (expect_autograd_hooks_) in the first
+        # no_sync backward; the pending fix notes it then silently stops all-reducing (pytorch#143580,
+        # PR #187732, accelerate#3679).
+        raise ConfigError(
+            f"dist.static_graph=true does not work with gradient accumulation: train.batch_size={plan.batch_size} "
+            f"over {plan.world_size} processes is {plan.accum_steps} micro-steps of train.micro_batch_size="
+            f"{plan.micro_batch} (DDP's static graph fails under no_sync, pytorch#143580); set "
+            f"dist.static_graph=false, or train.micro_batch_size={plan.batch_size // plan.world_size}")
 
 
 def wrap_ddp(model: nn.Module, cfg: Config, env: DistEnv, device: torch.device) -> nn.Module:
@@ -146,6 +171,7 @@ def build_run(cfg: Config, env: DistEnv, meta: DatasetMeta, run_dir: Path, log: 
               stop: StopRequest) -> Run:
     configure_backends(cfg, device)
     plan = StepPlan.make(cfg.train.batch_size, env.world_size, cfg.train.micro_batch_size)
+    check_ddp_plan(cfg.dist, plan)
     raw = build_model_for(cfg, meta, env, device, log)
     amp_dtype, scaler = amp_setup(cfg.train.amp, device)
     model = wrap_ddp(raw, cfg, env, device)
@@ -172,6 +198,8 @@ def build_run(cfg: Config, env: DistEnv, meta: DatasetMeta, run_dir: Path, log: 
         channels_last=device.type == "cuda" and cfg.model.channels_last,
     )
     eval_bs = cfg.train.eval_batch_size or plan.micro_batch
+    if note := shm_warning(cfg, plan, eval_bs, env.local_world_size, shm_free()):  # rank 0's node stands for all
+        log.warn(note)
     eval_inputs = {s: build_eval_input(cfg, meta, s, env.rank, env.world_size, eval_bs, device)
                    for s in cfg.train.eval_splits}
     return Run(cfg, env, meta, run_dir, log, device, raw, trainer, plan, train_input, eval_inputs, stop,
@@ -509,13 +537,13 @@ def train_loop(run: Run, state: TrainState) -> Outcome:
     while state.epoch < cfg.train.epochs:
         if state.step_in_epoch == 0:
             seed_all(cfg.train.seed, run.env.rank, state.epoch)
-        t0 = time.perf_counter()
+        t0 = device_clock(run.device)
         images_before = int(distributed.all_reduce_sum(state.sums["count"].clone()).item())
         batches = run.train_input.batches(state.epoch, state.step_in_epoch)
         if not train_one_epoch(run.trainer, state, batches, hooks):
             save_checkpoint(run, state)
             return _stopped(run, state, _stop_reason(run, budget, state))
-        saved = finish_epoch(run, state, time.perf_counter() - t0, images_before)
+        saved = finish_epoch(run, state, device_clock(run.device) - t0, images_before)
         if state.epoch < cfg.train.epochs and (budget.epochs_done(state) or distributed.any_rank(run.stop.requested, run.device)):
             if not saved:
                 save_checkpoint(run, state)
