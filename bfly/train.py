@@ -359,6 +359,7 @@ def load_start_state(run: Run) -> tuple[TrainState, list[tuple[str, Any, Any]]]:
         return TrainState(sums=new_sums(run.device)), []
     saved, source = found
     ckpt.check_compatible(saved, source, run.cfg.model.name, run.meta.num_classes)
+    ckpt.check_resumable(saved, source)
     changes = check_resume(run, saved, source)
     state = restore(run, saved, source)
     run.writer.intact[ckpt.LAST] = state.global_step

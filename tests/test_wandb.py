@@ -304,7 +304,7 @@ def test_a_signal_that_also_stops_wandb_still_leaves_a_checkpoint(tmp_path, caps
     with fresh_wandb(tmp_path / "home"):
         with pytest.MonkeyPatch.context() as preempt:
             preempt.setattr(wandb_log.WandbSink, "log_step", log_step_then_sigterm_everyone)
-            assert train_main(args) == 0
+            assert train_main(args) == EXIT_STOPPED
         assert "wandb failed while updating the summary" in capsys.readouterr().out
         saved = load(run_dir / "last.pt")
         assert saved["global_step"] == 1 and saved["wandb_run_id"]
@@ -337,11 +337,14 @@ def test_a_two_process_job_is_one_run_and_its_resume_continues_it(tmp_path):
     torchrun(train_overrides(data, run_dir, **{**WANDB_KEYS, "train.batch_size": 4}), env)
     (first,) = wandb_runs(run_dir)  # rank 1 created no run
     assert first.steps == [1, 2] and first.config["job"]["world_size"] == 2
-    torchrun(train_overrides(data, run_dir, **{**WANDB_KEYS, "train.batch_size": 4, "train.epochs": 2}), env)
+    # Raising train.epochs changes the schedule: allowed explicitly, and the change is logged to the run.
+    torchrun(train_overrides(data, run_dir, **{**WANDB_KEYS, "train.batch_size": 4, "train.epochs": 2,
+                                               "run.allow_changes": "[train.epochs]"}), env)
     first_again, second = wandb_runs(run_dir)
     assert second.run_id == first.run_id == load(run_dir / "last.pt")["wandb_run_id"]
     assert second.steps == [3, 4]
     assert [h["epoch"] for j in (first, second) for h in j.history if "epoch" in h] == [1, 2]
+    assert second.summary["config_changes"] == {"global_step": 2, "train.epochs": "1 -> 2"}
 
 
 # --- modes and a missing wandb ------------------------------------------------------------------------------
