@@ -278,15 +278,20 @@ def epoch_hooks(run: Run, state: TrainState, budget: JobBudget) -> StepHooks:
 
     def on_log(st: TrainState, rates: dict[str, float]) -> None:
         s = st.sums
-        loss = (s["loss"] / s["count"].clamp(min=1)).item()
-        record = {"train/loss": loss, "lr": rates["lr"], "img_per_s": rates["img_per_s"] * run.env.world_size,
-                  "data_wait": rates["data_wait"], "epoch": st.epoch}
+        count = s["count"].clamp(min=1)
+        loss, top1 = (s["loss"] / count).item(), (s["correct"] / count).item()  # this epoch so far, rank 0's share
+        record = {"train/loss": loss, "train/top1": top1, "lr": rates["lr"],
+                  "img_per_s": rates["img_per_s"] * run.env.world_size, "data_wait": rates["data_wait"],
+                  "epoch": st.epoch}
+        # data_wait: the share of wall time this rank waited for its next batch (the input path's cost).
+        fields = {"loss": loss, "acc": f"{top1:.1%}", "img/s": record["img_per_s"], "lr": rates["lr"],
+                  "data": f"{rates['data_wait']:.0%}"}
         if run.device.type == "cuda":
-            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+            fields["mem"] = f"{record['gpu_mem_gb']:.1f}G"
         run.log.step(record, st.global_step)
         eta = (total - st.global_step) * run.plan.batch_size / max(record["img_per_s"], 1e-9)
-        run.log.progress(st.epoch, cfg.train.epochs, st.step_in_epoch, steps, eta,
-                         {"loss": loss, "img/s": record["img_per_s"], "lr": rates["lr"]})
+        run.log.progress(st.epoch, cfg.train.epochs, st.step_in_epoch, steps, eta, fields)
 
     def on_step(st: TrainState) -> None:
         every = cfg.train.checkpoint_every_steps
