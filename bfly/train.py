@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="preflight: validate config and data (decode every image), print the plan, "
+                             "exit 0 or 2; writes nothing (bfly/preflight.py)")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="with --check: the real run's world size (default: this launch's, or WORLD_SIZE)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser.parse_args(argv)
 
@@ -460,6 +465,10 @@ def _rank_tag(env: DistEnv) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.check:
+        from bfly.preflight import preflight
+
+        return preflight(args.config, args.overrides, args.nproc)
     env = dist_env()
     try:
         cfg = load_config(args.config, args.overrides)
