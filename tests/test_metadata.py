@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bfly.data.metadata import KAGGLE_FILE, DataError, DatasetMeta, Split, load_metadata
+from conftest import MINI_ROOT as MINI, folder_copy
 
 FULL_DATA = Path(os.environ.get("BFLY_FULL_DATA", "/work/fulldata/archive"))
 
@@ -336,27 +337,14 @@ def test_full_kaggle_dataset_loads_fast():
 # --- the folder layout (no CSV): train/<class>/<image>, valid/ or val/, test/ ---------------------
 
 
-MINI = Path(__file__).resolve().parent.parent / "data" / "butterfly-mini"
-
-
-def folder_copy(dst: Path, per_split: dict[str, int] | None = None) -> Path:
-    """butterfly-mini without its CSVs: real split and class folders, images linked (editable, fast).
-    per_split: keep the first N images of each class folder (default: all)."""
-    for split in ("train", "valid", "test"):
-        for class_dir in sorted((MINI / split).iterdir()):
-            (dst / split / class_dir.name).mkdir(parents=True)
-            images = sorted(class_dir.iterdir())
-            for image in images[: (per_split or {}).get(split, len(images))]:
-                (dst / split / class_dir.name / image.name).symlink_to(image)
-    return dst
-
-
 @pytest.fixture
 def folders(tmp_path: Path) -> Path:
-    return folder_copy(tmp_path / "folders")
+    """3 train, 2 valid and 2 test images per class (linking all 400 costs a second per test)."""
+    return folder_copy(tmp_path / "folders", {"train": 3, "valid": 2, "test": 2})
 
 
-def test_folder_layout_numbers_classes_by_sorted_folder_name(folders, mini_root_meta):
+def test_folder_layout_numbers_classes_by_sorted_folder_name(tmp_path, mini_root_meta):
+    folders = folder_copy(tmp_path / "folders")
     meta = load_metadata(folders)
     course = load_metadata(mini_root_meta)
     assert meta.layout == "folders"
@@ -373,7 +361,7 @@ def test_folder_layout_accepts_val_for_valid_and_ignores_hidden_files(folders):
     (folders / "train" / ".DS_Store").write_bytes(b"\0")
     (folders / "train" / "ADONIS" / "._001.jpg").write_bytes(b"\0")  # macOS resource fork
     meta = load_metadata(folders)
-    assert len(meta.splits["valid"].paths) == 50 and len(meta.splits["train"].paths) == 300
+    assert len(meta.splits["valid"].paths) == 20 and len(meta.splits["train"].paths) == 30
 
 
 def test_folder_layout_loads_only_the_requested_splits(folders):
