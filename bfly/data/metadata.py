@@ -208,9 +208,9 @@ def _read_folders(root: Path, splits: tuple[str, ...]) -> DatasetMeta:
             raise DataError(f"{root}: split folder {names} missing (the folder layout has train/, valid/ "
                             "or val/, and test/, each with one folder per class)")
         split_dirs[split] = split_dir
-    # Class ids come from train/'s folders whenever it exists, so that evaluating one split alone
-    # numbers the classes as training did; every split must have the same class folders.
-    reference = root / "train" if (root / "train").is_dir() else split_dirs[splits[0]]
+    # Class ids come from train/'s folders (the layout is detected by it) even when train is not
+    # requested, so that evaluating one split numbers the classes as training did.
+    reference = root / "train"
     class_names = _class_folders(reference)
     for split_dir in split_dirs.values():
         names = _class_folders(split_dir)
