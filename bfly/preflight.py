@@ -34,7 +34,7 @@ from bfly.env import dist_env, world_size_hint
 _CHUNK = 32  # images per pool task: small enough for a smooth progress line
 
 
-def preflight(config: str | None, overrides: list[str], nproc: int | None = None, workers: int = 0) -> int:
+def preflight(config: str | None, overrides: list[str], nproc: int | None = None) -> int:
     """Prints the plan on stdout, progress and problems on stderr; returns 0 or 2."""
     start = time.perf_counter()
     problems: list[str] = []
@@ -59,7 +59,7 @@ def preflight(config: str | None, overrides: list[str], nproc: int | None = None
     if meta is not None:
         reads = list(meta.splits)  # the splits training reads: train and train.eval_splits
         paths = [p for s in reads for p in meta.splits[s].paths]
-        workers = workers or min(32, available_cores())
+        workers = available_cores()  # SLURM's or taskset's CPU set, not the node's
         t0 = time.perf_counter()
         bad = check_images(paths, workers)
         problems += bad

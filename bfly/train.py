@@ -55,7 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, metavar="N",
                         help="with --check: the real run's world size (default: this launch's, or WORLD_SIZE)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.nproc is not None and not args.check:
+        parser.error("--nproc goes with --check (training takes its world size from torchrun or SLURM)")
+    return args
 
 
 def seed_all(*parts: int) -> None:
