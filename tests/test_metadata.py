@@ -439,16 +439,25 @@ def test_a_partial_course_layout_is_not_read_as_folders(folders):
 # --- a CSV over class folders: the CSV is used, disagreements are reported --------------------------
 
 
-def test_csv_label_contradicting_the_images_folder_is_an_error(mini_copy_meta):
+def test_csv_labelling_an_image_as_another_folders_class_is_an_error(mini_copy_meta):
     csv_path = mini_copy_meta / "train.csv"
-    line = next(i for i, r in enumerate(read_lines(csv_path), start=1) if r.startswith("train/ADONIS/"))
-    # Renamed consistently (one id, one name): only the folder tells that the label is wrong.
+    set_line(csv_path, 4, "train/ADONIS/013.jpg,PAINTED LADY,7")  # a valid row, but the folder says ADONIS
+    message = folder_error(mini_copy_meta)
+    assert message.startswith(f"{csv_path}: row 4, column 'labels': 'PAINTED LADY', but the image lies in "
+                              f"class folder {mini_copy_meta / 'train' / 'ADONIS'}; the CSV and the folders disagree")
+
+
+def test_a_class_renamed_in_the_csv_warns_and_the_csv_is_used(mini_copy_meta):
     for split in ("train", "valid", "test"):
         lines = read_lines(mini_copy_meta / f"{split}.csv")
         write_lines(mini_copy_meta / f"{split}.csv", [ln.replace(",ADONIS,", ",MONARCH,") for ln in lines])
-    message = folder_error(mini_copy_meta)
-    assert message.startswith(f"{csv_path}: row {line}, column 'labels': 'MONARCH', but the image lies in "
-                              f"class folder {mini_copy_meta / 'train' / 'ADONIS'}")
+    with pytest.warns(UserWarning) as record:
+        meta = load_metadata(mini_copy_meta)
+    assert meta.class_names[0] == "MONARCH"
+    assert [str(w.message) for w in record] == [
+        f"{mini_copy_meta / split}.csv: the CSV's classes of split {split!r} differ from the class folders in "
+        f"{mini_copy_meta / split} (only in the CSV: ['MONARCH']; only in {split}: ['ADONIS']); the CSV is used"
+        for split in ("train", "valid", "test")]
 
 
 def test_csv_with_fewer_classes_than_folders_warns_and_is_used(mini_copy_meta):

@@ -8,8 +8,8 @@ Three layouts are read:
   ``valid/`` (or ``val/``) and ``test/`` alike; class ids are the sorted folder names' positions.
 
 A CSV wins over folders. Paths in the CSVs are relative to the dataset root. Where the images also
-lie in class folders, a CSV row labelled differently from its image's folder is an error; class
-sets or ids that differ from the folders' are a warning (a CSV may select or renumber classes).
+lie in class folders, an image labelled in the CSV as another folder's class is an error; class
+sets or ids that differ from the folders' are a warning (a CSV may rename, select or renumber classes).
 Validation never decodes an image, so it is cheap enough to run on every start-up, and every error
 names the CSV file, the row (its 1-based line number, header = line 1) and the column, or the
 folder or file, so the culprit can be found in an editor or a shell.
@@ -239,14 +239,12 @@ def _set_difference(a: Sequence[str], b: Sequence[str], a_name: str, b_name: str
 
 
 def _compare_with_folders(root: Path, by_split: dict[str, list[_Row]], class_names: tuple[str, ...]) -> None:
-    """Where a CSV's images also lie in class folders, say where the two disagree (the CSV is used)."""
-    for split, rows in by_split.items():
-        for row in rows:
-            parts = os.path.relpath(row.path, root).split(os.sep)
-            if len(parts) == 3 and parts[0] in SPLIT_FOLDERS[split] and parts[1] != row.name:
-                raise _cell_error(row.file, row.line, "labels",
-                                  f"{row.name!r}, but the image lies in class folder {root / parts[0] / parts[1]}; "
-                                  "the CSV and the folders disagree (fix the row or move the image)")
+    """Where a CSV's images also lie in class folders, say where the two disagree; the CSV is used.
+
+    An image in folder X labelled as another folder's class Y is an error: the two layouts give it
+    different classes and one of them is wrong. Class sets or ids that differ are a warning: a CSV
+    may rename, select or renumber classes on purpose.
+    """
     for split, rows in by_split.items():
         split_dir = next((root / name for name in SPLIT_FOLDERS[split] if (root / name).is_dir()), None)
         if split_dir is None or not rows:
@@ -254,6 +252,13 @@ def _compare_with_folders(root: Path, by_split: dict[str, list[_Row]], class_nam
         folders = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
         if not folders:
             continue  # images flat in the split folder: no folder layout to compare with
+        for row in rows:
+            parent = os.path.dirname(os.path.normpath(row.path))
+            if os.path.dirname(parent) == str(split_dir) and os.path.basename(parent) != row.name \
+                    and row.name in folders:
+                raise _cell_error(row.file, row.line, "labels",
+                                  f"{row.name!r}, but the image lies in class folder {parent}; the CSV and the "
+                                  "folders disagree about this image (fix the row or move the image)")
         labels = sorted({row.name for row in rows})
         if labels != folders:
             warnings.warn(f"{rows[0].file}: the CSV's classes of split {split!r} differ from the class folders "
