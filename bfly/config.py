@@ -40,7 +40,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str = _opt("data/butterfly-mini", "dataset folder (course or Kaggle CSV layout)", operational=True)
+    root: str = _opt("data/butterfly-mini", "dataset folder (course or Kaggle CSV layout, or class folders)",
+                     operational=True)
     input: str = _opt("pil", "input path: PIL workers, or decoded cache + GPU augmentation", ("pil", "cached"))
     preset: str = _opt("seed", "train augmentation preset", ("seed", "timm"))
     image_size: int = _opt(224, "training/eval image size (square)")

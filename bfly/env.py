@@ -53,6 +53,11 @@ def dist_env() -> DistEnv:
     return DistEnv(0, 0, 1, 1, "single", "env://")
 
 
+def world_size_hint() -> int | None:
+    """WORLD_SIZE on its own (no RANK): how many processes a run checked beforehand will have."""
+    return _int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else None
+
+
 def _slurm_env() -> DistEnv:
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:

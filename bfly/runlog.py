@@ -72,11 +72,13 @@ class RunLog:
     def warn(self, msg: str) -> None:
         self.info(f"warning: {msg}")
 
-    def progress(self, epoch: int, epochs: int, step: int, steps: int, eta_s: float, fields: dict[str, float]) -> None:
+    def progress(self, epoch: int, epochs: int, step: int, steps: int, eta_s: float,
+                 fields: dict[str, float | str]) -> None:
+        """One plain line; numbers get 4 significant digits, strings (already formatted) pass as they are."""
         if not self.is_main:
             return
         text = f"epoch {epoch + 1}/{epochs} step {step}/{steps} eta {_hms(eta_s)} " + " ".join(
-            f"{k} {v:.4g}" for k, v in fields.items())
+            f"{k} {v}" if isinstance(v, str) else f"{k} {v:.4g}" for k, v in fields.items())
         if self.tty:
             sys.stdout.write("\r" + text + "\033[K")
             sys.stdout.flush()

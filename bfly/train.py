@@ -55,8 +55,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="preflight: validate config and data (decode every image), print the plan, "
+                             "exit 0 or 2; writes nothing (bfly/preflight.py)")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="with --check: the real run's world size (default: this launch's, or WORLD_SIZE)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    return parser.parse_intermixed_args(argv)  # overrides before or after --config
+    args = parser.parse_intermixed_args(argv)  # overrides before or after --config
+    if args.nproc is not None and not args.check:
+        parser.error("--nproc goes with --check (training takes its world size from torchrun or SLURM)")
+    return args
 
 
 def seed_all(*parts: int) -> None:
@@ -290,17 +298,17 @@ def restore(run: Run, saved: dict[str, Any], source: Path) -> TrainState:
     return state
 
 
-def resume_changes(run: Run, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+def resume_changes(cfg: Config, meta: DatasetMeta, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """Keys whose change alters the optimisation or the data, between the checkpoint and this run."""
-    old, new = flat(saved.get("config", {})), flat(to_dict(run.cfg))
+    old, new = flat(saved.get("config", {})), flat(to_dict(cfg))
     changes = changed_keys(old, new)
-    names = list(run.meta.class_names)
+    names = list(meta.class_names)
     if "class_names" in saved and list(saved["class_names"]) != names:
         before = list(saved["class_names"])
         first = next((i for i, (a, b) in enumerate(zip(before, names)) if a != b), min(len(before), len(names)))
         changes.append((f"data.class_names[{first}]", before[first] if first < len(before) else None,
                         names[first] if first < len(names) else None))
-    images = len(run.meta.splits["train"].paths)
+    images = len(meta.splits["train"].paths)
     if "train_images" in saved and saved["train_images"] != images:
         changes.append(("data.train_images", saved["train_images"], images))
     return changes
@@ -314,10 +322,10 @@ def _show(changes: list[tuple[str, Any, Any]]) -> str:
     return "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
 
 
-def check_edited_config(run: Run, saved: dict[str, Any]) -> None:
+def check_edited_config(cfg: Config, run_dir: Path, saved: dict[str, Any]) -> None:
     """The run directory's config.yaml describes its checkpoints; an edit of it is not read by bfly and
     would be overwritten: say so instead of discarding it."""
-    path = run.run_dir / "config.yaml"
+    path = run_dir / "config.yaml"
     if not path.exists():
         return
     try:
@@ -327,18 +335,20 @@ def check_edited_config(run: Run, saved: dict[str, Any]) -> None:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read it ({e}); restore it or remove it") from None
     edits = changed_keys(flat(saved.get("config", {})), on_disk)
-    if edits and changed_keys(on_disk, flat(to_dict(run.cfg))):
+    if edits and changed_keys(on_disk, flat(to_dict(cfg))):
         raise ConfigError(
             f"{path} was edited after its checkpoint ({_show(edits)}) and this run was started with other "
             f"settings; bfly does not read that file: start with --config {path} to use the edit "
             f"(with run.allow_changes=[{','.join(k for k, _, _ in edits)}]) or undo it")
 
 
-def check_resume(run: Run, saved: dict[str, Any], source: Path) -> list[tuple[str, Any, Any]]:
-    """Refuses a resume that would silently change the optimisation or the data; returns the allowed changes."""
-    check_edited_config(run, saved)
-    changes = resume_changes(run, saved)
-    refused = [c for c in changes if _key_of(c) not in run.cfg.run.allow_changes]
+def check_resume(cfg: Config, meta: DatasetMeta, run_dir: Path, saved: dict[str, Any],
+                 source: Path) -> list[tuple[str, Any, Any]]:
+    """Refuses a resume that would silently change the optimisation or the data; returns the allowed changes.
+    Also used by the preflight (bfly.preflight)."""
+    check_edited_config(cfg, run_dir, saved)
+    changes = resume_changes(cfg, meta, saved)
+    refused = [c for c in changes if _key_of(c) not in cfg.run.allow_changes]
     if refused:
         keys = ",".join(dict.fromkeys(_key_of(c) for c in refused))
         raise ConfigError(
@@ -360,7 +370,7 @@ def load_start_state(run: Run) -> tuple[TrainState, list[tuple[str, Any, Any]]]:
     saved, source = found
     ckpt.check_compatible(saved, source, run.cfg.model.name, run.meta.num_classes)
     ckpt.check_resumable(saved, source)
-    changes = check_resume(run, saved, source)
+    changes = check_resume(run.cfg, run.meta, run.run_dir, saved, source)
     state = restore(run, saved, source)
     run.writer.intact[ckpt.LAST] = state.global_step
     run.log.info(f"resumed from {source}: "
@@ -403,15 +413,20 @@ def epoch_hooks(run: Run, state: TrainState, budget: JobBudget) -> StepHooks:
 
     def on_log(st: TrainState, rates: dict[str, float]) -> None:
         s = st.sums
-        loss = (s["loss"] / s["count"].clamp(min=1)).item()
-        record = {"train/loss": loss, "lr": rates["lr"], "img_per_s": rates["img_per_s"] * run.env.world_size,
-                  "data_wait": rates["data_wait"], "epoch": st.epoch}
+        count = s["count"].clamp(min=1)
+        loss, top1 = (s["loss"] / count).item(), (s["correct"] / count).item()  # this epoch so far, rank 0's share
+        record = {"train/loss": loss, "train/top1": top1, "lr": rates["lr"],
+                  "img_per_s": rates["img_per_s"] * run.env.world_size, "data_wait": rates["data_wait"],
+                  "epoch": st.epoch}
+        # data_wait: the share of wall time this rank waited for its next batch (the input path's cost).
+        fields = {"loss": loss, "acc": f"{top1:.1%}", "img/s": record["img_per_s"], "lr": rates["lr"],
+                  "data": f"{rates['data_wait']:.0%}"}
         if run.device.type == "cuda":
-            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+            fields["mem"] = f"{record['gpu_mem_gb']:.1f}G"
         run.log.step(record, st.global_step)
         eta = (total - st.global_step) * run.plan.batch_size / max(record["img_per_s"], 1e-9)
-        run.log.progress(st.epoch, cfg.train.epochs, st.step_in_epoch, steps, eta,
-                         {"loss": loss, "img/s": record["img_per_s"], "lr": rates["lr"]})
+        run.log.progress(st.epoch, cfg.train.epochs, st.step_in_epoch, steps, eta, fields)
 
     def on_step(st: TrainState) -> None:
         every = cfg.train.checkpoint_every_steps
@@ -689,6 +704,10 @@ class Result:
 def run_job(argv: list[str] | None = None) -> Result:
     """The command: parse, train, map the outcome and the errors to an exit status (module docstring)."""
     args = parse_args(argv)
+    if args.check:
+        from bfly.preflight import preflight
+
+        return Result(preflight(args.config, args.overrides, args.nproc), None)
     env = dist_env()
     # Before any start-up work, so that a stop signal at any time ends the job cleanly (no traceback).
     stop = StopRequest().install()

@@ -4,7 +4,7 @@ bfly.train imports this module lazily; its `import wandb` is what makes wandb op
 
 What a run shows on the dashboard:
 - config: the resolved config, plus a `job` section (world size, classes, images, device);
-- per logged optimizer step (wandb step = global optimizer step): train/loss, train/lr,
+- per logged optimizer step (wandb step = global optimizer step): train/loss, train/top1, train/lr,
   train/img_per_s, train/data_wait, train/epoch, train/gpu_mem_gb (CUDA);
 - per epoch, against `epoch` (epochs completed): epoch/train_top1, epoch/valid_top1, ... every
   number of the metrics.jsonl record;

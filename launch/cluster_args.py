@@ -26,6 +26,8 @@ EXAMPLES = """examples:
   python -m launch.submit --gpus-per-node 4 --array --config configs/vgg19_bn.yaml --config configs/resnet50.yaml
   # what would be submitted
   python -m launch.submit --dry-run --gpus-per-node 4 --config configs/resnet50.yaml
+  # check config and data (every image decoded) here, then submit
+  python -m launch.submit --check --gpus-per-node 4 --config configs/resnet50.yaml
   # the same job on this machine, 2 CPU processes, no SLURM
   python -m launch.submit --cluster local --gpus-per-node 0 --tasks-per-node 2 --config configs/demo_cpu.yaml
 """
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--group", help="wandb group of the runs (default for several configs: sweep-<time>)")
     out = p.add_argument_group("output")
     out.add_argument("--dry-run", action="store_true", help="print the sbatch file and run directories; submit nothing")
+    out.add_argument("--check", action="store_true",
+                     help="first run bfly's preflight for each run here (python -m bfly.train --check: config, every "
+                          "image decoded, the plan); submit nothing if it finds a problem")
     out.add_argument("--wait", action="store_true",
                      help="wait for the jobs and print their results (always on for --cluster local/debug)")
     train = p.add_argument_group("training (passed to bfly.train)")

@@ -31,6 +31,15 @@ def submission_groups(args: argparse.Namespace, specs: list[TrainSpec]) -> list[
     return [(s.run_dir / "submitit", args.job_name or f"bfly-{s.name}", [s]) for s in specs]
 
 
+def preflight(args: argparse.Namespace, specs: list[TrainSpec]) -> bool:
+    """bfly.train --check for each run, at the world size the job will have; True if all pass."""
+    from bfly.train import main as train_main
+
+    world = args.nodes * args.tasks_per_node
+    # A list, not a generator: every run is checked, so every problem is listed at once.
+    return all([train_main(["--check", "--nproc", str(world), *spec.train_args]) == 0 for spec in specs])
+
+
 def make_job(args: argparse.Namespace, spec: TrainSpec) -> TrainJob:
     return TrainJob(spec.train_args, str(spec.run_dir), str(Path.cwd()), threads=args.cpus_per_task)
 
@@ -92,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch.submit: error: {e}", file=sys.stderr)
         return 2
     groups = submission_groups(args, specs)
+    if args.check and not preflight(args, specs):
+        print("launch.submit: the preflight found problems (listed above): nothing submitted", file=sys.stderr)
+        return 2
     if args.dry_run:
         dry_run(args, groups)
         return 0

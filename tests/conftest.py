@@ -91,3 +91,18 @@ def torchrun(nproc: int, module: str, args: list[str], timeout: float = 300, **p
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 # --- end of training fixtures ---
+
+# --- folder layout (no CSV) fixtures ---
+
+
+def folder_copy(dst: Path, per_class: dict[str, int] | None = None) -> Path:
+    """butterfly-mini in the folder layout without its CSVs: real split and class folders, images linked
+    (editable, fast). per_class: keep the first N images of each class folder of a split (default: all)."""
+    for split in ("train", "valid", "test"):
+        for class_dir in sorted((MINI_ROOT / split).iterdir()):
+            (dst / split / class_dir.name).mkdir(parents=True)
+            images = sorted(class_dir.iterdir())
+            for image in images[: (per_class or {}).get(split, len(images))]:
+                (dst / split / class_dir.name / image.name).symlink_to(image)
+    return dst
+# --- end of folder layout fixtures ---

@@ -1,12 +1,14 @@
 """Spec of load_metadata: both CSV layouts, and a clear DataError for every kind of broken metadata."""
 
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from bfly.data.metadata import KAGGLE_FILE, DataError, DatasetMeta, Split, load_metadata
+from conftest import MINI_ROOT as MINI, folder_copy
 
 FULL_DATA = Path(os.environ.get("BFLY_FULL_DATA", "/work/fulldata/archive"))
 
@@ -331,3 +333,164 @@ def test_full_kaggle_dataset_loads_fast():
     assert meta.layout == "kaggle" and meta.num_classes == 100
     assert {name: len(s.paths) for name, s in meta.splits.items()} == {"train": 12594, "valid": 500, "test": 500}
     assert seconds < 2.0
+
+
+# --- the folder layout (no CSV): train/<class>/<image>, valid/ or val/, test/ ---------------------
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> Path:
+    """3 train, 2 valid and 2 test images per class (linking all 400 costs a second per test)."""
+    return folder_copy(tmp_path / "folders", {"train": 3, "valid": 2, "test": 2})
+
+
+def test_folder_layout_numbers_classes_by_sorted_folder_name(tmp_path, mini_root_meta):
+    folders = folder_copy(tmp_path / "folders")
+    meta = load_metadata(folders)
+    course = load_metadata(mini_root_meta)
+    assert meta.layout == "folders"
+    assert meta.class_names == tuple(sorted(p.name for p in (folders / "train").iterdir()))
+    assert meta.class_names == course.class_names  # the mini CSVs number the classes the same way
+    assert {name: len(s.paths) for name, s in meta.splits.items()} == {"train": 300, "valid": 50, "test": 50}
+    for name in ("train", "valid", "test"):
+        assert [(os.path.relpath(p, folders), y) for p, y in pairs(meta.splits[name])] == \
+               [(os.path.relpath(p, mini_root_meta), y) for p, y in pairs(course.splits[name])]
+
+
+def test_folder_layout_accepts_val_for_valid_and_ignores_hidden_files(folders):
+    (folders / "valid").rename(folders / "val")
+    (folders / "train" / ".DS_Store").write_bytes(b"\0")
+    (folders / "train" / "ADONIS" / "._001.jpg").write_bytes(b"\0")  # macOS resource fork
+    meta = load_metadata(folders)
+    assert len(meta.splits["valid"].paths) == 20 and len(meta.splits["train"].paths) == 30
+
+
+def test_folder_layout_loads_only_the_requested_splits(folders):
+    shutil.rmtree(folders / "test")
+    assert list(load_metadata(folders, splits=("train", "valid")).splits) == ["train", "valid"]
+
+
+def test_folder_layout_evaluating_one_split_numbers_classes_as_training(folders):
+    assert load_metadata(folders, splits=("valid",)).class_names == load_metadata(folders).class_names
+
+
+def folder_error(root: Path, **kw) -> str:
+    with pytest.raises(DataError) as error:
+        load_metadata(root, **kw)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_folder_layout_missing_split_folder(folders):
+    shutil.rmtree(folders / "test")
+    message = folder_error(folders)
+    assert f"{folders}: split folder test/ missing" in message
+
+
+def test_folder_layout_both_valid_and_val(folders):
+    shutil.copytree(folders / "valid", folders / "val", symlinks=True)
+    assert f"{folders}: both valid/ and val/ exist" in folder_error(folders)
+
+
+def test_folder_layout_empty_class_folder(folders):
+    shutil.rmtree(folders / "valid" / "ADONIS")
+    (folders / "valid" / "ADONIS").mkdir()
+    assert folder_error(folders) == f"{folders / 'valid' / 'ADONIS'}: class folder has no images"
+
+
+def test_folder_layout_class_sets_differ_between_splits(folders):
+    shutil.rmtree(folders / "valid" / "ADONIS")
+    (folders / "valid" / "MONARCH").mkdir()
+    message = folder_error(folders)
+    assert message.startswith(f"{folders / 'valid'}: class folders differ from {folders / 'train'}'s")
+    assert "only in valid: ['MONARCH']" in message and "only in train: ['ADONIS']" in message
+
+
+def test_folder_layout_non_image_files_are_named(folders):
+    for name in ("notes.txt", "labels.csv"):
+        (folders / "train" / "ADONIS" / name).write_text("x")
+    message = folder_error(folders)
+    assert message.startswith(f"{folders / 'train' / 'ADONIS'}: 2 file(s) that are not images")
+    assert str(folders / "train" / "ADONIS" / "labels.csv") in message and ".jpg" in message
+
+
+def test_folder_layout_image_directly_in_a_split_folder(folders):
+    (folders / "test" / "stray.jpg").symlink_to(MINI / "test" / "ADONIS" / "001.jpg")
+    assert folder_error(folders).startswith(f"{folders / 'test' / 'stray.jpg'}: a file directly in the split folder")
+
+
+def test_folder_layout_nested_folder_in_a_class(folders):
+    (folders / "train" / "ADONIS" / "more").mkdir()
+    assert folder_error(folders).startswith(f"{folders / 'train' / 'ADONIS' / 'more'}: a folder inside class folder")
+
+
+def test_folder_layout_split_without_class_folders(folders):
+    shutil.rmtree(folders / "valid")
+    (folders / "valid").mkdir()
+    assert folder_error(folders).startswith(f"{folders / 'valid'}: no class folders")
+
+
+def test_a_partial_course_layout_is_not_read_as_folders(folders):
+    (folders / "train.csv").write_text((MINI / "train.csv").read_text())
+    message = folder_error(folders)
+    assert "no dataset metadata found" in message and "missing: valid.csv, test.csv" in message
+
+
+# --- a CSV over class folders: the CSV is used, disagreements are reported --------------------------
+
+
+def test_csv_labelling_an_image_as_another_folders_class_is_an_error(mini_copy_meta):
+    csv_path = mini_copy_meta / "train.csv"
+    set_line(csv_path, 4, "train/ADONIS/013.jpg,PAINTED LADY,7")  # a valid row, but the folder says ADONIS
+    message = folder_error(mini_copy_meta)
+    assert message.startswith(f"{csv_path}: row 4, column 'labels': 'PAINTED LADY', but the image lies in "
+                              f"class folder {mini_copy_meta / 'train' / 'ADONIS'}; the CSV and the folders disagree")
+
+
+def test_a_class_renamed_in_the_csv_warns_and_the_csv_is_used(mini_copy_meta):
+    for split in ("train", "valid", "test"):
+        lines = read_lines(mini_copy_meta / f"{split}.csv")
+        write_lines(mini_copy_meta / f"{split}.csv", [ln.replace(",ADONIS,", ",MONARCH,") for ln in lines])
+    with pytest.warns(UserWarning) as record:
+        meta = load_metadata(mini_copy_meta)
+    assert meta.class_names[0] == "MONARCH"
+    assert [str(w.message) for w in record] == [
+        f"{mini_copy_meta / split}.csv: the CSV's classes of split {split!r} differ from the class folders in "
+        f"{mini_copy_meta / split} (only in the CSV: ['MONARCH']; only in {split}: ['ADONIS']); the CSV is used"
+        for split in ("train", "valid", "test")]
+
+
+def test_csv_with_fewer_classes_than_folders_warns_and_is_used(mini_copy_meta):
+    for split in ("train", "valid", "test"):
+        lines = read_lines(mini_copy_meta / f"{split}.csv")
+        write_lines(mini_copy_meta / f"{split}.csv", [ln for ln in lines if not ln.endswith(",9")])
+    with pytest.warns(UserWarning) as record:
+        meta = load_metadata(mini_copy_meta)
+    assert meta.num_classes == 9
+    assert [str(w.message) for w in record] == [
+        f"{mini_copy_meta / split}.csv: the CSV's classes of split {split!r} differ from the class folders in "
+        f"{mini_copy_meta / split} (only in {split}: ['SOUTHERN DOGFACE']); the CSV is used"
+        for split in ("train", "valid", "test")]
+
+
+def test_csv_ids_in_another_order_than_the_folders_warn(mini_copy_meta):
+    for split in ("train", "valid", "test"):  # swap ids 0 and 1
+        lines = read_lines(mini_copy_meta / f"{split}.csv")
+        swapped = [ln[:-2] + {",0": ",1", ",1": ",0"}.get(ln[-2:], ln[-2:]) for ln in lines[1:]]
+        write_lines(mini_copy_meta / f"{split}.csv", lines[:1] + swapped)
+    with pytest.warns(UserWarning, match="class ids differ from the sorted class folders' order") as record:
+        meta = load_metadata(mini_copy_meta)
+    assert "'ADONIS' is 1, folder order 0" in str(record[0].message)
+    assert meta.class_names[:2] == ("BANDED TIGER MOTH", "ADONIS")
+
+
+@pytest.mark.skipif(not (FULL_DATA / KAGGLE_FILE).is_file(), reason=f"full dataset not at {FULL_DATA}")
+def test_full_dataset_as_folders_matches_its_csv(tmp_path):
+    for split in ("train", "valid", "test"):
+        (tmp_path / split).symlink_to(FULL_DATA / split, target_is_directory=True)
+    folders, kaggle = load_metadata(tmp_path), load_metadata(FULL_DATA)
+    assert folders.class_names == kaggle.class_names
+    for name in ("train", "valid", "test"):
+        relative = [(os.path.relpath(p, tmp_path), y) for p, y in pairs(folders.splits[name])]
+        assert relative == [(os.path.relpath(p, FULL_DATA), y) for p, y in pairs(kaggle.splits[name])]

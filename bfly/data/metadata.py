@@ -1,13 +1,18 @@
-"""Dataset metadata: find the CSV layout, read it, and validate it before training starts.
+"""Dataset metadata: find the layout, read it, and validate it before training starts.
 
-Two layouts of the Butterfly & Moths dataset are in use:
+Three layouts are read:
 
 - "course": ``train.csv``, ``valid.csv``, ``test.csv`` with columns ``filepaths,labels,label_id``;
-- "kaggle": one ``butterflies and moths.csv`` with columns ``class id,filepaths,labels,data set``.
+- "kaggle": one ``butterflies and moths.csv`` with columns ``class id,filepaths,labels,data set``;
+- "folders": no CSV at all, torchvision's ImageFolder arrangement: ``train/<class>/<image>``,
+  ``valid/`` (or ``val/``) and ``test/`` alike; class ids are the sorted folder names' positions.
 
-Paths in the CSVs are relative to the dataset root. Validation never decodes an image, so it is
-cheap enough to run on every start-up, and every error names the CSV file, the row (its 1-based
-line number, header = line 1) and the column, so a broken row can be found in an editor.
+A CSV wins over folders. Paths in the CSVs are relative to the dataset root. Where the images also
+lie in class folders, an image labelled in the CSV as another folder's class is an error; class
+sets or ids that differ from the folders' are a warning (a CSV may rename, select or renumber classes).
+Validation never decodes an image, so it is cheap enough to run on every start-up, and every error
+names the CSV file, the row (its 1-based line number, header = line 1) and the column, or the
+folder or file, so the culprit can be found in an editor or a shell.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ COURSE_FILES = {name: f"{name}.csv" for name in SPLIT_NAMES}
 COURSE_COLUMNS = ("filepaths", "labels", "label_id")
 KAGGLE_FILE = "butterflies and moths.csv"
 KAGGLE_COLUMNS = ("class id", "filepaths", "labels", "data set")
+FOLDERS = "folders"
+SPLIT_FOLDERS = {"train": ("train",), "valid": ("valid", "val"), "test": ("test",)}
+# torchvision's ImageFolder extensions; compared in lower case.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _MISSING_VALUES = ("", "nan")  # pandas writes NaN as an empty cell; str(NaN) gives "nan"
@@ -87,6 +96,8 @@ def load_metadata(
     if not root.is_dir():
         raise DataError(f"{root}: dataset root is not a directory")
     layout = _detect_layout(root, splits)
+    if layout == FOLDERS:
+        return _read_folders(root, splits)
     if layout == "course":
         rows = [row for split in splits for row in _read_course_split(root, split)]
         id_column = "label_id"
@@ -98,6 +109,7 @@ def load_metadata(
     class_names = _class_names(rows, id_column)
     if check_files:
         _check_files_exist(by_split)
+        _compare_with_folders(root, by_split, class_names)
     _warn_duplicates(by_split)
     return DatasetMeta(
         root=root,
@@ -122,17 +134,142 @@ def _check_split_names(splits: Sequence[str]) -> tuple[str, ...]:
 
 
 def _detect_layout(root: Path, splits: tuple[str, ...]) -> str:
-    # Course files win when both layouts are present; the layout field tells which was used.
+    # Course files win when both CSV layouts are present; the layout field tells which was used.
     if all((root / COURSE_FILES[s]).is_file() for s in splits):
         return "course"
     if (root / KAGGLE_FILE).is_file():
         return "kaggle"
+    any_csv = any((root / name).is_file() for name in COURSE_FILES.values())
+    # Folders only when there is no CSV at all: an incomplete course layout is a mistake to report,
+    # not a reason to read something else.
+    if not any_csv and (root / "train").is_dir():
+        return FOLDERS
     course = ", ".join(COURSE_FILES[s] for s in splits)
     missing = ", ".join(COURSE_FILES[s] for s in splits if not (root / COURSE_FILES[s]).is_file())
     raise DataError(
-        f"{root}: no dataset metadata found; expected either the course layout ({course}; "
-        f"missing: {missing}) or the Kaggle layout ('{KAGGLE_FILE}')"
+        f"{root}: no dataset metadata found; expected the course layout ({course}; "
+        f"missing: {missing}), the Kaggle layout ('{KAGGLE_FILE}') or, with no CSV at all, "
+        "class folders (train/<class>/<image>, valid/ or val/, test/)"
     )
+
+
+# --- the folder layout ---------------------------------------------------------------------------
+
+
+def _split_folder(root: Path, split: str) -> Path | None:
+    found = [root / name for name in SPLIT_FOLDERS[split] if (root / name).is_dir()]
+    if len(found) > 1:
+        raise DataError(f"{root}: both {found[0].name}/ and {found[1].name}/ exist; keep one as the "
+                        f"{split!r} split")
+    return found[0] if found else None
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    """The sorted class folder names of a split folder; a loose file there has no class."""
+    names = []
+    for entry in os.scandir(split_dir):
+        if entry.name.startswith("."):
+            continue  # .DS_Store and friends
+        if not entry.is_dir():
+            raise DataError(f"{entry.path}: a file directly in the split folder has no class; "
+                            f"images go in {split_dir}/<class>/")
+        names.append(entry.name)
+    if not names:
+        raise DataError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<image>)")
+    return sorted(names)
+
+
+def _images_of(class_dir: Path) -> list[str]:
+    images, others = [], []
+    for entry in os.scandir(class_dir):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            raise DataError(f"{entry.path}: a folder inside class folder {class_dir.name!r}; the folder "
+                            "layout is one level of class folders holding images")
+        (images if entry.name.lower().endswith(IMAGE_EXTENSIONS) else others).append(entry.path)
+    if others:
+        others.sort()
+        raise DataError(
+            f"{class_dir}: {len(others)} file(s) that are not images (first {min(len(others), _MAX_LISTED)}: "
+            f"{'; '.join(others[:_MAX_LISTED])}); image extensions: {' '.join(IMAGE_EXTENSIONS)}"
+        )
+    if not images:
+        raise DataError(f"{class_dir}: class folder has no images")
+    return sorted(images)
+
+
+def _read_folders(root: Path, splits: tuple[str, ...]) -> DatasetMeta:
+    split_dirs = {}
+    for split in splits:
+        split_dir = _split_folder(root, split)
+        if split_dir is None:
+            names = " or ".join(f"{name}/" for name in SPLIT_FOLDERS[split])
+            raise DataError(f"{root}: split folder {names} missing (the folder layout has train/, valid/ "
+                            "or val/, and test/, each with one folder per class)")
+        split_dirs[split] = split_dir
+    # Class ids come from train/'s folders (the layout is detected by it) even when train is not
+    # requested, so that evaluating one split numbers the classes as training did.
+    reference = root / "train"
+    class_names = _class_folders(reference)
+    for split_dir in split_dirs.values():
+        names = _class_folders(split_dir)
+        if names != class_names:
+            raise DataError(f"{split_dir}: class folders differ from {reference}'s "
+                            f"({_set_difference(names, class_names, split_dir.name, reference.name)}); "
+                            "every split needs the same class folders")
+    ids = {name: i for i, name in enumerate(class_names)}
+    built = {}
+    for split, split_dir in split_dirs.items():
+        paths, labels = [], []
+        for name in class_names:
+            images = _images_of(split_dir / name)
+            paths += images
+            labels += [ids[name]] * len(images)
+        built[split] = Split(name=split, paths=tuple(paths), labels=tuple(labels))
+    return DatasetMeta(root=root, layout=FOLDERS, class_names=tuple(class_names), splits=built)
+
+
+def _set_difference(a: Sequence[str], b: Sequence[str], a_name: str, b_name: str) -> str:
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    parts = [f"only in {name}: {missing[:_MAX_LISTED]}" + (f" and {len(missing) - _MAX_LISTED} more"
+                                                             if len(missing) > _MAX_LISTED else "")
+             for name, missing in ((a_name, only_a), (b_name, only_b)) if missing]
+    return "; ".join(parts)
+
+
+def _compare_with_folders(root: Path, by_split: dict[str, list[_Row]], class_names: tuple[str, ...]) -> None:
+    """Where a CSV's images also lie in class folders, say where the two disagree; the CSV is used.
+
+    An image in folder X labelled as another folder's class Y is an error: the two layouts give it
+    different classes and one of them is wrong. Class sets or ids that differ are a warning: a CSV
+    may rename, select or renumber classes on purpose.
+    """
+    for split, rows in by_split.items():
+        split_dir = next((root / name for name in SPLIT_FOLDERS[split] if (root / name).is_dir()), None)
+        if split_dir is None or not rows:
+            continue
+        folders = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+        if not folders:
+            continue  # images flat in the split folder: no folder layout to compare with
+        for row in rows:
+            parent = os.path.dirname(os.path.normpath(row.path))
+            if os.path.dirname(parent) == str(split_dir) and os.path.basename(parent) != row.name \
+                    and row.name in folders:
+                raise _cell_error(row.file, row.line, "labels",
+                                  f"{row.name!r}, but the image lies in class folder {parent}; the CSV and the "
+                                  "folders disagree about this image (fix the row or move the image)")
+        labels = sorted({row.name for row in rows})
+        if labels != folders:
+            warnings.warn(f"{rows[0].file}: the CSV's classes of split {split!r} differ from the class folders "
+                          f"in {split_dir} ({_set_difference(labels, folders, 'the CSV', split_dir.name)}); "
+                          "the CSV is used", stacklevel=3)
+        elif split == "train" and tuple(folders) != class_names:
+            moved = [f"{n!r} is {class_names.index(n)}, folder order {i}"
+                     for i, n in enumerate(folders) if class_names[i] != n]
+            warnings.warn(f"{rows[0].file}: class ids differ from the sorted class folders' order in {split_dir} "
+                          f"({'; '.join(moved[:_MAX_LISTED])}); the CSV's ids are used, the folder layout "
+                          "alone would number the classes differently", stacklevel=3)
 
 
 def _read_course_split(root: Path, split: str) -> list[_Row]:

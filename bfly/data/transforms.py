@@ -1,19 +1,24 @@
 """Image transform presets (PIL image -> normalised float tensor) and the Mixup/CutMix factory.
 
-timm is used here only for its augmentation utilities; every transform first converts the image
+timm is used here only for its augmentation utilities, and imported only inside the functions that
+use them: importing timm costs about a second (and it imports wandb), which every rank of every
+restart would pay even with the "seed" preset and no mixup. Every transform first converts the image
 to RGB, so grayscale, CMYK, RGBA and palette images are all valid inputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from PIL import Image
-from timm.data import Mixup, create_transform
-from timm.data import auto_augment as timm_aa
 from torchvision import transforms
 
 from bfly.data.pil_input import to_rgb
+
+if TYPE_CHECKING:
+    from timm.data import Mixup
+    from timm.data.auto_augment import AugmentOp
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,6 +61,8 @@ def build_train_transform(
     if preset == "timm":
         if not 0.0 <= reprob <= 1.0:
             raise ValueError(f"reprob must be in [0, 1], got {reprob}")
+        from timm.data import create_transform
+
         timm_transform = create_transform(
             input_size=image_size,
             is_training=True,
@@ -96,6 +103,8 @@ def build_mixup(mixup_alpha: float, cutmix_alpha: float, label_smoothing: float,
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if mixup_alpha == 0 and cutmix_alpha == 0:
         return None
+    from timm.data import Mixup
+
     return Mixup(
         mixup_alpha=mixup_alpha,
         cutmix_alpha=cutmix_alpha,
@@ -112,6 +121,8 @@ def posterize_or_black(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.I
     policies), but Pillow 13 raises ValueError, which kills a DataLoader worker mid-epoch. Black
     rather than clamping to 1 bit keeps the augmentation identical across Pillow versions.
     """
+    from timm.data import auto_augment as timm_aa
+
     if bits_to_keep < 1:
         return Image.new(img.mode, img.size)
     return timm_aa.posterize(img, bits_to_keep, **kwargs)
@@ -119,12 +130,16 @@ def posterize_or_black(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.I
 
 def fix_zero_bit_posterize(transform: Callable) -> None:
     """Swap posterize_or_black into the posterize ops of this one transform (not timm globally)."""
+    from timm.data import auto_augment as timm_aa
+
     for op in _augment_ops(transform):
         if op.aug_fn is timm_aa.posterize:
             op.aug_fn = posterize_or_black
 
 
-def _augment_ops(transform: Callable) -> Iterator[timm_aa.AugmentOp]:
+def _augment_ops(transform: Callable) -> Iterator[AugmentOp]:
+    from timm.data import auto_augment as timm_aa
+
     if isinstance(transform, transforms.Compose):
         for inner in transform.transforms:
             yield from _augment_ops(inner)
