@@ -56,6 +56,7 @@ class Settings:
     amp: str = "bf16"  # bf16 | fp16 | off
     channels_last: bool = True
     compile: bool = False
+    compile_backend: str = "inductor"  # "eager": dynamo traces, no code generation (the CPU smoke run)
     ddp: bool = False
     steps: int = 30
     warmup: int = 10
@@ -68,7 +69,8 @@ class Settings:
 
     def tag(self) -> str:
         parts = [f"b{self.batch_size}", f"{self.image_size}px", self.amp]
-        parts += ["cl"] * self.channels_last + ["compiled"] * self.compile + ["ddp"] * self.ddp
+        compiled = "compiled" if self.compile_backend == "inductor" else f"compiled({self.compile_backend})"
+        parts += ["cl"] * self.channels_last + [compiled] * self.compile + ["ddp"] * self.ddp
         return " ".join(parts)
 
 
@@ -170,7 +172,7 @@ def make_trainer(model: nn.Module, device: torch.device, s: Settings) -> Trainer
             model, device_ids=[device.index] if device.type == "cuda" else None,
             bucket_cap_mb=d.bucket_cap_mb, gradient_as_bucket_view=d.gradient_as_bucket_view)
     if s.compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(wrapped, backend=s.compile_backend)
     dtype = amp_dtype(s.amp)
     return Trainer(
         model=wrapped, optimizer=build_optimizer(model, OptimConfig()),
