@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = load_metadata(data)  # a wrong --data fails now, with the CSV's name
     except DataError as e:
         print(f"bfly.gpu_check: error: {e}" + ("" if data.exists() else
-              f" (make the compact copy: python -m bfly.compact <full data> {DEFAULT_DATA} --size 112 --quality 50)"),
+              f" (make the compact copy: python -m bfly.compact <full data> {DEFAULT_DATA} --size 120 --quality 60)"),
               file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
