@@ -93,7 +93,8 @@ def test_cells_print_as_they_end_rewrite_the_json_and_survive_a_failing_cell(tmp
     assert after_first["cells"][0]["rows"][0]["img_s"] == 123.0 and after_first["finished"] is False
     assert after_broken["cells"][1]["error"] == "RuntimeError: CUDA error: out of memory"
     final = json.loads(path.read_text())
-    assert final["finished"] is True and final["header"] == 4 and final["cells"][2]["rows"][0]["case"] == "third cell's row"
+    assert final["finished"] is True and final["header"] == 4
+    assert final["cells"][2]["rows"][0]["case"] == "third cell's row"
     assert "estimated > budget 60s" in final["cells"][3]["error"]
     # Each cell's rows are printed when it ends, the failure's traceback goes to stderr.
     assert printed.out.index("first cell's row") < printed.out.index("== third") < printed.out.index("third cell's row")
@@ -114,7 +115,7 @@ def speed_rows(ratio: float, e2e: float, img_s: float) -> list[Row]:
 def test_the_verdict_holds_each_figure_against_its_target():
     outcomes = [outcome("trainer"), outcome("fp16", "failed", error="RuntimeError: fp16: losses [nan]"),
                 outcome("resnet50-compiled", rows=speed_rows(1.01, 0.94, 6600)),
-                outcome("accuracy", rows=[Row("acc", "resnet50 recipe (configs/resnet50.yaml), compiled",
+                outcome("accuracy", rows=[Row("acc", "resnet50 recipe (configs/resnet50.yaml)",
                                               extra={"test_top1": 0.9712, "train_s": 250.0})]),
                 outcome("resnet50-eager", "skipped", error="500s spent + ~35s estimated > budget 540s")]
     got = {c.target: (c.measured, c.verdict) for c in gpu_check.verdict(outcomes, 224)}
@@ -162,7 +163,7 @@ def check_smoke(proc: subprocess.CompletedProcess, result: dict, cells: list[str
     step, steps = trainer["extra"]["stopped_step"], trainer["extra"]["steps_per_epoch"]
     assert 0 < step < steps == 37  # 300 mini images, batch 8: stopped mid-epoch
     assert "stopped by SIGTERM: checkpoint at epoch 1 step" in out
-    assert f"resumed from " in out and f": epoch 1, step {step} of the epoch" in out
+    assert "resumed from " in out and f": epoch 1, step {step} of the epoch" in out
     verdict = {c["target"]: c["verdict"] for c in result["verdict"]}
     assert verdict["trainer: SIGTERM mid-epoch, resumed at that step, finished"] == "PASS"
     assert "wandb is not installed" not in out  # wandb.mode=disabled: never even tried
