@@ -99,11 +99,20 @@ class Child:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log, self.lines, self._queue = log, [], queue.Queue()
         print(f"   $ {' '.join(cmd)}", flush=True)
-        # Own session: a signal goes to torchrun and its workers together, as `timeout` or a user's ^C does.
+        # Own process group (same session, so whatever ends our session ends it too): a signal goes to
+        # torchrun and its workers together, as `timeout` or a user's ^C does.
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, bufsize=1, start_new_session=True)
+                                     text=True, bufsize=1, preexec_fn=os.setpgrp)
         self._pump = threading.Thread(target=self._read, daemon=True)
         self._pump.start()
+
+    def __enter__(self) -> "Child":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:  # the cell failed or was interrupted: no process outlives it
+            self.kill()
+            self.proc.wait()
 
     def _read(self) -> None:
         with open(self.log, "w") as f:
@@ -189,10 +198,10 @@ def trainer_cell(ctx: Context) -> list[Row]:
     args = trainer_args(ctx, run_dir, "train.amp=bf16", "model.compile=true")
     timeout = ctx.timeout("trainer")
     t0 = time.perf_counter()
-    first = Child(torchrun_cmd(args), run_dir / "job1.log", ctx.device)
-    seen = first.wait_for(PROGRESS, timeout)  # the first progress line: compiled, training mid-epoch
-    first.signal_group(signal.SIGTERM)
-    first.finish(120)  # torchrun itself exits non-zero on SIGTERM: the worker's lines tell what happened
+    with Child(torchrun_cmd(args), run_dir / "job1.log", ctx.device) as first:
+        seen = first.wait_for(PROGRESS, timeout)  # the first progress line: compiled, training mid-epoch
+        first.signal_group(signal.SIGTERM)
+        first.finish(120)  # torchrun itself exits non-zero on SIGTERM: the worker's lines tell what happened
     stopped = first.search(r"stopped by SIGTERM: checkpoint at epoch 1 step (\d+) written")
     steps = int(seen[4])
     if not stopped:
@@ -203,8 +212,8 @@ def trainer_cell(ctx: Context) -> list[Row]:
         raise RuntimeError(f"stopped at step {step} of {steps}: not mid-epoch")
     print("   (torchrun's SignalException above is how it exits on SIGTERM; the worker checkpointed)", flush=True)
     t1 = time.perf_counter()
-    second = Child(torchrun_cmd(args), run_dir / "job2.log", ctx.device)
-    code = second.finish(timeout)
+    with Child(torchrun_cmd(args), run_dir / "job2.log", ctx.device) as second:
+        code = second.finish(timeout)
     t2 = time.perf_counter()
     if code != 0:
         raise RuntimeError(f"the resumed job exited with code {code}; last lines:\n{second.tail()}")
@@ -224,8 +233,8 @@ def fp16_cell(ctx: Context) -> list[Row]:
     steps = 3 if ctx.smoke else 20
     args = trainer_args(ctx, run_dir, "train.amp=fp16", "model.compile=false", f"run.stop_after_steps={steps}")
     t0 = time.perf_counter()
-    child = Child(torchrun_cmd(args), run_dir / "job.log", ctx.device)
-    code = child.finish(ctx.timeout("fp16"))
+    with Child(torchrun_cmd(args), run_dir / "job.log", ctx.device) as child:
+        code = child.finish(ctx.timeout("fp16"))
     if code != 0 or not child.search(r"stopped by run.stop_after_steps"):
         raise RuntimeError(f"fp16 run exited with code {code}; last lines:\n{child.tail()}")
     losses = [float(m[1]) for line in child.lines if (m := re.search(r"^epoch .* loss (\S+)", line))]
@@ -286,8 +295,8 @@ def accuracy_cell(ctx: Context) -> list[Row]:
         cmd.append("--smoke")
     if ctx.cache_dir:
         overrides.append(f"data.cache_dir={ctx.cache_dir}")
-    child = Child(cmd + overrides, out / "reproduce.log", ctx.device)
-    code = child.finish(ctx.timeout("accuracy"))
+    with Child(cmd + overrides, out / "reproduce.log", ctx.device) as child:
+        code = child.finish(ctx.timeout("accuracy"))
     if code != 0:
         raise RuntimeError(f"bfly.reproduce exited with code {code}; last lines:\n{child.tail()}")
     (r,) = json.loads((out / "results.json").read_text())
@@ -372,6 +381,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    # `timeout` sends SIGTERM: end as an exception, so that a running cell's child processes end too.
+    print("bfly.gpu_check: stopped by SIGTERM; gpu_check.json holds the cells that ended", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     keys = [k for k in args.cells.split(",") if k]
@@ -409,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"on {env}; data {data}: {sum(len(s.paths) for s in meta.splits.values())} images", flush=True)
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     start = time.perf_counter()
 
     def header(outcomes: list[Outcome]) -> dict:
