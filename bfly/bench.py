@@ -23,6 +23,7 @@ import json
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -282,8 +283,9 @@ def bench_model(name: str, s: Settings, device: torch.device, reference: bool = 
     rows = [_median_row(f"{name} ({who}), synthetic", timings[who], flops[who], s, device) for who in builders]
     if reference:
         rows[0].ratio, rows[0].ratio_of = rows[0].img_s / rows[1].img_s, "torchvision"
-    for kind in inputs:
-        rows.append(_real_data_row(name, kind, trainers["ours"], flops["ours"], rows[0].img_s, s, device, store))
+    for kind in inputs:  # one input path failing (e.g. /dev/shm too small for PIL workers) keeps the others
+        rows += guarded("e2e", f"{name} (ours), real data via {kind}", s.tag(), lambda: [_real_data_row(
+            name, kind, trainers["ours"], flops["ours"], rows[0].img_s, s, device, store)])
     trainers.clear()
     free_memory(device)
     return rows
@@ -459,6 +461,7 @@ def guarded(mode: str, case: str, settings: str, fn: Callable[[], list[Row]]) ->
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - any failure of one cell is reported, the others still run
+        traceback.print_exc(file=sys.stderr)
         message = str(e).strip().splitlines()
         free_memory(default_device())
         return [Row(mode, case, settings, note=f"FAILED: {type(e).__name__}: {message[0][:160] if message else ''}")]

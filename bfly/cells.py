@@ -117,7 +117,8 @@ class Check:
 
 def check(target: str, value: float | None, ok: Callable[[float], bool], fmt: str, why_missing: str = "") -> Check:
     if value is None:
-        return Check(target, why_missing or "not measured", "MISSING")
+        failed = why_missing.startswith(("FAILED", "cell failed"))
+        return Check(target, why_missing or "not measured", "FAIL" if failed else "MISSING")
     return Check(target, format(value, fmt), "PASS" if ok(value) else "FAIL")
 
 
