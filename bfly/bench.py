@@ -23,6 +23,7 @@ import json
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -56,6 +57,7 @@ class Settings:
     amp: str = "bf16"  # bf16 | fp16 | off
     channels_last: bool = True
     compile: bool = False
+    compile_backend: str = "inductor"  # "eager": dynamo traces, no code generation (the CPU smoke run)
     ddp: bool = False
     steps: int = 30
     warmup: int = 10
@@ -68,7 +70,8 @@ class Settings:
 
     def tag(self) -> str:
         parts = [f"b{self.batch_size}", f"{self.image_size}px", self.amp]
-        parts += ["cl"] * self.channels_last + ["compiled"] * self.compile + ["ddp"] * self.ddp
+        compiled = "compiled" if self.compile_backend == "inductor" else f"compiled({self.compile_backend})"
+        parts += ["cl"] * self.channels_last + [compiled] * self.compile + ["ddp"] * self.ddp
         return " ".join(parts)
 
 
@@ -170,7 +173,7 @@ def make_trainer(model: nn.Module, device: torch.device, s: Settings) -> Trainer
             model, device_ids=[device.index] if device.type == "cuda" else None,
             bucket_cap_mb=d.bucket_cap_mb, gradient_as_bucket_view=d.gradient_as_bucket_view)
     if s.compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(wrapped, backend=s.compile_backend)
     dtype = amp_dtype(s.amp)
     return Trainer(
         model=wrapped, optimizer=build_optimizer(model, OptimConfig()),
@@ -280,8 +283,9 @@ def bench_model(name: str, s: Settings, device: torch.device, reference: bool = 
     rows = [_median_row(f"{name} ({who}), synthetic", timings[who], flops[who], s, device) for who in builders]
     if reference:
         rows[0].ratio, rows[0].ratio_of = rows[0].img_s / rows[1].img_s, "torchvision"
-    for kind in inputs:
-        rows.append(_real_data_row(name, kind, trainers["ours"], flops["ours"], rows[0].img_s, s, device, store))
+    for kind in inputs:  # one input path failing (e.g. /dev/shm too small for PIL workers) keeps the others
+        rows += guarded("e2e", f"{name} (ours), real data via {kind}", s.tag(), lambda: [_real_data_row(
+            name, kind, trainers["ours"], flops["ours"], rows[0].img_s, s, device, store)])
     trainers.clear()
     free_memory(device)
     return rows
@@ -457,6 +461,7 @@ def guarded(mode: str, case: str, settings: str, fn: Callable[[], list[Row]]) ->
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - any failure of one cell is reported, the others still run
+        traceback.print_exc(file=sys.stderr)
         message = str(e).strip().splitlines()
         free_memory(default_device())
         return [Row(mode, case, settings, note=f"FAILED: {type(e).__name__}: {message[0][:160] if message else ''}")]

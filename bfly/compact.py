@@ -1,10 +1,11 @@
 """Write a compact copy of a dataset: every image resized to SIZE x SIZE and re-encoded as JPEG.
 
-    python -m bfly.compact data/butterflies data/butterflies-144 --size 144 --quality 60
+    python -m bfly.compact data/butterflies data/compact --size 120 --quality 60
 
-The full dataset (13,594 images, 362 MB at 224 px) becomes about 56 MB at 144 px / quality 60:
-small enough to carry to a GPU machine in one go. The copy keeps the same relative paths and
-writes the Kaggle-layout CSV, so it loads like the original.
+The full dataset (13,594 images, 362 MB at 224 px) becomes 39.8 MiB at 120 px / quality 60, and
+36.8 MiB as a .tar.gz: with the repository (10.7 MiB) within the 64 MiB a GPU loan carries in one
+call (README: GPU loan). The copy keeps the same relative paths and writes the Kaggle-layout CSV,
+so it loads like the original.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ CSV_NAME = "butterflies and moths.csv"
 def _convert(job: tuple[str, str, int, int]) -> int:
     src, dst, size, quality = job
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    open_rgb(src).resize((size, size), Image.BICUBIC).save(dst, "JPEG", quality=quality)
+    # optimize: Huffman tables fitted to each image, about 10% fewer bytes for the same pixels.
+    open_rgb(src).resize((size, size), Image.BICUBIC).save(dst, "JPEG", quality=quality, optimize=True)
     return Path(dst).stat().st_size
 
 

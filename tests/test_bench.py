@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark and the GPU check at tiny sizes (nothing here asserts a speed)."""
+"""Smoke tests of the benchmark at tiny sizes (nothing here asserts a speed); the GPU check: test_gpu_check.py."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bfly import bench, gpu_check
+from bfly import bench
 from bfly.bench import Row, Settings
 
 CPU = torch.device("cpu")
@@ -59,28 +59,3 @@ def test_a_failing_cell_becomes_a_row(tmp_path):
     assert len(rows) == 1 and rows[0].note.startswith("FAILED: ValueError: unknown model 'nonet'")
     table = bench.format_table(rows + [Row("model", "x", img_s=10.0, ratio=1.02, ratio_of="torchvision")])
     assert "FAILED" in table and "1.02x" in table
-
-
-def test_gpu_check_runs_cells_within_budget_and_reports_failures():
-    def broken() -> list[Row]:
-        raise RuntimeError("CUDA error: out of memory")
-
-    planned = [("quick", 0.0, lambda: [Row("model", "quick", img_s=5.0)]), ("broken", 0.0, broken),
-               ("too long", 10_000.0, lambda: [Row("model", "never")])]
-    rows = gpu_check.run_cells(planned, budget_s=60, settings="b4")
-    assert [r.case for r in rows] == ["quick", "broken", "too long"]
-    assert rows[1].note == "FAILED: RuntimeError: CUDA error: out of memory"
-    assert rows[2].mode == "skip" and "budget" in rows[2].note
-
-
-def test_gpu_check_matrix_without_data_or_compile_is_synthetic_only():
-    names = [name for name, _, _ in gpu_check.cells(Settings(), CPU, data=False, compile_cells=False)]
-    assert names == ["resnet50 eager", "vgg19_bn eager", "resnet50 eager, DDP wrapper"]
-    full = gpu_check.cells(Settings(), CPU, data=True, compile_cells=True)
-    assert sum(estimate for _, estimate, _ in full) <= 480  # the issue's 8 minutes
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on a machine without a GPU")
-def test_gpu_check_without_a_gpu_says_so(capsys):
-    assert gpu_check.main([]) == 2
-    assert "no CUDA device" in capsys.readouterr().err
