@@ -305,11 +305,9 @@ def test_a_dataset_whose_ids_map_to_other_species_is_refused(stopped_run, tiny_d
 
     data = tmp_path / "swapped"
     data.mkdir()
-    for split in ("train", "valid", "test"):
+    for split in ("train", "valid", "test"):  # ids 0 and 1 swap species; every image keeps its species
         df = pd.read_csv(tiny_data / f"{split}.csv")
-        names = sorted(df["labels"].unique())
-        swap = {names[0]: names[1], names[1]: names[0]}
-        df["labels"] = df["labels"].map(lambda n: swap.get(n, n))
+        df["label_id"] = df["label_id"].map(lambda i: {0: 1, 1: 0}.get(i, i))
         df.to_csv(data / f"{split}.csv", index=False)
         (data / split).symlink_to((tiny_data / split).resolve(), target_is_directory=True)
     assert main(fault_args(data, stopped_run)) == 2
