@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from bfly.models import build_model
 from bfly.optim import build_optimizer
 from bfly.rundir import RunDirBusy, RunDirLock, append_history, this_process
 from bfly.runlog import RunLog
-from bfly.stopping import StopRequest, stop_when_parent_dies
+from bfly.stopping import STOP_SIGNALS, StopRequest, stop_when_parent_dies
 
 USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, RunDirBusy)
 
@@ -744,5 +745,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_job(argv).exit_code
 
 
+def _command() -> int:
+    code = main()
+    # The outcome is decided and written: a signal that arrives while the process exits (torchrun's
+    # SIGTERM to the other trainers once one has exited, say) must not turn it into a death by signal.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_command())
