@@ -66,6 +66,7 @@ class StopRequest:
 def signals_blocked() -> Iterator[None]:
     """Around forking DataLoader workers: children inherit the blocked mask, so a stop signal sent to
     the process group meanwhile waits (in the parent) instead of killing a half-started worker."""
+    _end_workers_at_exit()
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
@@ -74,6 +75,30 @@ def signals_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_exit_hook: list[bool] = []  # registered once per process
+
+
+def _end_workers_at_exit() -> None:
+    """Workers that ignore SIGTERM would hang multiprocessing's own exit hook, which ends daemonic
+    children with SIGTERM and joins them. A loader normally ends its workers itself; one still alive at
+    exit (the loop left by an exception) is ended here with SIGKILL, before multiprocessing's hook runs
+    (atexit runs hooks in reverse order of registration, and multiprocessing registered first)."""
+    if _exit_hook:
+        return
+    import atexit
+    import multiprocessing
+
+    def end_daemonic_children() -> None:
+        # torch's SIGCHLD handler would report the killed workers as a failure, with a traceback.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(end_daemonic_children)
+    _exit_hook.append(True)
 
 
 def ignore_stop_signals() -> None:
