@@ -138,6 +138,7 @@ def test_check_refuses_a_checkpoint_of_another_model(stopped_run, tiny_data, cap
 
 
 def test_launch_submit_check_submits_nothing_on_a_problem(tiny_data, tmp_path, capsys):
+    pytest.importorskip("submitit")
     from launch.submit import main as submit
 
     root, _ = broken_dataset(tiny_data, tmp_path / "data")
