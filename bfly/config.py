@@ -6,6 +6,7 @@ every checkpoint.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -256,6 +257,16 @@ def validate(cfg: Config) -> None:
     for split in cfg.train.eval_splits:
         if split not in ("train", "valid", "test"):
             raise ConfigError(f"train.eval_splits: unknown split {split!r} (train, valid, test)")
+
+
+def replace(cfg: Config, changes: dict[str, Any]) -> Config:
+    """A copy of `cfg` with `changes` ({"data.workers": 0}) set through the checks of an override;
+    the way commands change a config (never by assigning its fields)."""
+    new = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        _set(new, key, value)
+    validate(new)
+    return new
 
 
 def run_dir_of(cfg: Config) -> Path:

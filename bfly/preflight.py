@@ -231,7 +231,7 @@ def _resume(cfg: Config, meta: DatasetMeta, world: int, problems: list[str], say
         saved, path = found
         ckpt.check_compatible(saved, path, cfg.model.name, meta.num_classes)
         ckpt.check_resumable(saved, path)
-        from bfly.train import check_resume  # the same refusals as the real resume
+        from bfly.resume import check_resume  # the same refusals as the real resume
 
         changes = check_resume(cfg, meta, run_dir, saved, path)
     except (ckpt.CheckpointError, ConfigError) as e:

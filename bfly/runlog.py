@@ -9,16 +9,19 @@ import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from bfly.env import stdout_is_tty
+from bfly.config import ConfigError
+from bfly.env import stdout_is_tty, wandb_mode_override
 
 
 class Sink(Protocol):
     def log_step(self, record: dict[str, Any], step: int) -> None: ...
     def log_epoch(self, record: dict[str, Any], step: int) -> None: ...
     def log_config_change(self, changes: dict[str, dict[str, Any]], step: int) -> None: ...
-    def finish(self, run: Any, completed: bool) -> None: ...
+    def finish(self, completed: bool, signal_name: str | None, last_eval: dict[str, Any] | None, meta: Any,
+               samples: int, probabilities: Callable[[list], Any]) -> None: ...
 
 
 class RunLog:
@@ -112,6 +115,35 @@ class RunLog:
             self._end_progress()
             with contextlib.suppress(OSError):
                 self._log.close()
+
+
+def open_wandb(log: RunLog, mode: str, start: Callable[[], Sink]) -> Sink | None:
+    """Rank 0: adds the wandb sink (`start` opens it) to `log`, or says why not. mode: wandb.mode.
+    wandb is imported lazily: training without logging must not need it installed."""
+    mode = wandb_mode_override() or mode  # WANDB_MODE wins, as in wandb itself
+    if mode == "disabled":
+        return None
+    try:
+        import bfly.wandb_log  # noqa: F401 - imports wandb
+    except ImportError as e:
+        if mode != "auto":
+            raise ConfigError(f"wandb.mode={mode} but wandb cannot be imported ({e}); pip install wandb") from None
+        log.warn("wandb is not installed: logging to metrics.jsonl only (wandb.mode=disabled silences this)")
+        return None
+    sink = start()
+    log.sinks.append(sink)
+    return sink
+
+
+def epoch_line(r: dict[str, Any], epochs: int) -> str:
+    """The console line of an epoch record (metrics.jsonl)."""
+    parts = [f"epoch {r['epoch'] + 1}/{epochs}", f"train loss {r['train_loss']:.4f} acc {r['train_top1']:.2%}"]
+    for split in ("valid", "test"):
+        if f"{split}_top5" in r:
+            parts.append(f"{split} top1 {r[f'{split}_top1']:.2%} top5 {r[f'{split}_top5']:.2%}")
+    parts.append(f"{r['epoch_s']:.1f}s {r['img_per_s']:.0f} img/s")
+    parts.append(f"ckpt stall {r['ckpt_stall_s']:.2f}s")
+    return " | ".join(parts)
 
 
 def truncate_metrics(run_dir: Path, before_epoch: int) -> None:

@@ -24,12 +24,33 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 # The exit status of a trainer stopped by a signal after writing its checkpoint (sysexits.h EX_TEMPFAIL:
 # "try again later"): a script tells it apart from a crash (1) and a user error (2). Run it again to resume.
 EXIT_STOPPED = 75
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a training job ended. `stopped_by`: None (the schedule is complete), a signal name, or the
+    run.stop_after_* key whose budget ended this job."""
+
+    stopped_by: str | None = None
+    checkpoint: Path | None = None  # where the state at the stop was written
+    signals: tuple[str, ...] = ()  # every stop signal this process received (submitit requeues on its own)
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped_by is None
+
+    @property
+    def by_signal(self) -> bool:
+        """Stopped by a signal to this process or to another rank (not by a run.stop_after_* budget)."""
+        return self.stopped_by is not None and not self.stopped_by.startswith("run.stop_after_")
 
 
 class StopRequest:
