@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bfly import evaluate, predict
+from bfly import evaluate, predict, trained
 from bfly.checkpoint import load
 from bfly.data.transforms import build_eval_transform
 
@@ -277,7 +277,7 @@ def test_predict_applies_the_eval_transform(trained_run, odd_images, capsys):
     rc, out, _ = run_cli(predict, ["--checkpoint", str(best), "--top", "10", str(odd_images["gray.png"]),
                                    str(odd_images["wide.png"])], capsys)
     assert rc == 0
-    saved, cfg, model = evaluate.load_trained(best)
+    saved, cfg, model = trained.load_trained(best)
     transform = build_eval_transform(cfg.data.image_size)
     for path, top in parse_predictions(out).items():
         with Image.open(path) as im:

@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bfly import evaluate, predict
+from bfly import evaluate, predict, trained
 from bfly.data.decode_cache import decode_resized
 from bfly.data.metadata import load_metadata
 from bfly.data.pil_input import open_rgb
@@ -231,7 +231,7 @@ def test_predict_classifies_a_phone_photo_upright(trained_run, tmp_path, capsys)
     best = trained_run / "best.pt"
     assert predict.main(["--checkpoint", str(best), "--top", "10", str(path)]) == 0
     printed = dict(parse_predictions(capsys.readouterr().out)[str(path)])
-    saved, cfg, model = evaluate.load_trained(best)
+    saved, cfg, model = trained.load_trained(best)
     transform = build_eval_transform(cfg.data.image_size)
     with Image.open(path) as im:
         stored = im.convert("RGB")

@@ -303,12 +303,14 @@ def test_an_allowed_change_is_applied_logged_and_kept_in_the_history(stopped_run
 def test_a_dataset_whose_ids_map_to_other_species_is_refused(stopped_run, tiny_data, tmp_path, capsys):
     import pandas as pd
 
-    data = tmp_path / "swapped"
+    data = tmp_path / "renamed"
     data.mkdir()
     for split in ("train", "valid", "test"):
         df = pd.read_csv(tiny_data / f"{split}.csv")
         names = sorted(df["labels"].unique())
-        swap = {names[0]: names[1], names[1]: names[0]}
+        # Class id 0 now names another species. (Swapping two names would label images as another
+        # class folder's, which the metadata refuses before any resume check.)
+        swap = {names[0]: names[0] + " II"}
         df["labels"] = df["labels"].map(lambda n: swap.get(n, n))
         df.to_csv(data / f"{split}.csv", index=False)
         (data / split).symlink_to((tiny_data / split).resolve(), target_is_directory=True)

@@ -31,7 +31,7 @@ def progress(output: str) -> list[tuple[int, str]]:
     for line in output.splitlines():
         step = progress_step(line)
         if step is not None:
-            found.append((step, line.rsplit(" lr ", 1)[1]))
+            found.append((step, line.rsplit(" lr ", 1)[1].split()[0]))
     return found
 
 
