@@ -21,8 +21,10 @@ import sys
 import torch
 
 from bfly.data.decode_cache import available_cores
+from bfly.models import MODEL_NAMES
 from bfly.stack import pick_device
-from bfly.throughput import Row, Settings, bench_host, bench_input, bench_model, environment, format_table, guarded, write_json
+from bfly.throughput import (Row, Settings, bench_host, bench_input, bench_model, environment, format_table, guarded,
+                             write_json)
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -32,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Settings()
     p.add_argument("--mode", default="auto", help="host,input,model,e2e, all or auto (default: auto)")
-    p.add_argument("--models", default="resnet50,vgg19_bn", help="comma-separated (resnet50, vgg19, vgg19_bn)")
+    p.add_argument("--models", default="resnet50,vgg19_bn", help=f"comma-separated ({', '.join(MODEL_NAMES)})")
     p.add_argument("--data", default=d.data, help="dataset root (course or Kaggle layout)")
     p.add_argument("--cache-dir", default="", help="decode cache folder (default: <data>/.bfly-cache)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)

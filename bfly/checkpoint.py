@@ -19,6 +19,7 @@ import pickle
 import random
 import shutil
 import threading
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bfly.env import checkpoint_pause_file
 from bfly.errors import one_line
 
 LAST, PREV, BEST = "last.pt", "last.prev.pt", "best.pt"
@@ -57,6 +59,8 @@ def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False) 
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
+            if keep_previous and path.exists():
+                _pause_for_test(tmp)
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
@@ -69,6 +73,18 @@ def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False) 
         os.replace(path, path.with_name(PREV))
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _pause_for_test(tmp: Path) -> None:
+    """bfly.env.checkpoint_pause_file: a test kills the process while this write is half done (the tail of
+    the temp file is still in this process's buffer)."""
+    pause = checkpoint_pause_file()
+    if pause is None or pause.exists():
+        return
+    pause.write_text(str(tmp))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _is_disk_full(e: BaseException) -> bool:

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from bfly.models import MODEL_NAMES
+
 
 class ConfigError(ValueError):
     pass
@@ -32,7 +34,7 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, operat
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("resnet50", "architecture", ("resnet50", "vgg19", "vgg19_bn"))
+    name: str = _opt("resnet50", "architecture", MODEL_NAMES)
     zero_init_residual: bool = _opt(True, "ResNet: zero-init the last BN of each block")
     dropout: float = _opt(0.5, "VGG: dropout in the classifier")
     sync_bn: bool = _opt(True, "SyncBatchNorm when world size > 1 (CUDA only; CPU keeps BN)")

@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or REPO / ("data/butterfly-mini" if args.smoke else DEFAULT_DATA)
     cache_dir = args.cache_dir or (str(args.out / "cache") if args.smoke else "")
     runs = (args.runs_dir or args.out / "runs").resolve()
-    ctx = Context(args.out.resolve(), runs, data.resolve(), cache_dir, pick_device() if args.device == "cuda" else torch.device("cpu"), args.smoke)
+    device = pick_device() if args.device == "cuda" and torch.cuda.is_available() else torch.device(args.device)
+    ctx = Context(args.out.resolve(), runs, data.resolve(), cache_dir, device, args.smoke)
     cells = build_cells(ctx, keys)
     what = "the CPU smoke run (tiny sizes; estimates for this machine)" if args.smoke else "one H200"
     print(f"bfly.gpu_check plan ({what}), budget {args.budget_s:.0f}s:", flush=True)

@@ -50,9 +50,9 @@ def preflight(config: str | None, overrides: list[str], nproc: int | None = None
     plan = None
     try:
         if world < 1:
-            raise ValueError(f"--nproc {world}: the world size must be >= 1")
+            raise ConfigError(f"--nproc {world}: the world size must be >= 1")
         plan = StepPlan.make(cfg.train.batch_size, world, cfg.train.micro_batch_size)
-    except ValueError as e:
+    except ConfigError as e:
         problems.append(str(e))
     say("world size", f"{world} process(es) ({source})")
 

@@ -5,6 +5,7 @@ Other ranks are quiet. Extra sinks (wandb) receive the same step and epoch recor
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import sys
 import time
@@ -124,7 +125,7 @@ def open_wandb(log: RunLog, mode: str, start: Callable[[], Sink]) -> Sink | None
     if mode == "disabled":
         return None
     try:
-        import bfly.wandb_log  # noqa: F401 - imports wandb
+        importlib.import_module("bfly.wandb_log")  # imports wandb
     except ImportError as e:
         if mode != "auto":
             raise ConfigError(f"wandb.mode={mode} but wandb cannot be imported ({e}); pip install wandb") from None
@@ -133,6 +134,31 @@ def open_wandb(log: RunLog, mode: str, start: Callable[[], Sink]) -> Sink | None
     sink = start()
     log.sinks.append(sink)
     return sink
+
+
+def step_record(loss: float, top1: float, rates: dict[str, float], world_size: int, epoch: int,
+                gpu_mem_gb: float | None) -> tuple[dict[str, Any], dict[str, float | str]]:
+    """(record for the sinks, fields of the progress line) at a log point. loss/top1: this epoch so far
+    (rank 0's share); rates from bfly.engine; data_wait is the share of wall time this rank waited for its
+    next batch (the input path's cost)."""
+    record = {"train/loss": loss, "train/top1": top1, "lr": rates["lr"], "img_per_s": rates["img_per_s"] * world_size,
+              "data_wait": rates["data_wait"], "epoch": epoch}
+    fields: dict[str, float | str] = {"loss": loss, "acc": f"{top1:.1%}", "img/s": record["img_per_s"],
+                                      "lr": rates["lr"], "data": f"{rates['data_wait']:.0%}"}
+    if gpu_mem_gb is not None:
+        record["gpu_mem_gb"] = gpu_mem_gb
+        fields["mem"] = f"{gpu_mem_gb:.1f}G"
+    return record, fields
+
+
+def epoch_record(epoch: int, step: int, sums: dict[str, Any], lr: float, epoch_s: float,
+                 images_before: int) -> dict[str, Any]:
+    """The metrics.jsonl record of a finished epoch's training (the evaluation adds its splits). `sums`: the
+    epoch's totals over all ranks; images_before: images of the epoch counted before this job (a resume)."""
+    count = max(int(sums["count"].item()), 1)
+    return {"epoch": epoch, "step": step, "train_loss": sums["loss"].item() / count,
+            "train_top1": sums["correct"].item() / count, "train_top5": sums["correct5"].item() / count,
+            "lr": lr, "epoch_s": epoch_s, "img_per_s": (count - images_before) / max(epoch_s, 1e-9)}
 
 
 def epoch_line(r: dict[str, Any], epochs: int) -> str:

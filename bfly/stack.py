@@ -21,7 +21,7 @@ from bfly.data.transforms import build_mixup
 from bfly.ema import ModelEma
 from bfly.engine import Schedule, Trainer, unwrap
 from bfly.env import DistEnv
-from bfly.models import build_model
+from bfly.models import build_model, model_options
 from bfly.optim import build_optimizer
 from bfly.runlog import RunLog
 from bfly.stopping import StopRequest
@@ -81,22 +81,21 @@ def init_model(cfg: Config, num_classes: int) -> nn.Module:
     """The configured architecture with the run's initial weights (identical on every rank)."""
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
-    kw = {"zero_init_residual": m.zero_init_residual} if m.name == "resnet50" else {"dropout": m.dropout}
-    return build_model(m.name, num_classes, **kw)
+    return build_model(m.name, num_classes, **{key: getattr(m, key) for key in model_options(m.name)})
 
 
 def place_model(model: nn.Module, cfg: Config, device: torch.device, sync_bn: bool = False,
-                say: Callable[[str, str], None] | None = None) -> nn.Module:
+                log: RunLog | None = None) -> nn.Module:
     """SyncBatchNorm (sync_bn: several processes and model.sync_bn), the device, channels-last.
-    `say(level, text)` receives the notes a run prints ("warn" or "info")."""
+    `log` receives the notes a training run prints about SyncBN."""
     if sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            if say and (note := compile_sync_bn_warning(cfg.model.compile, sync_bn=True)):
-                say("warn", note)
-        elif say:
-            say("info", "CPU run: SyncBatchNorm is off (PyTorch supports it on GPU modules only); "
-                        "each rank normalizes with its own batch statistics")
+            if log and (note := compile_sync_bn_warning(cfg.model.compile, sync_bn=True)):
+                log.warn(note)
+        elif log:
+            log.info("CPU run: SyncBatchNorm is off (PyTorch supports it on GPU modules only); "
+                     "each rank normalizes with its own batch statistics")
     model = model.to(device)
     if channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
@@ -208,9 +207,7 @@ def build_run(cfg: Config, env: DistEnv, meta: DatasetMeta, run_dir: Path, log: 
     configure_backends(cfg, device)
     plan = StepPlan.make(cfg.train.batch_size, env.world_size, cfg.train.micro_batch_size)
     check_ddp_plan(cfg.dist, plan)
-    say = {"warn": log.warn, "info": log.info}
-    raw = place_model(init_model(cfg, meta.num_classes), cfg, device, sync_bn=env.distributed and cfg.model.sync_bn,
-                      say=lambda level, text: say[level](text))
+    raw = place_model(init_model(cfg, meta.num_classes), cfg, device, env.distributed and cfg.model.sync_bn, log)
     train_input = build_train_input(cfg, meta, plan, env.rank, device)
     steps = train_input.steps_per_epoch
     if steps == 0:

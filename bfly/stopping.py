@@ -53,6 +53,32 @@ class Outcome:
         return self.stopped_by is not None and not self.stopped_by.startswith("run.stop_after_")
 
 
+@dataclass(frozen=True)
+class JobBudget:
+    """run.stop_after_*: how much of the schedule this job runs before it checkpoints and exits."""
+
+    start_step: int
+    start_epoch: int
+    max_steps: int
+    max_epochs: int
+
+    def steps_done(self, global_step: int) -> bool:
+        return self.max_steps > 0 and global_step - self.start_step >= self.max_steps
+
+    def epochs_done(self, epoch: int) -> bool:
+        return self.max_epochs > 0 and epoch - self.start_epoch >= self.max_epochs
+
+    def stop_reason(self, signal_name: str | None, global_step: int, epoch: int) -> str:
+        """Why a job stopped early: this process's signal, the budget, or (neither) another rank's signal."""
+        if signal_name:
+            return signal_name
+        if self.steps_done(global_step):
+            return "run.stop_after_steps"
+        if self.epochs_done(epoch):
+            return "run.stop_after_epochs"
+        return "a signal on another rank"
+
+
 class StopRequest:
     """Records the first stop signal. Installed once per process, before start-up work begins."""
 

@@ -25,7 +25,6 @@ from torch import nn
 from bfly import stack
 from bfly.config import Config, replace as config_replace
 from bfly.data.cached_input import CachedTrainInput, ResidentSplit
-from bfly.data.decode_cache import available_cores
 from bfly.data.metadata import Split, load_metadata
 from bfly.data.pil_input import ImageDataset, PilTrainInput
 from bfly.data.sampling import Sample, StepPlan, sample_seed
@@ -37,7 +36,6 @@ NUM_CLASSES = 100
 # Dense tensor-core peak per GPU in TFLOP/s: (bf16/fp16, tf32). First matching name wins.
 PEAK_TFLOPS = (("GH200", (989, 494)), ("H200", (989, 494)), ("H100 NVL", (835, 418)),
                ("H100 PCIe", (756, 378)), ("H100", (989, 494)), ("A100", (312, 156)), ("L40S", (362, 183)))
-REFERENCES = {"resnet50": "resnet50", "vgg19": "vgg19", "vgg19_bn": "vgg19_bn"}  # torchvision names
 
 
 @dataclass(frozen=True)
@@ -217,7 +215,7 @@ def mfu(flops: float, timing: Timing, batch_size: int, peak: float | None) -> fl
 def build_reference(name: str) -> nn.Module:
     import torchvision
 
-    return getattr(torchvision.models, REFERENCES[name])(num_classes=NUM_CLASSES)
+    return getattr(torchvision.models, name)(num_classes=NUM_CLASSES)  # torchvision names its models as we do
 
 
 def build_ours(name: str) -> nn.Module:

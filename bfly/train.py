@@ -33,9 +33,9 @@ from bfly.env import DistEnv, dist_env
 from bfly.errors import one_line
 from bfly.resume import RunCheckpoints, load_start_state, record_changes, write_config
 from bfly.rundir import RunDirBusy, StartupRefused, lock_run_dir
-from bfly.runlog import RunLog, epoch_line, open_wandb
+from bfly.runlog import RunLog, epoch_line, epoch_record, open_wandb, step_record
 from bfly.stack import Run, build_run, evaluated_model, pick_device, seed_all
-from bfly.stopping import Outcome, StopRequest, stop_when_parent_dies
+from bfly.stopping import JobBudget, Outcome, StopRequest, stop_when_parent_dies
 
 USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, RunDirBusy)
 
@@ -59,41 +59,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# --- the loop --------------------------------------------------------------------------------------
-
-@dataclass
-class JobBudget:
-    """run.stop_after_*: how much of the schedule this job runs before it checkpoints and exits."""
-
-    start_step: int
-    start_epoch: int
-    max_steps: int
-    max_epochs: int
-
-    def steps_done(self, state: TrainState) -> bool:
-        return self.max_steps > 0 and state.global_step - self.start_step >= self.max_steps
-
-    def epochs_done(self, state: TrainState) -> bool:
-        return self.max_epochs > 0 and state.epoch - self.start_epoch >= self.max_epochs
-
-
 def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> StepHooks:
     cfg, steps = run.cfg, run.train_input.steps_per_epoch
     total = steps * cfg.train.epochs
 
     def on_log(st: TrainState, rates: dict[str, float]) -> None:
-        s = st.sums
-        count = s["count"].clamp(min=1)
-        loss, top1 = (s["loss"] / count).item(), (s["correct"] / count).item()  # this epoch so far, rank 0's share
-        record = {"train/loss": loss, "train/top1": top1, "lr": rates["lr"],
-                  "img_per_s": rates["img_per_s"] * run.env.world_size, "data_wait": rates["data_wait"],
-                  "epoch": st.epoch}
-        # data_wait: the share of wall time this rank waited for its next batch (the input path's cost).
-        fields = {"loss": loss, "acc": f"{top1:.1%}", "img/s": record["img_per_s"], "lr": rates["lr"],
-                  "data": f"{rates['data_wait']:.0%}"}
-        if run.device.type == "cuda":
-            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
-            fields["mem"] = f"{record['gpu_mem_gb']:.1f}G"
+        count = st.sums["count"].clamp(min=1)
+        mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
+        record, fields = step_record((st.sums["loss"] / count).item(), (st.sums["correct"] / count).item(), rates,
+                                     run.env.world_size, st.epoch, mem)
         run.log.step(record, st.global_step)
         eta = (total - st.global_step) * run.plan.batch_size / max(record["img_per_s"], 1e-9)
         run.log.progress(st.epoch, cfg.train.epochs, st.step_in_epoch, steps, eta, fields)
@@ -104,7 +78,7 @@ def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> Ste
             checkpoints.save(st)
 
     def should_stop(st: TrainState, at_log: bool) -> bool:
-        if budget.steps_done(st):
+        if budget.steps_done(st.global_step):
             return True  # the same step on every rank: no need to agree
         # Under DDP every rank must stop at the same step: agree at log points (a host sync).
         if run.env.distributed:
@@ -119,19 +93,12 @@ def finish_epoch(run: Run, checkpoints: RunCheckpoints, state: TrainState, epoch
     """images_before: images of this epoch counted before this job (restored from a checkpoint).
     Returns whether last.pt was written (train.checkpoint_every_epochs) and split -> metrics."""
     sums = {k: distributed.all_reduce_sum(v.clone()) for k, v in state.sums.items()}
-    count = max(int(sums["count"].item()), 1)
-    record: dict[str, Any] = {
-        "epoch": state.epoch, "step": state.global_step,
-        "train_loss": sums["loss"].item() / count, "train_top1": sums["correct"].item() / count,
-        "train_top5": sums["correct5"].item() / count,
-        "lr": run.trainer.optimizer.param_groups[0]["lr"], "epoch_s": epoch_s,
-        "img_per_s": (count - images_before) / max(epoch_s, 1e-9),
-    }
-    metrics = {}
-    for split, eval_input in run.eval_inputs.items():
-        m = evaluate(evaluated_model(run.trainer), eval_input.batches(), run.meta.num_classes, run.device,
-                     run.trainer.amp_dtype, run.trainer.channels_last)
-        metrics[split] = m
+    t = run.trainer
+    lr = t.optimizer.param_groups[0]["lr"]
+    record = epoch_record(state.epoch, state.global_step, sums, lr, epoch_s, images_before)
+    metrics = {split: evaluate(evaluated_model(t), eval_input.batches(), run.meta.num_classes, run.device, t.amp_dtype,
+                               t.channels_last) for split, eval_input in run.eval_inputs.items()}
+    for split, m in metrics.items():
         record.update({f"{split}_loss": m["loss"], f"{split}_top1": m["top1"], f"{split}_top5": m["top5"]})
     record["time"] = time.time()
     key = "valid" if "valid" in metrics else next(iter(metrics), None)
@@ -153,27 +120,19 @@ def finish_epoch(run: Run, checkpoints: RunCheckpoints, state: TrainState, epoch
     return last_due, metrics
 
 
-def _stopped(run: Run, checkpoints: RunCheckpoints, state: TrainState, why: str) -> Outcome:
+def _stopped(run: Run, checkpoints: RunCheckpoints, state: TrainState, budget: JobBudget) -> Outcome:
     """Every rank: the checkpoint of `state` is written (waited for); one line per rank says so."""
     checkpoints.writer.wait()
+    why = budget.stop_reason(run.stop.signal_name, state.global_step, state.epoch)
     last = run.run_dir / ckpt.LAST
-    where = f"epoch {state.epoch + 1} step {state.step_in_epoch}" if state.step_in_epoch else f"the end of epoch {state.epoch}"
+    where = (f"epoch {state.epoch + 1} step {state.step_in_epoch}" if state.step_in_epoch
+             else f"the end of epoch {state.epoch}")
     if run.env.is_main:
         run.log.info(f"stopped by {why}: checkpoint at {where} written to {last}; run again "
                      "(run.resume=auto) to continue")
     else:
         print(f"[rank {run.env.rank}] stopped by {why}: checkpoint at {where} written to {last} by rank 0", flush=True)
     return Outcome(why, last, tuple(run.stop.caught))
-
-
-def _stop_reason(run: Run, budget: JobBudget, state: TrainState) -> str:
-    if run.stop.signal_name:
-        return run.stop.signal_name
-    if budget.steps_done(state):
-        return "run.stop_after_steps"
-    if budget.epochs_done(state):
-        return "run.stop_after_epochs"
-    return "a signal on another rank"
 
 
 def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tuple[Outcome, dict[str, Any]]:
@@ -190,17 +149,16 @@ def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tupl
         batches = run.train_input.batches(state.epoch, state.step_in_epoch)
         if not train_one_epoch(run.trainer, state, batches, hooks):
             checkpoints.save(state)
-            return _stopped(run, checkpoints, state, _stop_reason(run, budget, state)), last_eval
+            return _stopped(run, checkpoints, state, budget), last_eval
         saved, last_eval = finish_epoch(run, checkpoints, state, device_clock(run.device) - t0, images_before)
-        if state.epoch < cfg.train.epochs and (budget.epochs_done(state) or distributed.any_rank(run.stop.requested, run.device)):
+        if state.epoch < cfg.train.epochs and (budget.epochs_done(state.epoch)
+                                               or distributed.any_rank(run.stop.requested, run.device)):
             if not saved:
                 checkpoints.save(state)
-            return _stopped(run, checkpoints, state, _stop_reason(run, budget, state)), last_eval
+            return _stopped(run, checkpoints, state, budget), last_eval
     checkpoints.writer.wait()
     return Outcome(), last_eval
 
-
-# --- entry -----------------------------------------------------------------------------------------
 
 def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
     meta = load_metadata(cfg.data.root, splits=sorted({"train", *cfg.train.eval_splits}))

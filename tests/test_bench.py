@@ -59,3 +59,20 @@ def test_a_failing_cell_becomes_a_row(tmp_path):
     assert len(rows) == 1 and rows[0].note.startswith("FAILED: ValueError: unknown model 'nonet'")
     table = throughput.format_table(rows + [Row("model", "x", img_s=10.0, ratio=1.02, ratio_of="torchvision")])
     assert "FAILED" in table and "1.02x" in table
+
+
+def test_the_benchmark_times_the_trainer_training_builds(tmp_path):
+    """bfly.bench and bfly.train assemble through bfly.stack: same optimizer, loss, AMP policy and wrapping."""
+    from bfly import stack
+    from bfly.models import build_model
+
+    s = tiny(tmp_path)
+    benched = throughput.make_trainer(build_model("resnet50", throughput.NUM_CLASSES), CPU, s)
+    cfg = throughput.data_config(s)
+    raw = stack.place_model(stack.init_model(cfg, throughput.NUM_CLASSES), cfg, CPU)
+    trained = stack.build_trainer(cfg, raw, CPU, throughput.NUM_CLASSES, accum_steps=1, steps_per_epoch=1, ddp=False)
+    assert type(benched.optimizer) is type(trained.optimizer)
+    assert ([{k: v for k, v in g.items() if k != "params"} for g in benched.optimizer.param_groups]
+            == [{k: v for k, v in g.items() if k != "params"} for g in trained.optimizer.param_groups])
+    assert type(benched.criterion) is type(trained.criterion)
+    assert (benched.amp_dtype, benched.scaler, benched.ema) == (trained.amp_dtype, trained.scaler, trained.ema)

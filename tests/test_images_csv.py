@@ -33,7 +33,7 @@ from bfly.train import main as train_main
 from conftest import MINI_ROOT, PYTHON, REPO, subprocess_env
 from probes.fault_launch import read_rows, replace_image, write_rows
 from test_bad_input import FIRST_READ, Bad, Workspace, is_the_error, run_bad_case_under_torchrun
-from test_evaluate_predict import parse_predictions, trained_run  # noqa: F401  (session fixture: a real run)
+from test_evaluate_predict import parse_predictions
 
 PHOTO = MINI_ROOT / "valid/ADONIS/1.jpg"
 BOMB_ERROR = r"too large to decode safely \(Image size \(196000000 pixels\) exceeds limit of 178956970 pixels"

@@ -44,8 +44,9 @@ def build_train_transform(
 ) -> Callable:
     """Training transform for ``preset``; ``randaugment`` and ``reprob`` apply to "timm" only.
 
-    "course" is the course report's recipe (config files may still call it "seed"). "timm" is timm's ImageNet training recipe: random resized
-    crop, flip, RandAugment (an empty ``randaugment`` turns it off) and random erasing.
+    "course" is the course report's recipe (config files may still call it "seed"). "timm" is timm's
+    ImageNet training recipe: random resized crop, flip, RandAugment (an empty ``randaugment`` turns it
+    off) and random erasing.
     """
     _check_size(image_size)
     if preset == "course":
