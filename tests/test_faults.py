@@ -29,8 +29,8 @@ from bfly import checkpoint as ckpt
 from bfly.data.sampling import StepPlan, rank_micro_batches
 from bfly.stopping import EXIT_STOPPED
 from bfly.train import main
-from conftest import PYTHON, REPO, read_jsonl, subprocess_env, tiny_overrides
-from probes.fault_launch import (CKPT_EVERY, STEPS, Launch, assert_same_weights, data_copy, fault_args, reference_run,
+from conftest import PYTHON, REPO, data_copy, read_jsonl, subprocess_env, tiny_overrides
+from probes.fault_launch import (CKPT_EVERY, STEPS, Launch, assert_same_weights, fault_args, reference_run,
                                  replace_image, run_to_end, torchrun_cmd, train_cmd)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers through /proc")

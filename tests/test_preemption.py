@@ -265,7 +265,8 @@ def test_an_edited_config_yaml_is_not_discarded_silently(stopped_run, tiny_data,
 
 
 def test_a_run_that_fails_on_a_bad_image_after_start_up_changes_only_train_log(stopped_run, tiny_data, tmp_path, capsys):
-    from probes.fault_launch import data_copy, replace_image
+    from conftest import data_copy
+    from probes.fault_launch import replace_image
 
     data = data_copy(tiny_data, tmp_path / "data")
     saved = torch.load(stopped_run / ckpt.LAST, weights_only=True)

@@ -28,7 +28,7 @@ import torch
 
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
-from conftest import PYTHON, REPO, data_copy, subprocess_env, tiny_overrides  # noqa: E402,F401 (data_copy: for the fault tests)
+from conftest import PYTHON, REPO, subprocess_env, tiny_overrides  # noqa: E402
 
 PROGRESS = re.compile(r"^epoch (\d+)/\d+ step (\d+)/(\d+) ")
 
