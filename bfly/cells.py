@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bfly.bench import Row, format_table
+from bfly.throughput import Row, format_table
 
 
 @dataclass

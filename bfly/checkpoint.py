@@ -1,4 +1,10 @@
-"""Checkpoints: written atomically by rank 0, read with weights_only=True after a CRC check.
+"""Checkpoints: what they hold, written atomically by rank 0, read with weights_only=True after a CRC check.
+
+What is in a checkpoint is written here once (`identity`, `last_payload`, `best_payload`) and checked
+here (`check_compatible`, `check_resumable`, `check_trained`, `check_classes`): every checkpoint carries
+the identity (arch, classes, config, position); last.pt adds what a resume needs (optimizer, scheduler,
+scaler, EMA, mid-epoch sums, every rank's RNG state, world size); best.pt holds the weights training
+evaluated (the EMA's when there is one) and the metrics that made it the best.
 
 `last.pt` is replaced by write-to-temp, fsync, rename; the one it replaces is kept as
 `last.prev.pt`, so a crash at any point leaves at least one complete checkpoint, and a corrupt
@@ -13,6 +19,7 @@ import pickle
 import random
 import shutil
 import threading
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from bfly.env import checkpoint_pause_file
+from bfly.errors import one_line
 
 LAST, PREV, BEST = "last.pt", "last.prev.pt", "best.pt"
 
@@ -49,6 +59,8 @@ def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False) 
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
+            if keep_previous and path.exists():
+                _pause_for_test(tmp)
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
@@ -61,6 +73,18 @@ def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False) 
         os.replace(path, path.with_name(PREV))
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _pause_for_test(tmp: Path) -> None:
+    """bfly.env.checkpoint_pause_file: a test kills the process while this write is half done (the tail of
+    the temp file is still in this process's buffer)."""
+    pause = checkpoint_pause_file()
+    if pause is None or pause.exists():
+        return
+    pause.write_text(str(tmp))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -141,11 +165,6 @@ class CheckpointWriter:
             self._error = e
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def _check_crc(path: Path) -> None:
     """torch.load does not verify the zip's CRC-32s: flipped bytes inside a tensor would load as
     silently wrong weights. Checking them costs one read of the file."""
@@ -165,11 +184,11 @@ def load(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused by torch.load(weights_only=True): it holds more than tensors and plain "
-            f"data ({_first_line(e)}); only load checkpoints you trust, and re-save them with bfly"
+            f"data ({one_line(e, first=True)}); only load checkpoints you trust, and re-save them with bfly"
         ) from None
     # A damaged header can surface as a decode error (ValueError) from zipfile or the unpickler.
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({one_line(e, first=True)})") from None
 
 
 def load_resumable(run_dir: Path, warn) -> tuple[dict[str, Any], Path] | None:
@@ -187,6 +206,72 @@ def load_resumable(run_dir: Path, warn) -> tuple[dict[str, Any], Path] | None:
             raise
         warn(f"{e}; falling back to the previous checkpoint {prev}")
         return load(prev), prev
+
+
+# --- the format ------------------------------------------------------------------------------------
+
+IDENTITY_KEYS = ("arch", "num_classes", "class_names", "config", "model")  # what evaluate/predict need
+
+
+def identity(cfg: dict[str, Any], class_names: list[str], train_images: int, epoch: int, global_step: int,
+             wandb_run_id: str | None) -> dict[str, Any]:
+    """What every checkpoint carries to be loaded safely elsewhere (evaluate, predict, resume).
+    `cfg`: the run's config as a dict (config.to_dict)."""
+    return {
+        "arch": cfg["model"]["name"], "num_classes": len(class_names), "class_names": list(class_names),
+        "train_images": train_images, "config": cfg, "epoch": epoch, "global_step": global_step,
+        "wandb_run_id": wandb_run_id,
+    }
+
+
+def best_payload(ident: dict[str, Any], weights: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """best.pt: the weights training evaluated (the EMA's when there is one) and their metrics."""
+    return ident | {"model": weights, "metrics": metrics}
+
+
+def last_payload(ident: dict[str, Any], *, model: dict[str, Any], optimizer: dict[str, Any], total_steps: int,
+                 scaler: dict[str, Any] | None, ema: dict[str, Any] | None, step_in_epoch: int, best_top1: float,
+                 epoch_sums: dict[str, torch.Tensor], rng: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+    """last.pt: everything a resume needs, mid-epoch included (`rng`: every rank's, in rank order)."""
+    return ident | {
+        "model": model, "optimizer": optimizer,
+        "scheduler": {"global_step": ident["global_step"], "total_steps": total_steps},
+        "scaler": scaler, "ema": ema, "step_in_epoch": step_in_epoch, "best_top1": best_top1,
+        "epoch_sums": epoch_sums, "rng": rng, "world_size": world_size,
+    }
+
+
+def saved_micro_batch_size(state: dict[str, Any]) -> int:
+    """train.micro_batch_size of the run that wrote `state` (0 = batch size / world size)."""
+    return state.get("config", {}).get("train", {}).get("micro_batch_size", 0)
+
+
+def sizes(model: Any, optimizer_name: str, momentum: float, ema: bool) -> tuple[int, int]:
+    """(last.pt, best.pt) bytes for `model` (an nn.Module), from its weights and the optimizer's
+    per-parameter state (AdamW: two tensors; SGD: one with momentum)."""
+    weights = state_bytes(model.state_dict())
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    per_param = 2 if optimizer_name == "adamw" else int(momentum > 0)
+    return weights + per_param * params + (weights if ema else 0), weights
+
+
+def check_trained(state: dict[str, Any], path: str | Path, known_archs: tuple[str, ...]) -> None:
+    """A checkpoint evaluate and predict can load: a bfly checkpoint of a model bfly builds."""
+    for key in IDENTITY_KEYS:
+        if key not in state:
+            raise CheckpointError(f"{path}: not a bfly checkpoint (no {key!r} entry)")
+    if state["arch"] not in known_archs:
+        raise CheckpointError(f"{path}: checkpoint is a {state['arch']!r} model; bfly builds {', '.join(known_archs)}")
+
+
+def check_classes(state: dict[str, Any], path: str | Path, class_names: list[str], root: Any) -> None:
+    """The dataset labels its classes as the checkpoint's did (ids and names)."""
+    check_compatible(state, path, state["arch"], len(class_names))
+    for i, (ours, theirs) in enumerate(zip(state["class_names"], class_names)):
+        if ours != theirs:
+            raise CheckpointError(
+                f"{path}: class id {i} is {ours!r} in the checkpoint but {theirs!r} in {root}: "
+                "the dataset labels its species differently from the one the model was trained on")
 
 
 def check_compatible(state: dict[str, Any], path: str | Path, arch: str, num_classes: int) -> None:

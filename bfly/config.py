@@ -6,13 +6,17 @@ every checkpoint.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bfly.models import MODEL_NAMES
 
 
 class ConfigError(ValueError):
@@ -30,7 +34,7 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, operat
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("resnet50", "architecture", ("resnet50", "vgg19", "vgg19_bn"))
+    name: str = _opt("resnet50", "architecture", MODEL_NAMES)
     zero_init_residual: bool = _opt(True, "ResNet: zero-init the last BN of each block")
     dropout: float = _opt(0.5, "VGG: dropout in the classifier")
     sync_bn: bool = _opt(True, "SyncBatchNorm when world size > 1 (CUDA only; CPU keeps BN)")
@@ -43,7 +47,8 @@ class DataConfig:
     root: str = _opt("data/butterfly-mini", "dataset folder (course or Kaggle CSV layout, or class folders)",
                      operational=True)
     input: str = _opt("pil", "input path: PIL workers, or decoded cache + GPU augmentation", ("pil", "cached"))
-    preset: str = _opt("seed", "train augmentation preset", ("seed", "timm"))
+    preset: str = _opt("course", "train augmentation preset: course = the course report's recipe (was `seed`), "
+                       "timm = timm's ImageNet recipe", ("course", "timm"))
     image_size: int = _opt(224, "training/eval image size (square)")
     randaugment: str = _opt("rand-m9-mstd0.5-inc1", "timm preset: RandAugment spec")
     reprob: float = _opt(0.25, "timm preset: random erasing probability")
@@ -162,7 +167,16 @@ def _sections() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
+# Values renamed since: (key, old value) -> new value. Old configs, config.yaml files and checkpoints still
+# load; a config a user wrote gets a warning.
+RENAMED_VALUES = {("data.preset", "seed"): "course"}
+
+
+def _canonical(key: str, value: Any) -> Any:
+    return RENAMED_VALUES.get((key, value), value) if isinstance(value, str) else value
+
+
+def _set(cfg: Config, key: str, value: Any, warn_renamed: bool = True) -> None:
     section, _, name = key.partition(".")
     sections = _sections()
     if section not in sections or not name:
@@ -172,6 +186,11 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     if name not in hints:
         raise ConfigError(f"unknown config key {key!r} (known in {section}: {', '.join(hints)})")
     choices = cls.__dataclass_fields__[name].metadata.get("choices")
+    if _canonical(key, value) != value:
+        if warn_renamed:
+            warnings.warn(f"{key}={value!r} is deprecated, it is now called {_canonical(key, value)!r} "
+                          "(the old name still works)", FutureWarning, stacklevel=3)
+        value = _canonical(key, value)
     if value is False and choices and "off" in choices:
         value = "off"  # YAML 1.1 reads a bare `off` as false
     value = _check_type(value, hints[name], key)
@@ -253,9 +272,37 @@ def validate(cfg: Config) -> None:
     for key in cfg.run.allow_changes:
         if key not in known:
             raise ConfigError(f"run.allow_changes: unknown key {key!r}")
+    _validate_data(cfg)
+    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
+        raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got {cfg.optim.label_smoothing}")
     for split in cfg.train.eval_splits:
         if split not in ("train", "valid", "test"):
             raise ConfigError(f"train.eval_splits: unknown split {split!r} (train, valid, test)")
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    for key in ("mixup", "cutmix"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key}: must be >= 0, got {getattr(d, key)}")
+    if not 0.0 <= d.reprob <= 1.0:
+        raise ConfigError(f"data.reprob: must be in [0, 1], got {d.reprob}")
+    if not 0.0 < d.crop_scale_min <= 1.0:
+        raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {d.crop_scale_min}")
+    if d.input == "cached" and d.preset == "timm" and d.randaugment:
+        raise ConfigError(
+            f"data.randaugment={d.randaugment!r}: RandAugment runs on the PIL path only; with "
+            "data.input=cached set data.randaugment='' (random erasing, data.reprob, still applies)")
+
+
+def replace(cfg: Config, changes: dict[str, Any]) -> Config:
+    """A copy of `cfg` with `changes` ({"data.workers": 0}) set through the checks of an override;
+    the way commands change a config (never by assigning its fields)."""
+    new = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        _set(new, key, value)
+    validate(new)
+    return new
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -271,7 +318,7 @@ def from_dict(tree: dict[str, Any]) -> Config:
     """Rebuild a config saved in a checkpoint or config.yaml, with the same checks."""
     cfg = Config()
     for key, value in _flatten(tree, "saved config").items():
-        _set(cfg, key, value)
+        _set(cfg, key, value, warn_renamed=False)
     validate(cfg)
     return cfg
 
@@ -316,7 +363,7 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, An
     for key in sorted(set(old) | set(new)):
         if is_operational(key):
             continue
-        before, after = old.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+        before, after = (_canonical(key, d.get(key, defaults.get(key))) for d in (old, new))
         if before != after:
             out.append((key, before, after))
     return out

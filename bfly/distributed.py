@@ -1,6 +1,6 @@
 """Process group set-up and the few collectives the trainer needs.
 
-The model never sees any of this: DDP wrapping happens in bfly.train.
+The model never sees any of this: DDP wrapping happens in bfly.stack (the device is picked there too).
 """
 from __future__ import annotations
 
@@ -11,13 +11,6 @@ import torch
 import torch.distributed as dist
 
 from bfly.env import DistEnv
-
-
-def pick_device(env: DistEnv) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def init(env: DistEnv, device: torch.device, backend: str, timeout_s: int) -> None:
@@ -43,11 +36,6 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def barrier() -> None:
-    if active():
-        dist.barrier()
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In place; gloo cannot reduce on CUDA tensors it does not own, so callers pass the device tensor."""
     if active():
@@ -71,10 +59,3 @@ def all_gather_objects(obj: Any) -> list[Any]:
     dist.all_gather_object(out, obj)
     return out
 
-
-def broadcast_object(obj: Any) -> Any:
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -90,7 +90,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(_unwrap(self.model))
+            self.ema.update(unwrap(self.model))
 
 
 def device_clock(device: torch.device) -> float:
@@ -110,9 +110,10 @@ def new_sums(device: torch.device) -> dict[str, torch.Tensor]:
     }
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside torch.compile(DDP(model)) (compile wraps DDP: unwrap in that order)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
 
 
 @dataclass
@@ -165,7 +166,7 @@ def evaluate(model: nn.Module, batches, num_classes: int, device: torch.device,
     Runs the plain module, never the torch.compile'd or DDP wrapper: compiled evaluation recompiles
     (grad mode changes, and the last, smaller batch adds a dynamic-shape graph), and eval splits are
     small (1,000 images of 13.6k), so eager evaluation costs less than compiling for it."""
-    model = _unwrap(model)
+    model = unwrap(model)
     model.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

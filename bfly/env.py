@@ -98,5 +98,14 @@ def wandb_mode_override() -> str | None:
     return os.environ.get("WANDB_MODE") or None
 
 
+def checkpoint_pause_file() -> Path | None:
+    """Test hook, BFLY_TEST_PAUSE_CHECKPOINT=<file>: the first write that replaces an existing last.pt pauses
+    half-way (its temp file partly written), creates <file> and waits for the process to be killed (at most
+    120 s, then goes on). Once per file: a write that finds <file> already there does not pause, so the
+    restarted job goes on. For tests that kill a process during a checkpoint write."""
+    value = os.environ.get("BFLY_TEST_PAUSE_CHECKPOINT")
+    return Path(value) if value else None
+
+
 def stdout_is_tty() -> bool:
     return os.isatty(1) and os.environ.get("TERM", "") != "dumb"

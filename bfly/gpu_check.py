@@ -41,8 +41,9 @@ from pathlib import Path
 
 import torch
 
-from bfly import bench
-from bfly.bench import Row, Settings
+from bfly import throughput
+from bfly.stack import pick_device
+from bfly.throughput import Row, Settings
 from bfly.cells import Cell, Check, Outcome, check, format_verdict, plan_lines, run_cells
 from bfly.data.decode_cache import available_cores
 from bfly.data.metadata import DataError, load_metadata
@@ -265,12 +266,12 @@ def speed_cells(ctx: Context) -> dict[str, Callable[[], list[Row]]]:
         if "split" not in store:
             from bfly.data.cached_input import ResidentSplit
 
-            store["split"] = ResidentSplit(bench.train_split(s), bench.data_config(s, input="cached").data, ctx.device)
+            store["split"] = ResidentSplit(throughput.train_split(s), throughput.data_config(s, input="cached").data, ctx.device)
         return store["split"]
 
     def cell(model: str, compiled: bool, inputs: tuple[str, ...]) -> Callable[[], list[Row]]:
         def run() -> list[Row]:
-            rows = bench.bench_model(model, replace(s, compile=compiled), ctx.device, True, inputs, resident())
+            rows = throughput.bench_model(model, replace(s, compile=compiled), ctx.device, True, inputs, resident())
             for r in rows:
                 if r.case.endswith("via pil"):  # decoding the compact copy's small JPEGs is cheaper
                     r.note = "compact copy: JPEGs smaller than the original 224 px ones"
@@ -399,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or REPO / ("data/butterfly-mini" if args.smoke else DEFAULT_DATA)
     cache_dir = args.cache_dir or (str(args.out / "cache") if args.smoke else "")
     runs = (args.runs_dir or args.out / "runs").resolve()
-    ctx = Context(args.out.resolve(), runs, data.resolve(), cache_dir, torch.device(args.device), args.smoke)
+    device = pick_device() if args.device == "cuda" and torch.cuda.is_available() else torch.device(args.device)
+    ctx = Context(args.out.resolve(), runs, data.resolve(), cache_dir, device, args.smoke)
     cells = build_cells(ctx, keys)
     what = "the CPU smoke run (tiny sizes; estimates for this machine)" if args.smoke else "one H200"
     print(f"bfly.gpu_check plan ({what}), budget {args.budget_s:.0f}s:", flush=True)
@@ -422,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     image_size = speed_settings(ctx).image_size
-    env = bench.environment()
+    env = throughput.environment()
     print(f"on {env}; data {data}: {sum(len(s.paths) for s in meta.splits.values())} images", flush=True)
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -14,28 +14,12 @@ import sys
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
-from torch import nn
 
 from bfly.data.metadata import DataError
 from bfly.data.pil_input import open_rgb
-from bfly.data.transforms import build_eval_transform
-from bfly.evaluate import USER_ERRORS, load_trained, one_line
-
-BATCH = 32
-
-
-@torch.no_grad()
-def class_probs(model: nn.Module, images: Sequence[Image.Image], image_size: int,
-                device: torch.device) -> torch.Tensor:
-    """Softmax over the classes, (N, C) on CPU, for RGB images of any size."""
-    transform = build_eval_transform(image_size)
-    model.eval()
-    out = []
-    for i in range(0, len(images), BATCH):
-        x = torch.stack([transform(im) for im in images[i : i + BATCH]]).to(device)
-        out.append(model(x).float().softmax(1).cpu())
-    return torch.cat(out)
+from bfly.errors import one_line
+from bfly.stack import pick_device
+from bfly.trained import BATCH, USER_ERRORS, class_probs, load_trained
 
 
 def format_top(path: str, probs: torch.Tensor, class_names: Sequence[str], k: int) -> str:
@@ -66,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"bfly.predict: error: {one_line(e)}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     model = model.to(device)
     failed = 0
     for i in range(0, len(args.images), BATCH):  # a batch at a time: any number of files

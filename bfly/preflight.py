@@ -50,9 +50,9 @@ def preflight(config: str | None, overrides: list[str], nproc: int | None = None
     plan = None
     try:
         if world < 1:
-            raise ValueError(f"--nproc {world}: the world size must be >= 1")
+            raise ConfigError(f"--nproc {world}: the world size must be >= 1")
         plan = StepPlan.make(cfg.train.batch_size, world, cfg.train.micro_batch_size)
-    except ValueError as e:
+    except ConfigError as e:
         problems.append(str(e))
     say("world size", f"{world} process(es) ({source})")
 
@@ -231,7 +231,7 @@ def _resume(cfg: Config, meta: DatasetMeta, world: int, problems: list[str], say
         saved, path = found
         ckpt.check_compatible(saved, path, cfg.model.name, meta.num_classes)
         ckpt.check_resumable(saved, path)
-        from bfly.train import check_resume  # the same refusals as the real resume
+        from bfly.resume import check_resume  # the same refusals as the real resume
 
         changes = check_resume(cfg, meta, run_dir, saved, path)
     except (ckpt.CheckpointError, ConfigError) as e:

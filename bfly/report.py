@@ -152,7 +152,7 @@ def plot_confusion(result: dict[str, Any], label: str, out: Path) -> Path:
 
 def eval_result(run: RunMetrics, split: str, data_root: str | None) -> dict[str, Any] | None:
     """The saved evaluation of best.pt on split, made now if missing; None (with a warning) if impossible."""
-    from bfly.evaluate import USER_ERRORS, default_out
+    from bfly.trained import USER_ERRORS, default_out
 
     best = run.run_dir / BEST
     saved = default_out(best, split)
@@ -162,14 +162,13 @@ def eval_result(run: RunMetrics, split: str, data_root: str | None) -> dict[str,
         print(f"bfly.report: warning: {run.run_dir}: no {BEST} and no {saved.name}: no confusion matrix",
               file=sys.stderr)
         return None
-    import torch
-
     from bfly.env import DistEnv
-    from bfly.evaluate import evaluate_checkpoint
+    from bfly.stack import pick_device
+    from bfly.trained import evaluate_checkpoint
 
     print(f"evaluating {best} on the {split} split for the confusion matrix", flush=True)
     single = DistEnv(0, 0, 1, 1, "single", "env://")  # one process, even when launched under torchrun
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     try:
         result = evaluate_checkpoint(best, split, single, device, data_root)
     except USER_ERRORS as e:

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bfly.env import DistEnv, slurm_job_id
+
 LOCK = ".bfly.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
@@ -161,6 +163,31 @@ class RunDirLock:
         if self._read() == self.me:
             with contextlib.suppress(OSError):
                 self.path.unlink()
+
+
+class StartupRefused(Exception):
+    """On ranks other than 0: rank 0 refused the start and prints why."""
+
+
+def lock_run_dir(run_dir: Path, env: DistEnv) -> RunDirLock | None:
+    """Rank 0 takes the run directory's lock; every rank learns whether it got it (a collective)."""
+    from bfly import distributed
+
+    lock, error = None, None
+    if env.is_main:
+        lock = RunDirLock(run_dir, this_process(slurm_job_id()))
+        try:
+            note = lock.acquire()
+            if note:
+                print(f"warning: {note}", flush=True)
+        except RunDirBusy as e:
+            lock, error = None, e
+    refused = distributed.all_gather_objects(error is not None)[0]
+    if error is not None:
+        raise error
+    if refused:
+        raise StartupRefused()
+    return lock
 
 
 def append_history(run_dir: Path, record: dict[str, Any]) -> None:

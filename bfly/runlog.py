@@ -5,20 +5,24 @@ Other ranks are quiet. Extra sinks (wandb) receive the same step and epoch recor
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from bfly.env import stdout_is_tty
+from bfly.config import ConfigError
+from bfly.env import stdout_is_tty, wandb_mode_override
 
 
 class Sink(Protocol):
     def log_step(self, record: dict[str, Any], step: int) -> None: ...
     def log_epoch(self, record: dict[str, Any], step: int) -> None: ...
     def log_config_change(self, changes: dict[str, dict[str, Any]], step: int) -> None: ...
-    def finish(self, run: Any, completed: bool) -> None: ...
+    def finish(self, completed: bool, signal_name: str | None, last_eval: dict[str, Any] | None, meta: Any,
+               samples: int, probabilities: Callable[[list], Any]) -> None: ...
 
 
 class RunLog:
@@ -112,6 +116,60 @@ class RunLog:
             self._end_progress()
             with contextlib.suppress(OSError):
                 self._log.close()
+
+
+def open_wandb(log: RunLog, mode: str, start: Callable[[], Sink]) -> Sink | None:
+    """Rank 0: adds the wandb sink (`start` opens it) to `log`, or says why not. mode: wandb.mode.
+    wandb is imported lazily: training without logging must not need it installed."""
+    mode = wandb_mode_override() or mode  # WANDB_MODE wins, as in wandb itself
+    if mode == "disabled":
+        return None
+    try:
+        importlib.import_module("bfly.wandb_log")  # imports wandb
+    except ImportError as e:
+        if mode != "auto":
+            raise ConfigError(f"wandb.mode={mode} but wandb cannot be imported ({e}); pip install wandb") from None
+        log.warn("wandb is not installed: logging to metrics.jsonl only (wandb.mode=disabled silences this)")
+        return None
+    sink = start()
+    log.sinks.append(sink)
+    return sink
+
+
+def step_record(loss: float, top1: float, rates: dict[str, float], world_size: int, epoch: int,
+                gpu_mem_gb: float | None) -> tuple[dict[str, Any], dict[str, float | str]]:
+    """(record for the sinks, fields of the progress line) at a log point. loss/top1: this epoch so far
+    (rank 0's share); rates from bfly.engine; data_wait is the share of wall time this rank waited for its
+    next batch (the input path's cost)."""
+    record = {"train/loss": loss, "train/top1": top1, "lr": rates["lr"], "img_per_s": rates["img_per_s"] * world_size,
+              "data_wait": rates["data_wait"], "epoch": epoch}
+    fields: dict[str, float | str] = {"loss": loss, "acc": f"{top1:.1%}", "img/s": record["img_per_s"],
+                                      "lr": rates["lr"], "data": f"{rates['data_wait']:.0%}"}
+    if gpu_mem_gb is not None:
+        record["gpu_mem_gb"] = gpu_mem_gb
+        fields["mem"] = f"{gpu_mem_gb:.1f}G"
+    return record, fields
+
+
+def epoch_record(epoch: int, step: int, sums: dict[str, Any], lr: float, epoch_s: float,
+                 images_before: int) -> dict[str, Any]:
+    """The metrics.jsonl record of a finished epoch's training (the evaluation adds its splits). `sums`: the
+    epoch's totals over all ranks; images_before: images of the epoch counted before this job (a resume)."""
+    count = max(int(sums["count"].item()), 1)
+    return {"epoch": epoch, "step": step, "train_loss": sums["loss"].item() / count,
+            "train_top1": sums["correct"].item() / count, "train_top5": sums["correct5"].item() / count,
+            "lr": lr, "epoch_s": epoch_s, "img_per_s": (count - images_before) / max(epoch_s, 1e-9)}
+
+
+def epoch_line(r: dict[str, Any], epochs: int) -> str:
+    """The console line of an epoch record (metrics.jsonl)."""
+    parts = [f"epoch {r['epoch'] + 1}/{epochs}", f"train loss {r['train_loss']:.4f} acc {r['train_top1']:.2%}"]
+    for split in ("valid", "test"):
+        if f"{split}_top5" in r:
+            parts.append(f"{split} top1 {r[f'{split}_top1']:.2%} top5 {r[f'{split}_top5']:.2%}")
+    parts.append(f"{r['epoch_s']:.1f}s {r['img_per_s']:.0f} img/s")
+    parts.append(f"ckpt stall {r['ckpt_stall_s']:.2f}s")
+    return " | ".join(parts)
 
 
 def truncate_metrics(run_dir: Path, before_epoch: int) -> None:

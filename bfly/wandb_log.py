@@ -31,10 +31,10 @@ import torch
 import wandb
 
 from bfly import checkpoint as ckpt
-from bfly.config import ConfigError, to_dict
+from bfly.config import Config, ConfigError, to_dict
+from bfly.data.metadata import DatasetMeta, Split
 from bfly.data.pil_input import open_rgb
 from bfly.env import wandb_api_key_configured, wandb_mode_override
-from bfly.predict import class_probs
 
 RESUME_FILE = "wandb_resume.json"
 MODES = ("online", "offline", "disabled")
@@ -52,10 +52,13 @@ def resolve_mode(config_mode: str) -> str:
     return mode
 
 
-def job_info(run: Any) -> dict[str, Any]:
-    return {"world_size": run.env.world_size, "num_classes": run.meta.num_classes,
-            "train_images": len(run.meta.splits["train"].paths), "layout": run.meta.layout,
-            "device": run.device.type, "run_dir": str(run.run_dir.resolve())}
+def job_info(world_size: int, meta: DatasetMeta, device_type: str, run_dir: Path) -> dict[str, Any]:
+    return {"world_size": world_size, "num_classes": meta.num_classes,
+            "train_images": len(meta.splits["train"].paths), "layout": meta.layout,
+            "device": device_type, "run_dir": str(run_dir.resolve())}
+
+
+Probabilities = Callable[[list], torch.Tensor]  # RGB images -> (N, classes) softmax of the final model
 
 
 class WandbSink:
@@ -71,15 +74,17 @@ class WandbSink:
         return self.wb.id
 
     @classmethod
-    def open(cls, run: Any, state: Any) -> "WandbSink":
-        wb = _init(run)
+    def open(cls, cfg: Config, run_dir: Path, job: dict[str, Any], resume_id: str | None,
+             warn: Callable[[str], None]) -> "WandbSink":
+        """resume_id: the wandb run id a resumed checkpoint carries (None: a new wandb run)."""
+        wb = _init(cfg, run_dir, job, resume_id, warn)
         wb.define_metric("epoch")
         wb.define_metric("epoch/*", step_metric="epoch")
-        saved = _read_resume(run.run_dir)
+        saved = _read_resume(run_dir)
         floor, last_epoch = wb.step - 1, -1  # online, wandb knows the resumed run's next step
         if saved.get("run_id") == wb.id:
             floor, last_epoch = max(floor, saved["step"]), saved["epoch"]
-        return cls(wb, run.run_dir, floor, last_epoch, run.log.warn)
+        return cls(wb, run_dir, floor, last_epoch, warn)
 
     def log_step(self, record: dict[str, Any], step: int) -> None:
         if step <= self.floor:  # already logged before a crash; wandb would drop it
@@ -127,36 +132,39 @@ class WandbSink:
                 wandb.teardown(exit_code=1)
             return False
 
-    def finish(self, run: Any, completed: bool) -> None:
-        self._call("updating the summary", self.wb.summary.update, best_summary(run.run_dir / ckpt.BEST))
+    def finish(self, completed: bool, signal_name: str | None, last_eval: dict[str, Any] | None,
+               meta: DatasetMeta, samples: int, probabilities: Probabilities) -> None:
+        """completed: the schedule is done (else stopped, by `signal_name` or a budget). last_eval: split ->
+        metrics of the latest evaluation; `samples` images of valid are captioned by `probabilities`."""
+        self._call("updating the summary", self.wb.summary.update, best_summary(self.run_dir / ckpt.BEST))
         if not completed:
             # Stopped by a signal to be requeued: the next job resumes this run.
             self._call("marking the run preempting", self.wb.mark_preempting)
-            self._call("finishing", self.wb.finish, exit_code=_signal_exit_code(run.stop.signal_name))
+            self._call("finishing", self.wb.finish, exit_code=_signal_exit_code(signal_name))
             return
         if self.broken:
             return
         data: dict[str, Any] = {}
-        names = list(run.meta.class_names)
-        for split, m in (run.last_eval or {}).items():
+        names = list(meta.class_names)
+        for split, m in (last_eval or {}).items():
             data[f"per_class/{split}"] = per_class_table(m, names)
             data[f"confusion/{split}"] = confusion_chart(m["confusion"], names, split)
-        split = "valid" if "valid" in run.meta.splits else next(iter(run.last_eval or {}), None)
-        if split and run.cfg.wandb.samples > 0:
-            data[f"samples/{split}"] = sample_images(run, split, run.cfg.wandb.samples)
+        split = "valid" if "valid" in meta.splits else next(iter(last_eval or {}), None)
+        if split and samples > 0:
+            data[f"samples/{split}"] = sample_images(meta.splits[split], names, samples, probabilities)
         if data:
             self._log(data, max(self.step, self.floor + 1))
         self._call("finishing", self.wb.finish)
 
 
-def _init(run: Any) -> Any:
-    c = run.cfg.wandb
+def _init(cfg: Config, run_dir: Path, job: dict[str, Any], resume_id: str | None, warn: Callable[[str], None]) -> Any:
+    c = cfg.wandb
     mode = resolve_mode(c.mode)
     kwargs = dict(
-        dir=run.run_dir, entity=c.entity or None, project=c.project or None, group=c.group or None,
-        name=c.name or run.run_dir.resolve().name, tags=c.tags or None, notes=c.notes or None,
-        id=run.wandb_run_id, resume="allow" if run.wandb_run_id else None,
-        config={**to_dict(run.cfg), "job": job_info(run)},
+        dir=run_dir, entity=c.entity or None, project=c.project or None, group=c.group or None,
+        name=c.name or run_dir.resolve().name, tags=c.tags or None, notes=c.notes or None,
+        id=resume_id, resume="allow" if resume_id else None,
+        config={**to_dict(cfg), "job": job},
     )
     try:
         return wandb.init(mode=mode, **kwargs)
@@ -168,7 +176,7 @@ def _init(run: Any) -> Any:
             raise ConfigError(f"wandb cannot log online ({reason}); set wandb.mode=offline or auto (or "
                               "WANDB_MODE=offline) and upload the run later with `wandb sync`") from None
         # A key is configured but this node has no way out (common on clusters): keep the run offline.
-        run.log.warn(f"wandb cannot log online ({reason}): logging offline to {run.run_dir / 'wandb'}; "
+        warn(f"wandb cannot log online ({reason}): logging offline to {run_dir / 'wandb'}; "
                      "upload later with `wandb sync`")
     return wandb.init(mode="offline", **kwargs)
 
@@ -190,15 +198,12 @@ def confusion_chart(confusion: torch.Tensor, names: list[str], split: str) -> An
                                        title=f"Confusion matrix ({split})")
 
 
-def sample_images(run: Any, split: str, n: int) -> list[wandb.Image]:
+def sample_images(s: Split, names: list[str], n: int, probabilities: Probabilities) -> list[wandb.Image]:
     """n images spread over the split, captioned with the final model's prediction and the truth."""
-    s = run.meta.splits[split]
     picks = sorted({i * len(s.paths) // n for i in range(min(n, len(s.paths)))})
     images = [open_rgb(s.paths[i]) for i in picks]
-    model = run.trainer.ema.module if run.trainer.ema else run.raw_model
-    with run.trainer.autocast():
-        probs = class_probs(model, images, run.cfg.data.image_size, run.device)
-    names, out = run.meta.class_names, []
+    probs = probabilities(images)
+    out = []
     for im, i, p in zip(images, picks, probs):
         pred, true = int(p.argmax()), s.labels[i]
         im.thumbnail((THUMBNAIL, THUMBNAIL))

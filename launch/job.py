@@ -1,4 +1,4 @@
-"""What every task of a submitted job runs: one trainer process, `bfly.train.main` in-process.
+"""What every task of a submitted job runs: one trainer process, `bfly.train.run_job` in-process.
 
 One SLURM task per GPU: submitit starts the tasks, so torchrun is not involved; the distributed
 environment torchrun would give (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) is exported

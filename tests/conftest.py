@@ -13,16 +13,20 @@ def mini_root_meta() -> Path:
     return MINI_ROOT
 
 
+def data_copy(src: Path, dst: Path) -> Path:
+    """A copy of dataset `src` whose CSVs can be edited; the image folders are linked (fast)."""
+    dst.mkdir(parents=True)
+    for csv_file in src.glob("*.csv"):
+        shutil.copy(csv_file, dst / csv_file.name)
+    for split in ("train", "valid", "test"):
+        (dst / split).symlink_to((src / split).resolve(), target_is_directory=True)
+    return dst
+
+
 @pytest.fixture
 def mini_copy_meta(tmp_path: Path) -> Path:
     """An editable butterfly-mini: copied CSVs, image folders linked rather than copied (fast)."""
-    root = tmp_path / "butterfly-mini"
-    root.mkdir()
-    for csv_file in MINI_ROOT.glob("*.csv"):
-        shutil.copy(csv_file, root / csv_file.name)
-    for split in ("train", "valid", "test"):
-        (root / split).symlink_to(MINI_ROOT / split, target_is_directory=True)
-    return root
+    return data_copy(MINI_ROOT, tmp_path / "butterfly-mini")
 
 
 # --- end of data metadata / transforms fixtures ---
@@ -44,18 +48,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_subset(src: Path, dst: Path, per_class: dict[str, int]) -> Path:
-    """A course-layout copy of the mini data with `per_class[split]` images per class (images linked)."""
+def write_subset(src: Path, dst: Path, per_class: dict[str, int], drop_class: int | None = None,
+                 layout: str = "course") -> Path:
+    """A copy of the mini data with `per_class[split]` images per class (images linked), in the course
+    layout (one CSV per split) or the Kaggle one (one CSV); `drop_class`: a class id left out."""
     import pandas as pd
 
     dst.mkdir(parents=True, exist_ok=True)
+    kaggle = []
     for split, n in per_class.items():
         df = pd.read_csv(src / f"{split}.csv")
         df = df.sort_values("filepaths").groupby("label_id", sort=True).head(n)
-        df.to_csv(dst / f"{split}.csv", index=False)
+        df = df[df["label_id"] != drop_class]
+        if layout == "course":
+            df.to_csv(dst / f"{split}.csv", index=False)
+        kaggle.append(pd.DataFrame({"class id": df["label_id"], "filepaths": df["filepaths"],
+                                    "labels": df["labels"], "data set": split}))
         if not (dst / split).exists():
             (dst / split).symlink_to(src / split, target_is_directory=True)
+    if layout == "kaggle":
+        pd.concat(kaggle).to_csv(dst / "butterflies and moths.csv", index=False)
     return dst
+
+
+def tiny_dataset(root: Path, per_class: dict[str, int], drop_class: int | None = None,
+                 layout: str = "course") -> Path:
+    """write_subset of butterfly-mini into a new folder `root`."""
+    root.mkdir(parents=True)
+    return write_subset(MINI_ROOT, root, per_class, drop_class, layout)
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +92,29 @@ def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+# A 1-epoch run without warm-up: 2 optimizer steps on 2 train images per class.
+ONE_EPOCH = {"train.epochs": 1, "train.batch_size": 10, "optim.warmup_epochs": 0}
+
+
+def one_epoch_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
+    return tiny_overrides(data, run_dir, **{**ONE_EPOCH, **extra})
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished 1-epoch run: best.pt, last.pt, metrics.jsonl (valid and test evaluated); trained once
+    per session (kept under the session's base folder)."""
+    from bfly.train import main as train_main
+
+    base = tmp_path_factory.getbasetemp() / "trained-run"
+    run_dir = base / "run"
+    if not (base / "done").exists():
+        data = tiny_dataset(base / "data", {"train": 2, "valid": 3, "test": 3})
+        assert train_main(one_epoch_overrides(data, run_dir, **{"train.eval_splits": "[valid,test]"})) == 0
+        (base / "done").touch()
+    return run_dir
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -22,8 +22,8 @@ from bfly.data.pil_input import open_rgb
 from bfly.data.sampling import epoch_permutation
 from bfly.models import build_model
 from bfly.train import main
-from conftest import read_jsonl, tiny_overrides
-from probes.fault_launch import Launch, data_copy, read_rows, replace_image, torchrun_cmd, write_rows
+from conftest import data_copy, read_jsonl, tiny_overrides
+from probes.fault_launch import Launch, read_rows, replace_image, torchrun_cmd, write_rows
 
 
 class Workspace:

@@ -1,9 +1,10 @@
 """Config: YAML + key=value overrides, typed; every mistake names the key (and the file)."""
 import subprocess
+import warnings
 
 import pytest
 
-from bfly.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
+from bfly.config import ConfigError, changed_keys, dump_yaml, flat, from_dict, load_config, replace, to_dict
 from conftest import PYTHON, REPO, subprocess_env
 
 
@@ -91,3 +92,26 @@ def test_cli_help_lists_every_key_and_bad_key_exits_2():
     assert bad.returncode == 2
     assert "unknown config key 'train.bacth_size'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_renamed_preset_seed_still_loads_as_course_with_a_warning(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  preset: seed\n")
+    with pytest.warns(FutureWarning, match="data.preset='seed' is deprecated, it is now called 'course'"):
+        cfg = load_config(old)
+    assert cfg.data.preset == "course"
+    saved = to_dict(cfg) | {"data": to_dict(cfg)["data"] | {"preset": "seed"}}  # a checkpoint from before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checkpoint is not the user's file: no warning
+        assert from_dict(saved) == cfg
+    assert changed_keys(flat(saved), flat(to_dict(cfg))) == []  # a resume sees no change
+
+
+def test_replace_changes_a_config_through_the_override_checks():
+    cfg = load_config(None, [])
+    new = replace(cfg, {"data.workers": 0, "data.root": "/elsewhere"})
+    assert (new.data.workers, new.data.root) == (0, "/elsewhere") and cfg.data.workers == 4
+    with pytest.raises(ConfigError, match="data.workers: must be >= 0"):
+        replace(cfg, {"data.workers": -1})
+    with pytest.raises(ConfigError, match="unknown config key 'data.wrokers'"):
+        replace(cfg, {"data.wrokers": 0})

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,69 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bfly import evaluate, predict
+from bfly import evaluate, predict, trained
 from bfly.checkpoint import load
 from bfly.data.transforms import build_eval_transform
 
-REPO = Path(__file__).resolve().parent.parent
-MINI = REPO / "data" / "butterfly-mini"
-SPLITS = ("train", "valid", "test")
-KAGGLE_HEADER = ["class id", "filepaths", "labels", "data set"]
-
-
-def tiny_dataset(root: Path, per_class: dict[str, int], drop_class: int | None = None,
-                 layout: str = "course") -> Path:
-    """The first rows of each class of butterfly-mini's course CSVs, in either layout; images linked."""
-    root.mkdir(parents=True)
-    kaggle_rows = []
-    for split in SPLITS:
-        (root / split).symlink_to(MINI / split, target_is_directory=True)
-        with open(MINI / f"{split}.csv", newline="") as f:
-            header, *rows = list(csv.reader(f))
-        seen: Counter = Counter()
-        kept = []
-        for path, label, class_id in rows:
-            if seen[class_id] < per_class[split] and int(class_id) != drop_class:
-                seen[class_id] += 1
-                kept.append([path, label, class_id])
-        kaggle_rows += [[class_id, path, label, split] for path, label, class_id in kept]
-        if layout == "course":
-            _write_csv(root / f"{split}.csv", header, kept)
-    if layout == "kaggle":
-        _write_csv(root / "butterflies and moths.csv", KAGGLE_HEADER, kaggle_rows)
-    return root
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-
-
-def train_overrides(data_root: Path, run_dir: Path, **extra: object) -> list[str]:
-    """A tiny, fast training run of the real trainer (2 optimizer steps per epoch)."""
-    values = {
-        "model.name": "resnet50", "data.root": data_root, "data.image_size": 32, "data.workers": 0,
-        "train.epochs": 1, "train.batch_size": 10, "train.log_every": 1, "optim.warmup_epochs": 0,
-        "optim.lr": 0.05, "wandb.mode": "disabled", "run.dir": run_dir, **extra,
-    }
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> Path:
-    """A finished 1-epoch run: best.pt, last.pt, metrics.jsonl (valid and test evaluated).
-
-    test_report.py imports this fixture, which makes pytest set it up once per module: the run is
-    kept under the session's base folder so that it is trained only once."""
-    from bfly.train import main as train_main
-
-    base = tmp_path_factory.getbasetemp() / "trained-run"
-    run_dir = base / "run"
-    if not (base / "done").exists():
-        data = tiny_dataset(base / "data", {"train": 2, "valid": 3, "test": 3})
-        assert train_main(train_overrides(data, run_dir, **{"train.eval_splits": "[valid,test]"})) == 0
-        (base / "done").touch()
-    return run_dir
+from conftest import MINI_ROOT as MINI
+from conftest import REPO, tiny_dataset
 
 
 @pytest.fixture(scope="session")
@@ -167,7 +109,8 @@ def test_evaluate_refuses_a_dataset_that_names_the_classes_differently(trained_r
     root = tiny_dataset(tmp_path / "renamed", {"train": 1, "valid": 1, "test": 1})
     with open(root / "valid.csv", newline="") as f:
         header, *rows = list(csv.reader(f))
-    _write_csv(root / "valid.csv", header, [[p, "NOT ADONIS" if i == "0" else n, i] for p, n, i in rows])
+    with open(root / "valid.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *[[p, "NOT ADONIS" if i == "0" else n, i] for p, n, i in rows]])
     rc, _, err = run_cli(evaluate, ["--checkpoint", str(trained_run / "best.pt"), "--split", "valid",
                                     "--data-root", str(root)], capsys)
     assert rc == 2
@@ -277,7 +220,7 @@ def test_predict_applies_the_eval_transform(trained_run, odd_images, capsys):
     rc, out, _ = run_cli(predict, ["--checkpoint", str(best), "--top", "10", str(odd_images["gray.png"]),
                                    str(odd_images["wide.png"])], capsys)
     assert rc == 0
-    saved, cfg, model = evaluate.load_trained(best)
+    saved, cfg, model = trained.load_trained(best)
     transform = build_eval_transform(cfg.data.image_size)
     for path, top in parse_predictions(out).items():
         with Image.open(path) as im:

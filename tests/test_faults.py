@@ -29,8 +29,8 @@ from bfly import checkpoint as ckpt
 from bfly.data.sampling import StepPlan, rank_micro_batches
 from bfly.stopping import EXIT_STOPPED
 from bfly.train import main
-from conftest import PYTHON, REPO, read_jsonl, subprocess_env, tiny_overrides
-from probes.fault_launch import (CKPT_EVERY, STEPS, Launch, assert_same_weights, data_copy, fault_args, reference_run,
+from conftest import PYTHON, REPO, data_copy, read_jsonl, subprocess_env, tiny_overrides
+from probes.fault_launch import (CKPT_EVERY, STEPS, Launch, assert_same_weights, fault_args, reference_run,
                                  replace_image, run_to_end, torchrun_cmd, train_cmd)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers through /proc")
@@ -95,23 +95,25 @@ def test_sigkill_at_random_points(tiny_data, tmp_path, ref2, step, rank):
 
 # --- 2. SIGKILL during a checkpoint write; corrupt checkpoints ---------------------------------------
 
+def paused_write(run: Path) -> dict[str, str]:
+    """The environment that pauses the second last.pt write of a run half-way (bfly.env.checkpoint_pause_file)."""
+    return {"BFLY_TEST_PAUSE_CHECKPOINT": str(run.parent / "paused")}
+
+
 def kill_during_next_write(launch: Launch, run: Path, pid: int) -> None:
-    """SIGKILL `pid` as soon as a new `.last.pt.tmp` appears after a first last.pt exists."""
-    last, tmp = run / ckpt.LAST, run / f".{ckpt.LAST}.tmp"
-    while not last.exists() or tmp.exists():
-        if launch.proc.poll() is not None or time.monotonic() > launch.deadline:
-            launch.fail("no checkpoint written")
-        time.sleep(0.001)
-    while not tmp.exists():
+    """SIGKILL `pid` while the writer of the run's second last.pt is paused half-way (paused_write)."""
+    paused = run.parent / "paused"
+    while not paused.exists():  # the writer waits there until it is killed: no race
         if launch.proc.poll() is not None or time.monotonic() > launch.deadline:
             launch.fail("no second checkpoint written")
-        time.sleep(0.001)
+        time.sleep(0.05)
+    assert paused.read_text() == str(run / f".{ckpt.LAST}.tmp")
     os.kill(pid, signal.SIGKILL)
 
 
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
-    launch = Launch(train_cmd(fault_args(tiny_data, run)), timeout=300)
+    launch = Launch(train_cmd(fault_args(tiny_data, run)), timeout=300, env=paused_write(run))
     kill_during_next_write(launch, run, launch.proc.pid)
     assert launch.wait(30) == -signal.SIGKILL
     tmp = run / f".{ckpt.LAST}.tmp"
@@ -119,19 +121,18 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tiny_da
     partial = tmp.stat().st_size < (run / ckpt.LAST).stat().st_size
     warnings = []
     saved, source = ckpt.load_resumable(run, warnings.append)  # the previous checkpoint loads
-    # (last.prev.pt, with a warning, when the kill fell between the two renames)
-    assert (source, len(warnings)) in {(run / ckpt.LAST, 0), (run / ckpt.PREV, 1)}
+    assert (source, warnings) == (run / ckpt.LAST, [])  # killed before the renames: last.pt untouched
     resumed = run_to_end(train_cmd(fault_args(tiny_data, run)))
     assert resumed_step(resumed, source) == saved["global_step"]
     assert_nothing_lost(run, ref1)
-    print(f"killed while writing ({'partial temp file' if partial else 'at the rename'}); "
+    print(f"killed while writing ({'partial temp file' if partial else 'temp file complete, not renamed'}); "
           f"resumed from step {saved['global_step']}")
 
 
 @pytest.mark.slow
 def test_sigkill_of_rank_0_during_a_ddp_checkpoint_write(tiny_data, tmp_path, ref2):
     run = tmp_path / "run"
-    launch = Launch(torchrun_cmd(2, fault_args(tiny_data, run), max_restarts=2), timeout=480)
+    launch = Launch(torchrun_cmd(2, fault_args(tiny_data, run), max_restarts=2), timeout=480, env=paused_write(run))
     kill_during_next_write(launch, run, launch.workers(2)[0])
     assert launch.wait() == 0, launch.output[-4000:]
     assert launch.output.count("resumed from") == 1

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from bfly import gpu_check
-from bfly.bench import Row
+from bfly.throughput import Row
 from bfly.cells import Cell, Outcome, run_cells
 from conftest import REPO, subprocess_env
 

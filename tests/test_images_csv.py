@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bfly import evaluate, predict
+from bfly import evaluate, predict, trained
 from bfly.data.decode_cache import decode_resized
 from bfly.data.metadata import load_metadata
 from bfly.data.pil_input import open_rgb
@@ -33,7 +33,7 @@ from bfly.train import main as train_main
 from conftest import MINI_ROOT, PYTHON, REPO, subprocess_env
 from probes.fault_launch import read_rows, replace_image, write_rows
 from test_bad_input import FIRST_READ, Bad, Workspace, is_the_error, run_bad_case_under_torchrun
-from test_evaluate_predict import parse_predictions, trained_run  # noqa: F401  (session fixture: a real run)
+from test_evaluate_predict import parse_predictions
 
 PHOTO = MINI_ROOT / "valid/ADONIS/1.jpg"
 BOMB_ERROR = r"too large to decode safely \(Image size \(196000000 pixels\) exceeds limit of 178956970 pixels"
@@ -231,7 +231,7 @@ def test_predict_classifies_a_phone_photo_upright(trained_run, tmp_path, capsys)
     best = trained_run / "best.pt"
     assert predict.main(["--checkpoint", str(best), "--top", "10", str(path)]) == 0
     printed = dict(parse_predictions(capsys.readouterr().out)[str(path)])
-    saved, cfg, model = evaluate.load_trained(best)
+    saved, cfg, model = trained.load_trained(best)
     transform = build_eval_transform(cfg.data.image_size)
     with Image.open(path) as im:
         stored = im.convert("RGB")

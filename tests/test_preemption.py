@@ -267,7 +267,8 @@ def test_an_edited_config_yaml_is_not_discarded_silently(stopped_run, tiny_data,
 
 
 def test_a_run_that_fails_on_a_bad_image_after_start_up_changes_only_train_log(stopped_run, tiny_data, tmp_path, capsys):
-    from probes.fault_launch import data_copy, replace_image
+    from conftest import data_copy
+    from probes.fault_launch import replace_image
 
     data = data_copy(tiny_data, tmp_path / "data")
     saved = torch.load(stopped_run / ckpt.LAST, weights_only=True)
@@ -305,7 +306,7 @@ def test_an_allowed_change_is_applied_logged_and_kept_in_the_history(stopped_run
 def test_a_dataset_whose_ids_map_to_other_species_is_refused(stopped_run, tiny_data, tmp_path, capsys):
     import pandas as pd
 
-    data = tmp_path / "swapped"
+    data = tmp_path / "renamed"
     data.mkdir()
     for split in ("train", "valid", "test"):  # ids 0 and 1 swap species; every image keeps its species
         df = pd.read_csv(tiny_data / f"{split}.csv")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from bfly import report
 from bfly.checkpoint import load
-from test_evaluate_predict import REPO, trained_run  # noqa: F401  (session fixture: a real 1-epoch run)
+from conftest import REPO
 
 pytest.importorskip("matplotlib")
 

@@ -1,6 +1,7 @@
 """Which samples each rank sees: DistributedSampler semantics, defined per global batch."""
 import pytest
 
+from bfly.config import ConfigError
 from bfly.data.sampling import StepPlan, eval_shard, rank_micro_batches, steps_per_epoch
 
 
@@ -27,7 +28,7 @@ def test_plan_accumulates_when_the_world_shrinks():
     (8, 2, 8, "not a multiple"),
 ])
 def test_bad_plans_name_the_keys(batch, world, micro, msg):
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(ConfigError, match=msg):  # a user error: one line, exit status 2
         StepPlan.make(batch, world, micro)
 
 

@@ -26,6 +26,35 @@ def test_a_run_directory_holds_config_metrics_log_and_checkpoints(single_run):
     assert records[-1]["step"] == 2 * (60 // 12)
 
 
+def test_last_pt_holds_what_the_checkpoint_format_says(single_run):
+    """bfly.checkpoint writes the format in one place: a real last.pt has exactly the keys last_payload gives."""
+    from bfly import checkpoint as ckpt
+
+    state = torch.load(single_run / "last.pt", weights_only=True)
+    ident = ckpt.identity(state["config"], state["class_names"], state["train_images"], 0, 0, None)
+    layout = ckpt.last_payload(ident, model={}, optimizer={}, total_steps=0, scaler=None, ema=None, step_in_epoch=0,
+                               best_top1=0.0, epoch_sums={}, rng=[], world_size=1)
+    assert set(state) == set(layout)
+    best = torch.load(single_run / "best.pt", weights_only=True)
+    assert set(best) == set(ckpt.best_payload(ident, {}, {}))
+
+
+def test_a_bug_keeps_its_traceback_a_user_error_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    """Only ConfigError / DataError / CheckpointError (and a busy run directory) are user errors (exit 2)."""
+    from bfly import stack
+
+    assert main(tiny_overrides(tiny_data, tmp_path / "a", **{"train.batch_size": 120})) == 2  # 60 train images
+    err = capsys.readouterr().err
+    assert err.startswith("bfly.train: error: train.batch_size=120 is larger than the train split") and "Traceback" not in err
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in bfly")
+
+    monkeypatch.setattr(stack, "build_trainer", broken)
+    with pytest.raises(ValueError, match="a bug in bfly"):
+        main(tiny_overrides(tiny_data, tmp_path / "b"))
+
+
 def test_checkpoint_contents_load_with_weights_only(single_run):
     state = torch.load(single_run / "last.pt", weights_only=True)
     for key in ("model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step_in_epoch", "global_step",

@@ -74,7 +74,7 @@ def seed_everything(seed: int) -> None:
 # --- presets ------------------------------------------------------------------------------------
 
 BUILDERS = {
-    "seed": lambda size: build_train_transform("seed", size),
+    "course": lambda size: build_train_transform("course", size),
     "timm": lambda size: build_train_transform("timm", size),
     "eval": build_eval_transform,
 }
@@ -106,8 +106,8 @@ def test_timm_preset_without_randaugment_or_erasing(butterfly_tf):
     assert not posterize_ops(transform)
 
 
-def test_seed_preset_is_the_seed_reports_recipe():
-    transform = build_train_transform("seed", 64)
+def test_course_preset_is_the_course_reports_recipe():
+    transform = build_train_transform("course", 64)
     steps = transform.transforms
     assert [type(t).__name__ for t in steps] == [
         "ToRGB", "Resize", "RandomHorizontalFlip", "RandomRotation", "ColorJitter", "ToTensor", "Normalize",
@@ -132,7 +132,7 @@ def test_eval_transform_squashes_to_size_and_normalises(butterfly_tf):
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown train transform preset 'autoaug'.*'seed', 'timm'"):
+    with pytest.raises(ValueError, match=r"unknown train transform preset 'autoaug'.*'course', 'timm'"):
         build_train_transform("autoaug", 64)
 
 
@@ -141,7 +141,7 @@ def test_bad_image_size_is_rejected(size):
     with pytest.raises(ValueError, match="image_size"):
         build_eval_transform(size)
     with pytest.raises(ValueError, match="image_size"):
-        build_train_transform("seed", size)
+        build_train_transform("course", size)
 
 
 def test_bad_erasing_probability_is_rejected():

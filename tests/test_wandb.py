@@ -25,7 +25,7 @@ import yaml
 from bfly.checkpoint import load
 from bfly.config import ConfigError
 from bfly.stopping import EXIT_STOPPED
-from test_evaluate_predict import REPO, tiny_dataset, train_overrides
+from conftest import REPO, one_epoch_overrides, tiny_dataset
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
@@ -162,7 +162,7 @@ def requeued_run(tmp_path_factory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("wandb-single")
     data = tiny_dataset(base / "data", {"train": 1, "valid": 1, "test": 1})
     run_dir = base / "run"
-    args = train_overrides(data, run_dir, **{"train.epochs": 2, "train.batch_size": 5, **WANDB_KEYS})
+    args = one_epoch_overrides(data, run_dir, **{"train.epochs": 2, "train.batch_size": 5, **WANDB_KEYS})
     real_log_step = wandb_log.WandbSink.log_step
 
     def log_step_then_sigterm(self, record, step):  # the stop signal reaches the trainer after step 3
@@ -292,7 +292,7 @@ def test_a_signal_that_also_stops_wandb_still_leaves_a_checkpoint(tmp_path, caps
 
     data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1, "test": 1})
     run_dir = tmp_path / "run"
-    args = train_overrides(data, run_dir, **{"train.batch_size": 5, "train.epochs": 2, **WANDB_KEYS})
+    args = one_epoch_overrides(data, run_dir, **{"train.batch_size": 5, "train.epochs": 2, **WANDB_KEYS})
     real_log_step = wandb_log.WandbSink.log_step
 
     def log_step_then_sigterm_everyone(self, record, step):
@@ -334,11 +334,11 @@ def test_a_two_process_job_is_one_run_and_its_resume_continues_it(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         wandb_env(mp, tmp_path / "home")
         env = dict(os.environ)
-    torchrun(train_overrides(data, run_dir, **{**WANDB_KEYS, "train.batch_size": 4}), env)
+    torchrun(one_epoch_overrides(data, run_dir, **{**WANDB_KEYS, "train.batch_size": 4}), env)
     (first,) = wandb_runs(run_dir)  # rank 1 created no run
     assert first.steps == [1, 2] and first.config["job"]["world_size"] == 2
     # Raising train.epochs changes the schedule: allowed explicitly, and the change is logged to the run.
-    torchrun(train_overrides(data, run_dir, **{**WANDB_KEYS, "train.batch_size": 4, "train.epochs": 2,
+    torchrun(one_epoch_overrides(data, run_dir, **{**WANDB_KEYS, "train.batch_size": 4, "train.epochs": 2,
                                                "run.allow_changes": "[train.epochs]"}), env)
     first_again, second = wandb_runs(run_dir)
     assert second.run_id == first.run_id == load(run_dir / "last.pt")["wandb_run_id"]
@@ -392,11 +392,11 @@ def test_training_without_wandb_installed(without_wandb, tmp_path, capsys, monke
 
     wandb_env(monkeypatch, tmp_path / "home")
     data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1, "test": 1})
-    assert train_main(train_overrides(data, tmp_path / "auto", **{"wandb.mode": "auto"})) == 0
+    assert train_main(one_epoch_overrides(data, tmp_path / "auto", **{"wandb.mode": "auto"})) == 0
     assert "wandb is not installed: logging to metrics.jsonl only" in capsys.readouterr().out
     assert not (tmp_path / "auto" / "wandb").exists() and (tmp_path / "auto" / "metrics.jsonl").is_file()
 
-    assert train_main(train_overrides(data, tmp_path / "offline", **{"wandb.mode": "offline"})) == 2
+    assert train_main(one_epoch_overrides(data, tmp_path / "offline", **{"wandb.mode": "offline"})) == 2
     assert "wandb.mode=offline but wandb cannot be imported" in capsys.readouterr().err
 
 
@@ -406,7 +406,7 @@ def test_wandb_mode_variable_disables_logging(tmp_path, monkeypatch):
     wandb_env(monkeypatch, tmp_path / "home")
     monkeypatch.setenv("WANDB_MODE", "disabled")
     data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1, "test": 1})
-    assert train_main(train_overrides(data, tmp_path / "run", **{"wandb.mode": "offline"})) == 0
+    assert train_main(one_epoch_overrides(data, tmp_path / "run", **{"wandb.mode": "offline"})) == 0
     assert not (tmp_path / "run" / "wandb").exists()
     assert load(tmp_path / "run" / "last.pt")["wandb_run_id"] is None
 
@@ -419,9 +419,9 @@ def test_auto_mode_falls_back_to_offline_when_wandb_cannot_reach_its_server(tmp_
     with fresh_wandb(tmp_path / "home") as (mp, _):
         mp.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
         mp.setenv("WANDB_INIT_TIMEOUT", "3")
-        assert train_main(train_overrides(data, tmp_path / "auto", **{"wandb.mode": "auto"})) == 0
+        assert train_main(one_epoch_overrides(data, tmp_path / "auto", **{"wandb.mode": "auto"})) == 0
         assert "wandb cannot log online (" in capsys.readouterr().out
-        assert train_main(train_overrides(data, tmp_path / "online", **{"wandb.mode": "online"})) == 2
+        assert train_main(one_epoch_overrides(data, tmp_path / "online", **{"wandb.mode": "online"})) == 2
     (job,) = wandb_runs(tmp_path / "auto")
     assert job.exit_code == 0 and job.rows_with("epoch")
     err = capsys.readouterr().err.strip()

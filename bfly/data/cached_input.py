@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bfly.config import Config, ConfigError, DataConfig
+from bfly.config import Config, DataConfig
 from bfly.data.decode_cache import open_cache
 from bfly.data.gpu_augment import PARAM_COLUMNS, AugmentSpec, GpuAugment, Normalize, draw_params
 from bfly.data.metadata import Split
@@ -68,18 +68,6 @@ def placement_for(choice: str, nbytes: int, device: torch.device) -> str:
     return "device" if nbytes <= DEVICE_SHARE * free else "host"
 
 
-def check_config(cfg: Config) -> None:
-    d = cfg.data
-    if not 0.0 < d.crop_scale_min <= 1.0:
-        raise ConfigError(f"data.crop_scale_min: must be in (0, 1], got {d.crop_scale_min}")
-    if d.preset == "timm" and d.randaugment:
-        raise ConfigError(
-            f"data.randaugment={d.randaugment!r}: RandAugment runs on the PIL path only; with "
-            "data.input=cached set data.randaugment='' (random erasing, data.reprob, still applies)")
-    if d.preset == "timm" and not 0.0 <= d.reprob <= 1.0:
-        raise ConfigError(f"data.reprob: must be in [0, 1], got {d.reprob}")
-
-
 def augment_spec(cfg: Config) -> AugmentSpec:
     return AugmentSpec(size=cfg.data.image_size, crop_scale=(cfg.data.crop_scale_min, 1.0))
 
@@ -89,7 +77,6 @@ class CachedTrainInput:
 
     def __init__(self, split: Split, cfg: Config, plan: StepPlan, rank: int, device: torch.device,
                  store: ResidentSplit | None = None):
-        check_config(cfg)
         self.store = store or ResidentSplit(split, cfg.data, device)
         self.plan, self.rank, self.seed, self.device = plan, rank, cfg.train.seed, device
         self.steps_per_epoch = steps_per_epoch(len(self.store), plan.batch_size)

@@ -1,12 +1,12 @@
 """Training augmentation of a batch of uint8 images, per sample, with torch ops (GPU or CPU).
 
-The seed preset's family, in batch: random-resized crop, rotation and horizontal flip in one
+The course preset's family, in batch: random-resized crop, rotation and horizontal flip in one
 `affine_grid`/`grid_sample` pass, then colour jitter and normalisation. Each sample's parameters
 come from its `Sample.seed` through a counter-based hash (splitmix64), not from a random
 generator's state: the same sample in the same epoch gets the same augmentation on any rank, in
 any batch, after any resume.
 
-Differences from the PIL seed preset (bfly.data.transforms): a random-resized crop is added
+Differences from the PIL course preset (bfly.data.transforms): a random-resized crop is added
 (area fraction in [crop_scale_min, 1], aspect ratio in [3/4, 4/3]; crop_scale_min = 1 turns it
 off); rotation resamples bilinearly instead of nearest-neighbour; colour jitter applies brightness,
 contrast, saturation, hue in this fixed order rather than a random order, and shifts hue by a
@@ -31,12 +31,12 @@ PARAM_COLUMNS = ("crop_w", "crop_h", "center_x", "center_y", "angle", "flip",
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as Pillow computes it (the seed preset jitters PIL images)
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as Pillow computes it (the course preset jitters PIL images)
 
 
 @dataclass(frozen=True)
 class AugmentSpec:
-    """What to draw per sample; the defaults are the seed preset's strengths."""
+    """What to draw per sample; the defaults are the course preset's strengths."""
 
     size: int
     crop_scale: tuple[float, float] = (0.25, 1.0)

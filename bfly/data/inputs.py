@@ -3,6 +3,8 @@ epoch, micro-batches of (normalized images, labels) on the training device."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
@@ -12,8 +14,27 @@ from bfly.data.pil_input import PilEvalInput, PilTrainInput, batch_bytes, shm_by
 from bfly.data.sampling import StepPlan
 from bfly.data.transforms import build_eval_transform, build_train_transform
 
+Batch = tuple[torch.Tensor, torch.Tensor]  # (normalized images, int64 labels), on the training device
 
-def build_train_input(cfg: Config, meta: DatasetMeta, plan: StepPlan, rank: int, device: torch.device):
+
+class TrainInput(Protocol):
+    """A rank's training batches (PilTrainInput, CachedTrainInput)."""
+
+    steps_per_epoch: int
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """This rank's micro-batches of `epoch` from optimizer step `start_step` on."""
+        ...
+
+
+class EvalInput(Protocol):
+    """A rank's exact shard of an eval split (PilEvalInput, CachedEvalInput)."""
+
+    def batches(self) -> Iterator[Batch]:
+        ...
+
+
+def build_train_input(cfg: Config, meta: DatasetMeta, plan: StepPlan, rank: int, device: torch.device) -> TrainInput:
     d = cfg.data
     split = meta.splits["train"]
     if d.input == "cached":
@@ -25,7 +46,7 @@ def build_train_input(cfg: Config, meta: DatasetMeta, plan: StepPlan, rank: int,
 
 
 def build_eval_input(cfg: Config, meta: DatasetMeta, split_name: str, rank: int, world_size: int,
-                     batch_size: int, device: torch.device):
+                     batch_size: int, device: torch.device) -> EvalInput:
     d = cfg.data
     split = meta.splits[split_name]
     if d.input == "cached":

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bfly.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -33,13 +35,15 @@ class StepPlan:
 
     @staticmethod
     def make(batch_size: int, world_size: int, micro_batch_size: int) -> "StepPlan":
+        """The plan of train.batch_size and train.micro_batch_size on `world_size` processes; ConfigError
+        when they do not divide (a user's config meeting this launch's world size)."""
         per_rank, rest = divmod(batch_size, world_size)
         if rest:
-            raise ValueError(f"train.batch_size={batch_size} is not divisible by the world size {world_size}")
+            raise ConfigError(f"train.batch_size={batch_size} is not divisible by the world size {world_size}")
         micro = micro_batch_size or per_rank
         accum, rest = divmod(per_rank, micro)
         if rest or accum == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={batch_size} over {world_size} process(es) is {per_rank} per process, "
                 f"not a multiple of train.micro_batch_size={micro}"
             )

@@ -2,7 +2,7 @@
 
 timm is used here only for its augmentation utilities, and imported only inside the functions that
 use them: importing timm costs about a second (and it imports wandb), which every rank of every
-restart would pay even with the "seed" preset and no mixup. Every transform first converts the image
+restart would pay even with the "course" preset and no mixup. Every transform first converts the image
 to RGB, so grayscale, CMYK, RGBA and palette images are all valid inputs.
 """
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TRAIN_PRESETS = ("seed", "timm")
+TRAIN_PRESETS = ("course", "timm")
 
 
 class ToRGB:
@@ -44,11 +44,12 @@ def build_train_transform(
 ) -> Callable:
     """Training transform for ``preset``; ``randaugment`` and ``reprob`` apply to "timm" only.
 
-    "seed" is the seed report's recipe. "timm" is timm's ImageNet training recipe: random resized
-    crop, flip, RandAugment (an empty ``randaugment`` turns it off) and random erasing.
+    "course" is the course report's recipe (config files may still call it "seed"). "timm" is timm's
+    ImageNet training recipe: random resized crop, flip, RandAugment (an empty ``randaugment`` turns it
+    off) and random erasing.
     """
     _check_size(image_size)
-    if preset == "seed":
+    if preset == "course":
         return transforms.Compose([
             ToRGB(),
             transforms.Resize((image_size, image_size)),

@@ -97,19 +97,20 @@ class Launch:
     pseudo-terminal as the foreground job, so `ctrl_c` is a real Ctrl-C (the terminal sends SIGINT to
     the foreground process group)."""
 
-    def __init__(self, cmd: list[str], timeout: float, group: bool = False, tty: bool = False):
+    def __init__(self, cmd: list[str], timeout: float, group: bool = False, tty: bool = False,
+                 env: dict[str, str] | None = None):
         self.t0 = time.monotonic()
         self.deadline = self.t0 + timeout
         self.lines: list[tuple[float, str]] = []
         self.master = None
         if tty:
             self.master, slave = pty.openpty()
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(TERM="xterm"), stdin=slave, stdout=slave,
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(TERM="xterm", **(env or {})), stdin=slave, stdout=slave,
                                          stderr=slave, start_new_session=True, preexec_fn=_take_terminal)
             os.close(slave)
             self._reader = threading.Thread(target=self._read_tty, daemon=True)
         else:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(**(env or {})), stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=group)
             self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -262,15 +263,6 @@ def reference_run(base: Path, nproc: int, args: list[str]) -> Path:
 
 
 # --- editable copies of a dataset --------------------------------------------------------------------
-
-def data_copy(src: Path, dst: Path) -> Path:
-    """A course-layout copy of `src` whose CSVs can be edited; the image folders are linked."""
-    dst.mkdir(parents=True)
-    for split in ("train", "valid", "test"):
-        (dst / f"{split}.csv").write_bytes((src / f"{split}.csv").read_bytes())
-        (dst / split).symlink_to((src / split).resolve(), target_is_directory=True)
-    return dst
-
 
 def read_rows(csv_path: Path) -> tuple[list[str], list[list[str]]]:
     with open(csv_path, newline="") as f:
