@@ -26,23 +26,13 @@ from bfly.rundir import LOCK, Holder, RunDirBusy, RunDirLock, this_process
 from bfly.stopping import EXIT_STOPPED
 from bfly.train import main
 from conftest import read_jsonl, tiny_overrides
-from probes.fault_launch import (STEPS, Launch, assert_same_weights, fault_args, reference_run, run_to_end,
+from probes.fault_launch import (STEPS, Launch, assert_same_weights, fault_args, run_to_end,
                                  torchrun_cmd, train_cmd)
-from test_faults import assert_nothing_lost, torchrun_exit_codes
+from test_faults import assert_nothing_lost, ref1, ref2, torchrun_exit_codes  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signals and /proc")
 
 WORKERS = {"data.workers": 2}
-
-
-@pytest.fixture(scope="module")
-def ref1(tiny_data, tmp_path_factory) -> Path:
-    return reference_run(tmp_path_factory.getbasetemp(), 1, fault_args(tiny_data, Path("ref")))
-
-
-@pytest.fixture(scope="module")
-def ref2(tiny_data, tmp_path_factory) -> Path:
-    return reference_run(tmp_path_factory.getbasetemp(), 2, fault_args(tiny_data, Path("ref")))
 
 
 def stop_and_check(launch: Launch, run: Path, nproc: int, send, name: str, log_every: int = 1) -> int:
