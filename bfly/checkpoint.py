@@ -191,6 +191,16 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({one_line(e, first=True)})") from None
 
 
+def find_start(run_dir: Path, resume: str, warn) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint a run starts from, as run.resume says: `auto` the run directory's newest complete
+    one (None for a fresh run), `never` none, else the file it names."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return load_resumable(run_dir, warn)
+    return load(resume), Path(resume)
+
+
 def load_resumable(run_dir: Path, warn) -> tuple[dict[str, Any], Path] | None:
     """The newest complete checkpoint of a run directory and its path, or None for a fresh run."""
     last, prev = run_dir / LAST, run_dir / PREV

@@ -13,7 +13,6 @@ WORLD_SIZE, else 1.
 from __future__ import annotations
 
 import importlib.util
-import json
 import multiprocessing
 import os
 import shutil
@@ -163,11 +162,8 @@ def checkpoint_estimate(cfg: Config, num_classes: int) -> tuple[int, int]:
 
     with torch.device("meta"):  # shapes only: no memory, no initialization cost
         model = build_model(cfg.model.name, num_classes)
-    params = sum(p.numel() for p in model.parameters())
-    weights = 4 * (params + sum(b.numel() for b in model.buffers()))
-    optimizer_states = 2 if cfg.optim.name == "adamw" else int(cfg.optim.momentum > 0)
-    last = weights + 4 * params * optimizer_states + (weights if cfg.train.ema_decay > 0 else 0)
-    return last, 2 * last + weights
+    last, best = ckpt.sizes(model, cfg.optim.name, cfg.optim.momentum, cfg.train.ema_decay > 0)  # as training asks
+    return last, 2 * last + best
 
 
 def _run_dir(cfg: Config, meta: DatasetMeta | None, problems: list[str], say: Callable[[str, str], None]) -> None:
@@ -201,15 +197,10 @@ def _run_dir(cfg: Config, meta: DatasetMeta | None, problems: list[str], say: Ca
 
 def _lock_holder(run_dir: Path) -> str | None:
     """The live holder of the run directory's lock, as training would see it (None: free or stale)."""
-    from bfly.rundir import LOCK, Holder, stale_reason, this_process
+    from bfly.rundir import RunDirLock, this_process
 
-    path = run_dir / LOCK
-    try:
-        holder = Holder(**json.loads(path.read_text()))
-        age = time.time() - path.stat().st_mtime
-    except (OSError, ValueError, TypeError):
-        return None
-    return None if stale_reason(holder, this_process(slurm_job_id()), age) else holder.describe()
+    holder = RunDirLock(run_dir, this_process(slurm_job_id())).live_holder()
+    return holder.describe() if holder else None
 
 
 def _resume(cfg: Config, meta: DatasetMeta, world: int, problems: list[str], say: Callable[[str, str], None]) -> None:
@@ -222,23 +213,21 @@ def _resume(cfg: Config, meta: DatasetMeta, world: int, problems: list[str], say
             say("resume", "no: a fresh run (run.resume=never)" + (f"; it would overwrite {run_dir / ckpt.LAST}"
                                                                    if exists else ""))
             return
-        found = ckpt.load_resumable(run_dir, notes.append) if resume == "auto" else (ckpt.load(resume), Path(resume))
+        found = ckpt.find_start(run_dir, resume, notes.append)
         for note in notes:
             say("warning", note)
         if found is None:
             say("resume", f"no: a fresh run (no {ckpt.LAST} in {run_dir})")
             return
         saved, path = found
-        ckpt.check_compatible(saved, path, cfg.model.name, meta.num_classes)
-        ckpt.check_resumable(saved, path)
-        from bfly.resume import check_resume  # the same refusals as the real resume
+        from bfly.resume import check_resume, show  # the same refusals as the real resume
 
         changes = check_resume(cfg, meta, run_dir, saved, path)
     except (ckpt.CheckpointError, ConfigError) as e:
         problems.append(str(e))
         return
     if changes:
-        say("changes", "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes) + " (run.allow_changes)")
+        say("changes", f"{show(changes)} (run.allow_changes)")
     where = (f"{path}: epoch {saved['epoch'] + 1}, step {saved['step_in_epoch']} of the epoch, "
              f"global step {saved['global_step']}")
     if saved["epoch"] >= cfg.train.epochs:

@@ -85,17 +85,10 @@ def write_config(run_dir: Path, cfg: Config) -> bool:
 def load_start_state(run: Run, writer: ckpt.CheckpointWriter) -> tuple[TrainState, list[Change], str | None]:
     """The state to start from, the config changes allowed on this resume (checked: refusals raise) and
     the wandb run id the checkpoint carries."""
-    resume = run.cfg.run.resume
-    found = None
-    if resume == "auto":
-        found = ckpt.load_resumable(run.run_dir, run.log.warn)
-    elif resume != "never":
-        found = ckpt.load(resume), Path(resume)
+    found = ckpt.find_start(run.run_dir, run.cfg.run.resume, run.log.warn)
     if found is None:
         return TrainState(sums=new_sums(run.device)), [], None
     saved, source = found
-    ckpt.check_compatible(saved, source, run.cfg.model.name, run.meta.num_classes)
-    ckpt.check_resumable(saved, source)
     changes = check_resume(run.cfg, run.meta, run.run_dir, saved, source)
     state = restore(run, saved)
     writer.intact[ckpt.LAST] = state.global_step
@@ -194,8 +187,11 @@ def check_edited_config(cfg: Config, run_dir: Path, saved: dict[str, Any]) -> No
 
 def check_resume(cfg: Config, meta: DatasetMeta, run_dir: Path, saved: dict[str, Any],
                  source: Path) -> list[Change]:
-    """Refuses a resume that would silently change the optimisation or the data; returns the allowed changes.
-    Also used by the preflight (bfly.preflight)."""
+    """Refuses a checkpoint this run cannot resume (another model or class count, weights only) or a resume
+    that would silently change the optimisation or the data; returns the allowed changes. Also used by
+    the preflight (bfly.preflight)."""
+    ckpt.check_compatible(saved, source, cfg.model.name, meta.num_classes)
+    ckpt.check_resumable(saved, source)
     check_edited_config(cfg, run_dir, saved)
     changes = resume_changes(cfg, meta, saved)
     refused = [c for c in changes if _key_of(c) not in cfg.run.allow_changes]

@@ -143,6 +143,15 @@ class RunDirLock:
         old = holder.describe() if holder else "unknown holder"
         return f"took over the lock of {self.path.parent} from {old}: {why}"
 
+    def live_holder(self) -> Holder | None:
+        """Who holds the lock now and may still be running (None: free, unreadable or stale); reads only."""
+        holder = self._read()
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except OSError:
+            return None
+        return holder if holder and stale_reason(holder, self.me, age) is None else None
+
     def _read(self) -> Holder | None:
         try:
             return Holder(**json.loads(self.path.read_text()))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -32,6 +33,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 # The exit status of a trainer stopped by a signal after writing its checkpoint (sysexits.h EX_TEMPFAIL:
 # "try again later"): a script tells it apart from a crash (1) and a user error (2). Run it again to resume.
 EXIT_STOPPED = 75
+
+# Why a rank stopped that got no signal itself: another rank did (ranks agree at log points).
+OTHER_RANK = "a signal on another rank"
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class JobBudget:
             return "run.stop_after_steps"
         if self.epochs_done(epoch):
             return "run.stop_after_epochs"
-        return "a signal on another rank"
+        return OTHER_RANK
 
 
 class StopRequest:
@@ -124,16 +128,12 @@ def signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-_exit_hook: list[bool] = []  # registered once per process
-
-
+@functools.cache  # registered once per process
 def _end_workers_at_exit() -> None:
     """Workers that ignore SIGTERM would hang multiprocessing's own exit hook, which ends daemonic
     children with SIGTERM and joins them. A loader normally ends its workers itself; one still alive at
     exit (the loop left by an exception) is ended here with SIGKILL, before multiprocessing's hook runs
     (atexit runs hooks in reverse order of registration, and multiprocessing registered first)."""
-    if _exit_hook:
-        return
     import atexit
     import multiprocessing
 
@@ -145,7 +145,6 @@ def _end_workers_at_exit() -> None:
                 child.kill()
 
     atexit.register(end_daemonic_children)
-    _exit_hook.append(True)
 
 
 def ignore_stop_signals() -> None:

@@ -36,7 +36,7 @@ from bfly.resume import RunCheckpoints, load_start_state, record_changes, write_
 from bfly.rundir import RunDirBusy, StartupRefused, lock_run_dir
 from bfly.runlog import RunLog, epoch_line, epoch_record, open_wandb, step_record
 from bfly.stack import Run, build_run, evaluated_model, pick_device, seed_all
-from bfly.stopping import STOP_SIGNALS, JobBudget, Outcome, StopRequest, stop_when_parent_dies
+from bfly.stopping import OTHER_RANK, STOP_SIGNALS, JobBudget, Outcome, StopRequest, stop_when_parent_dies
 
 USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, RunDirBusy)
 
@@ -178,9 +178,9 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
             sizes = ckpt.sizes(run.raw_model, cfg.optim.name, cfg.optim.momentum, run.trainer.ema is not None)
             ckpt.ensure_space(run_dir, ckpt.space_needed(run_dir, *sizes))
         if distributed.any_rank(stop.requested, device):
-            log.info(f"stopped by {stop.signal_name or 'a signal on another rank'} during start-up: nothing "
-                     f"trained, nothing written")
-            return Outcome(stop.signal_name or "a signal on another rank", None, tuple(stop.caught))
+            why = stop.signal_name or OTHER_RANK
+            log.info(f"stopped by {why} during start-up: nothing trained, nothing written")
+            return Outcome(why, None, tuple(stop.caught))
         # Every start-up check passed: from here on the run directory changes.
         log.attach(state.epoch)
         config_written = env.is_main and not (run_dir / "config.yaml").exists() and write_config(run_dir, cfg)

@@ -324,17 +324,24 @@ def unshare_cmd() -> list[str]:
     return base if os.geteuid() == 0 else [*base, "--user", "--map-root-user"]
 
 
-def test_a_read_only_full_or_too_small_file_system_fails_at_start_up(tiny_data, tmp_path):
-    """Real file systems: tmpfs mounts in a private mount namespace (the probe mounts them)."""
-    probe = REPO / "tests/probes/fault_disk.py"
-    cmd = [*unshare_cmd(), PYTHON, str(probe), str(tmp_path), *tiny_overrides(tiny_data, tmp_path / "unused")]
+def run_with_private_mounts(probe: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Runs tests/probes/`probe` in a private mount namespace, where it mounts its own tmpfs; skips the
+    test where that is not allowed. The probe must have exited 0."""
+    cmd = [*unshare_cmd(), PYTHON, str(REPO / "tests/probes" / probe), *args]
     try:
-        out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         pytest.skip("unshare (util-linux) is not installed")
     if "mount failed" in out.stdout or "unshare failed" in out.stderr or "Operation not permitted" in out.stderr:
         pytest.skip(f"cannot mount a private tmpfs here: {out.stdout[-300:]}{out.stderr[-300:]}")
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_a_read_only_full_or_too_small_file_system_fails_at_start_up(tiny_data, tmp_path):
+    """Real file systems: tmpfs mounts in a private mount namespace (the probe mounts them)."""
+    out = run_with_private_mounts("fault_disk.py", [str(tmp_path), *tiny_overrides(tiny_data, tmp_path / "unused")],
+                                  timeout=120)
     results = {r["case"]: r for r in map(json.loads, out.stdout.splitlines())}
     expect = {
         "read-only": r" is not writable: Read-only file system",

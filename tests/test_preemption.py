@@ -311,20 +311,10 @@ def test_a_dataset_whose_ids_map_to_other_species_is_refused(stopped_run, tiny_d
 # --- a disk that fills up during a save -----------------------------------------------------------------
 
 def test_a_full_disk_during_a_save_names_the_intact_checkpoint_and_the_resume_is_exact(tiny_data, tmp_path, ref1):
-    import subprocess
+    from test_faults import run_with_private_mounts
 
-    from conftest import PYTHON, REPO, subprocess_env
-    from test_faults import unshare_cmd
-
-    probe = REPO / "tests/probes/full_disk.py"
-    cmd = [*unshare_cmd(), PYTHON, str(probe), str(tmp_path), *fault_args(tiny_data, Path("unused"), **WORKERS)]
-    try:
-        out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
-    except FileNotFoundError:
-        pytest.skip("unshare (util-linux) is not installed")
-    if "mount failed" in out.stdout or "unshare failed" in out.stderr or "Operation not permitted" in out.stderr:
-        pytest.skip(f"cannot mount a private tmpfs here: {out.stdout[-300:]}{out.stderr[-300:]}")
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_with_private_mounts("full_disk.py", [str(tmp_path), *fault_args(tiny_data, Path("unused"), **WORKERS)],
+                                  timeout=400)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     run = tmp_path / "disk" / "run"
     assert r["filled"]["step"] == 2 and r["rc"] == 2, r["output"][-3000:]
