@@ -13,6 +13,7 @@ Modes (comma-separated; auto = host on a CPU-only machine, all on a GPU):
 Each timed case reports img/s, MFU (from a FLOP count of one step), peak memory and the fraction
 of wall time spent waiting for the next batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,15 +24,29 @@ import torch
 from bfly.data.decode_cache import available_cores
 from bfly.models import MODEL_NAMES
 from bfly.stack import pick_device
-from bfly.throughput import (Row, Settings, bench_host, bench_input, bench_model, environment, format_table, guarded,
-                             write_json)
+from bfly.throughput import (
+    Row,
+    Settings,
+    bench_host,
+    bench_input,
+    bench_model,
+    environment,
+    format_table,
+    guarded,
+    write_json,
+)
 
 
 # --- command line -----------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bfly.bench", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bfly.bench",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     d = Settings()
     p.add_argument("--mode", default="auto", help="host,input,model,e2e, all or auto (default: auto)")
     p.add_argument("--models", default="resnet50,vgg19_bn", help=f"comma-separated ({', '.join(MODEL_NAMES)})")
@@ -42,11 +57,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), default=d.amp)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile)
-    p.add_argument("--ddp", action=argparse.BooleanOptionalAction, default=d.ddp,
-                   help="wrap in DistributedDataParallel (a one-process group)")
+    p.add_argument(
+        "--ddp",
+        action=argparse.BooleanOptionalAction,
+        default=d.ddp,
+        help="wrap in DistributedDataParallel (a one-process group)",
+    )
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=d.cudnn_benchmark)
-    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
-                   help="model mode: also time torchvision's model and print ours / theirs")
+    p.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="model mode: also time torchvision's model and print ours / theirs",
+    )
     p.add_argument("--e2e-pil", action="store_true", help="e2e mode: also train through the PIL path")
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps (per round)")
     p.add_argument("--warmup", type=int, default=d.warmup)
@@ -59,10 +82,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return Settings(batch_size=args.batch_size, image_size=args.image_size, amp=args.amp,
-                    channels_last=args.channels_last, compile=args.compile, ddp=args.ddp, steps=args.steps,
-                    warmup=args.warmup, rounds=args.rounds, data=args.data, cache_dir=args.cache_dir,
-                    workers=args.workers, cudnn_benchmark=args.cudnn_benchmark, peak_tflops=args.peak_tflops)
+    return Settings(
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        ddp=args.ddp,
+        steps=args.steps,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        data=args.data,
+        cache_dir=args.cache_dir,
+        workers=args.workers,
+        cudnn_benchmark=args.cudnn_benchmark,
+        peak_tflops=args.peak_tflops,
+    )
 
 
 def modes_of(text: str, device: torch.device) -> list[str]:

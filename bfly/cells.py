@@ -6,6 +6,7 @@ so far), a failing cell prints its traceback on stderr and the next cell runs, a
 end after the budget (its estimate added to the time already spent) is skipped and says so.
 bfly.gpu_check defines the cells; this module knows nothing about GPUs.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,18 +63,29 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def outcome_dict(o: Outcome) -> dict[str, Any]:
-    return {"key": o.key, "title": o.title, "estimate_s": o.estimate_s, "status": o.status, "seconds": o.seconds,
-            "error": o.error, "rows": [asdict(r) for r in o.rows]}
+    return {
+        "key": o.key,
+        "title": o.title,
+        "estimate_s": o.estimate_s,
+        "status": o.status,
+        "seconds": o.seconds,
+        "error": o.error,
+        "rows": [asdict(r) for r in o.rows],
+    }
 
 
-def run_cells(cells: list[Cell], budget_s: float, json_path: Path,
-              header: Callable[[list[Outcome]], dict[str, Any]]) -> list[Outcome]:
+def run_cells(
+    cells: list[Cell], budget_s: float, json_path: Path, header: Callable[[list[Outcome]], dict[str, Any]]
+) -> list[Outcome]:
     """Run `cells` in order. `header(outcomes)` gives the JSON's other fields (rewritten each time)."""
     outcomes = [Outcome(c.key, c.title, c.estimate_s) for c in cells]
 
     def save(finished: bool) -> None:
-        write_json_atomic(json_path, header(outcomes) | {
-            "budget_s": budget_s, "finished": finished, "cells": [outcome_dict(o) for o in outcomes]})
+        write_json_atomic(
+            json_path,
+            header(outcomes)
+            | {"budget_s": budget_s, "finished": finished, "cells": [outcome_dict(o) for o in outcomes]},
+        )
 
     save(False)
     start = time.perf_counter()
@@ -99,8 +111,11 @@ def run_cells(cells: list[Cell], budget_s: float, json_path: Path,
         out.seconds = round(time.perf_counter() - t, 1)
         if out.rows:
             print(format_table(out.rows), flush=True)
-        print(f"-- {cell.key}: {out.status} in {out.seconds:.0f}s (estimated {cell.estimate_s:.0f}s)"
-              + (f": {out.error.splitlines()[0]}" if out.error else ""), flush=True)
+        print(
+            f"-- {cell.key}: {out.status} in {out.seconds:.0f}s (estimated {cell.estimate_s:.0f}s)"
+            + (f": {out.error.splitlines()[0]}" if out.error else ""),
+            flush=True,
+        )
         save(False)
     save(True)
     return outcomes

@@ -10,6 +10,7 @@ evaluated (the EMA's when there is one) and the metrics that made it the best.
 `last.prev.pt`, so a crash at any point leaves at least one complete checkpoint, and a corrupt
 `last.pt` falls back to the previous one with a warning.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -223,13 +224,24 @@ def load_resumable(run_dir: Path, warn) -> tuple[dict[str, Any], Path] | None:
 IDENTITY_KEYS = ("arch", "num_classes", "class_names", "config", "model")  # what evaluate/predict need
 
 
-def identity(cfg: dict[str, Any], class_names: list[str], train_images: int, epoch: int, global_step: int,
-             wandb_run_id: str | None) -> dict[str, Any]:
+def identity(
+    cfg: dict[str, Any],
+    class_names: list[str],
+    train_images: int,
+    epoch: int,
+    global_step: int,
+    wandb_run_id: str | None,
+) -> dict[str, Any]:
     """What every checkpoint carries to be loaded safely elsewhere (evaluate, predict, resume).
     `cfg`: the run's config as a dict (config.to_dict)."""
     return {
-        "arch": cfg["model"]["name"], "num_classes": len(class_names), "class_names": list(class_names),
-        "train_images": train_images, "config": cfg, "epoch": epoch, "global_step": global_step,
+        "arch": cfg["model"]["name"],
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "train_images": train_images,
+        "config": cfg,
+        "epoch": epoch,
+        "global_step": global_step,
         "wandb_run_id": wandb_run_id,
     }
 
@@ -239,15 +251,32 @@ def best_payload(ident: dict[str, Any], weights: dict[str, Any], metrics: dict[s
     return ident | {"model": weights, "metrics": metrics}
 
 
-def last_payload(ident: dict[str, Any], *, model: dict[str, Any], optimizer: dict[str, Any], total_steps: int,
-                 scaler: dict[str, Any] | None, ema: dict[str, Any] | None, step_in_epoch: int, best_top1: float,
-                 epoch_sums: dict[str, torch.Tensor], rng: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+def last_payload(
+    ident: dict[str, Any],
+    *,
+    model: dict[str, Any],
+    optimizer: dict[str, Any],
+    total_steps: int,
+    scaler: dict[str, Any] | None,
+    ema: dict[str, Any] | None,
+    step_in_epoch: int,
+    best_top1: float,
+    epoch_sums: dict[str, torch.Tensor],
+    rng: list[dict[str, Any]],
+    world_size: int,
+) -> dict[str, Any]:
     """last.pt: everything a resume needs, mid-epoch included (`rng`: every rank's, in rank order)."""
     return ident | {
-        "model": model, "optimizer": optimizer,
+        "model": model,
+        "optimizer": optimizer,
         "scheduler": {"global_step": ident["global_step"], "total_steps": total_steps},
-        "scaler": scaler, "ema": ema, "step_in_epoch": step_in_epoch, "best_top1": best_top1,
-        "epoch_sums": epoch_sums, "rng": rng, "world_size": world_size,
+        "scaler": scaler,
+        "ema": ema,
+        "step_in_epoch": step_in_epoch,
+        "best_top1": best_top1,
+        "epoch_sums": epoch_sums,
+        "rng": rng,
+        "world_size": world_size,
     }
 
 
@@ -281,7 +310,8 @@ def check_classes(state: dict[str, Any], path: str | Path, class_names: list[str
         if ours != theirs:
             raise CheckpointError(
                 f"{path}: class id {i} is {ours!r} in the checkpoint but {theirs!r} in {root}: "
-                "the dataset labels its species differently from the one the model was trained on")
+                "the dataset labels its species differently from the one the model was trained on"
+            )
 
 
 def check_compatible(state: dict[str, Any], path: str | Path, arch: str, num_classes: int) -> None:
@@ -291,16 +321,15 @@ def check_compatible(state: dict[str, Any], path: str | Path, arch: str, num_cla
     if state["arch"] != arch:
         raise CheckpointError(f"{path}: checkpoint is a {state['arch']} model, this run builds {arch}")
     if state["num_classes"] != num_classes:
-        raise CheckpointError(
-            f"{path}: checkpoint has {state['num_classes']} classes, this dataset has {num_classes}"
-        )
+        raise CheckpointError(f"{path}: checkpoint has {state['num_classes']} classes, this dataset has {num_classes}")
 
 
 def check_resumable(state: dict[str, Any], path: str | Path) -> None:
     for key in ("optimizer", "global_step", "epoch_sums", "rng"):
         if key not in state:
-            raise CheckpointError(f"{path}: holds weights only (no {key!r} entry), it cannot resume a run; "
-                                  f"resume from a {LAST}")
+            raise CheckpointError(
+                f"{path}: holds weights only (no {key!r} entry), it cannot resume a run; resume from a {LAST}"
+            )
 
 
 def ensure_writable(run_dir: Path) -> None:
@@ -342,8 +371,7 @@ def ensure_space(run_dir: Path, need_bytes: int) -> None:
     free = shutil.disk_usage(run_dir).free
     if free < need_bytes:
         raise CheckpointError(
-            f"run directory {run_dir}: {free / 2**20:.0f} MiB free, checkpoints need about "
-            f"{need_bytes / 2**20:.0f} MiB"
+            f"run directory {run_dir}: {free / 2**20:.0f} MiB free, checkpoints need about {need_bytes / 2**20:.0f} MiB"
         )
 
 
@@ -351,8 +379,12 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
         # This rank's own device only: get_rng_state_all would create a CUDA context (~0.5 GB) on
         # every visible GPU, and could not be restored where fewer GPUs are visible.
@@ -364,8 +396,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     cuda = own_cuda_state(state["cuda"], torch.cuda.current_device() if torch.cuda.is_available() else 0)
     if cuda is not None and torch.cuda.is_available():

@@ -7,6 +7,7 @@ The full dataset (13,594 images, 362 MB at 224 px) becomes 39.8 MiB at 120 px / 
 call (README: GPU loan). The copy keeps the same relative paths and writes the Kaggle-layout CSV,
 so it loads like the original.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@ Unknown keys and values of the wrong type are errors that name the key (and the 
 The resolved config is plain data: it is saved as `config.yaml` in the run directory and in
 every checkpoint.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,11 +45,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str = _opt("data/butterfly-mini", "dataset folder (course or Kaggle CSV layout, or class folders)",
-                     operational=True)
+    root: str = _opt(
+        "data/butterfly-mini", "dataset folder (course or Kaggle CSV layout, or class folders)", operational=True
+    )
     input: str = _opt("pil", "input path: PIL workers, or decoded cache + GPU augmentation", ("pil", "cached"))
-    preset: str = _opt("course", "train augmentation preset: course = the course report's recipe (was `seed`), "
-                       "timm = timm's ImageNet recipe", ("course", "timm"))
+    preset: str = _opt(
+        "course",
+        "train augmentation preset: course = the course report's recipe (was `seed`), timm = timm's ImageNet recipe",
+        ("course", "timm"),
+    )
     image_size: int = _opt(224, "training/eval image size (square)")
     randaugment: str = _opt("rand-m9-mstd0.5-inc1", "timm preset: RandAugment spec")
     reprob: float = _opt(0.25, "timm preset: random erasing probability")
@@ -58,9 +63,13 @@ class DataConfig:
     workers: int = _opt(4, "DataLoader workers per process", operational=True)
     pin_memory: bool = _opt(True, "pin host memory (CUDA only)", operational=True)
     cache_dir: str = _opt("", "cached input: where decoded arrays live (default: <root>/.bfly-cache)", operational=True)
-    cache_placement: str = _opt("auto", "cached input: where the decoded split is kept; auto = GPU memory if it "
-                                "fits in a quarter of the free memory, else host memory", ("auto", "device", "host"),
-                                operational=True)
+    cache_placement: str = _opt(
+        "auto",
+        "cached input: where the decoded split is kept; auto = GPU memory if it "
+        "fits in a quarter of the free memory, else host memory",
+        ("auto", "device", "host"),
+        operational=True,
+    )
 
 
 @dataclass
@@ -89,17 +98,23 @@ class TrainConfig:
     deterministic: bool = _opt(False, "deterministic kernels (slower on CUDA)", operational=True)
     log_every: int = _opt(10, "steps between progress/log lines (and signal checks under DDP)", operational=True)
     checkpoint_every_steps: int = _opt(0, "also write last.pt every N steps (0 = off)", operational=True)
-    checkpoint_every_epochs: int = _opt(1, "write last.pt every N epochs (and always at the end and on a stop)",
-                                        operational=True)
-    checkpoint_async: bool = _opt(True, "write checkpoint files in the background (the state is copied "
-                                  "off the device at the step; at most one write in flight)", operational=True)
+    checkpoint_every_epochs: int = _opt(
+        1, "write last.pt every N epochs (and always at the end and on a stop)", operational=True
+    )
+    checkpoint_async: bool = _opt(
+        True,
+        "write checkpoint files in the background (the state is copied "
+        "off the device at the step; at most one write in flight)",
+        operational=True,
+    )
     eval_splits: list[str] = _opt(["valid"], "splits evaluated each epoch", operational=True)
 
 
 @dataclass
 class DistConfig:
-    backend: str = _opt("auto", "process group backend: auto = nccl on CUDA, gloo on CPU", ("auto", "nccl", "gloo"),
-                        operational=True)
+    backend: str = _opt(
+        "auto", "process group backend: auto = nccl on CUDA, gloo on CPU", ("auto", "nccl", "gloo"), operational=True
+    )
     timeout_s: int = _opt(600, "collective timeout", operational=True)
     bucket_cap_mb: float = _opt(25.0, "DDP gradient bucket size", operational=True)
     gradient_as_bucket_view: bool = _opt(True, "DDP: gradients as views into buckets (saves memory)", operational=True)
@@ -109,7 +124,12 @@ class DistConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = _opt("auto", "auto = online with an API key, else offline", ("auto", "online", "offline", "disabled"), operational=True)
+    mode: str = _opt(
+        "auto",
+        "auto = online with an API key, else offline",
+        ("auto", "online", "offline", "disabled"),
+        operational=True,
+    )
     entity: str = _opt("", "team (entity)", operational=True)
     project: str = _opt("bfly", "project", operational=True)
     group: str = _opt("", "group (e.g. a sweep)", operational=True)
@@ -122,15 +142,29 @@ class WandbConfig:
 @dataclass
 class RunConfig:
     dir: str = _opt("", "run directory (default: runs/<model>)", operational=True)
-    resume: str = _opt("auto", "auto = continue from <dir>/last.pt if present; never; or a checkpoint path", operational=True)
-    stop_after_epochs: int = _opt(0, "end this job (checkpointed) after N epochs; a resume continues (0 = off)", operational=True)
-    stop_after_steps: int = _opt(0, "end this job (checkpointed) after N optimizer steps; a resume continues (0 = off)", operational=True)
-    allow_changes: list[str] = _opt([], "keys a resume may change although they change the optimisation or the "
-                                    "data (e.g. [optim.lr,train.epochs]); each change is logged and kept in "
-                                    "config_history.jsonl", operational=True)
-    stopped_exit_code: int = _opt(75, "exit status after a stop by a signal with the checkpoint written (75: "
-                                  "EX_TEMPFAIL, run again to resume); torchrun counts any non-zero worker status "
-                                  "as a failure, so scripts that run torchrun and requeue themselves may set 0", operational=True)
+    resume: str = _opt(
+        "auto", "auto = continue from <dir>/last.pt if present; never; or a checkpoint path", operational=True
+    )
+    stop_after_epochs: int = _opt(
+        0, "end this job (checkpointed) after N epochs; a resume continues (0 = off)", operational=True
+    )
+    stop_after_steps: int = _opt(
+        0, "end this job (checkpointed) after N optimizer steps; a resume continues (0 = off)", operational=True
+    )
+    allow_changes: list[str] = _opt(
+        [],
+        "keys a resume may change although they change the optimisation or the "
+        "data (e.g. [optim.lr,train.epochs]); each change is logged and kept in "
+        "config_history.jsonl",
+        operational=True,
+    )
+    stopped_exit_code: int = _opt(
+        75,
+        "exit status after a stop by a signal with the checkpoint written (75: "
+        "EX_TEMPFAIL, run again to resume); torchrun counts any non-zero worker status "
+        "as a failure, so scripts that run torchrun and requeue themselves may set 0",
+        operational=True,
+    )
 
 
 @dataclass
@@ -142,7 +176,6 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -188,8 +221,12 @@ def _set(cfg: Config, key: str, value: Any, warn_renamed: bool = True) -> None:
     choices = cls.__dataclass_fields__[name].metadata.get("choices")
     if _canonical(key, value) != value:
         if warn_renamed:
-            warnings.warn(f"{key}={value!r} is deprecated, it is now called {_canonical(key, value)!r} "
-                          "(the old name still works)", FutureWarning, stacklevel=3)
+            warnings.warn(
+                f"{key}={value!r} is deprecated, it is now called {_canonical(key, value)!r} "
+                "(the old name still works)",
+                FutureWarning,
+                stacklevel=3,
+            )
         value = _canonical(key, value)
     if value is False and choices and "off" in choices:
         value = "off"  # YAML 1.1 reads a bare `off` as false
@@ -246,18 +283,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def validate(cfg: Config) -> None:
     positive = {
-        "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
-        "data.image_size": cfg.data.image_size, "train.log_every": cfg.train.log_every,
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "data.image_size": cfg.data.image_size,
+        "train.log_every": cfg.train.log_every,
         "optim.lr": cfg.optim.lr,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
     non_negative = {
-        "train.micro_batch_size": cfg.train.micro_batch_size, "data.workers": cfg.data.workers,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "data.workers": cfg.data.workers,
         "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
-        "run.stop_after_epochs": cfg.run.stop_after_epochs, "run.stop_after_steps": cfg.run.stop_after_steps,
-        "optim.warmup_epochs": cfg.optim.warmup_epochs, "optim.weight_decay": cfg.optim.weight_decay,
+        "run.stop_after_epochs": cfg.run.stop_after_epochs,
+        "run.stop_after_steps": cfg.run.stop_after_steps,
+        "optim.warmup_epochs": cfg.optim.warmup_epochs,
+        "optim.weight_decay": cfg.optim.weight_decay,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -292,7 +334,8 @@ def _validate_data(cfg: Config) -> None:
     if d.input == "cached" and d.preset == "timm" and d.randaugment:
         raise ConfigError(
             f"data.randaugment={d.randaugment!r}: RandAugment runs on the PIL path only; with "
-            "data.input=cached set data.randaugment='' (random erasing, data.reprob, still applies)")
+            "data.input=cached set data.randaugment='' (random erasing, data.reprob, still applies)"
+        )
 
 
 def replace(cfg: Config, changes: dict[str, Any]) -> Config:
@@ -344,8 +387,9 @@ DATA_IDENTITY = ("data.class_names", "data.train_images")
 
 def flat(tree: dict[str, Any]) -> dict[str, Any]:
     """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}"""
-    return {f"{section}.{k}": v for section, values in tree.items() if isinstance(values, dict)
-            for k, v in values.items()}
+    return {
+        f"{section}.{k}": v for section, values in tree.items() if isinstance(values, dict) for k, v in values.items()
+    }
 
 
 def is_operational(key: str) -> bool:

@@ -2,6 +2,7 @@
 
 The model never sees any of this: DDP wrapping happens in bfly.stack (the device is picked there too).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -22,8 +23,12 @@ def init(env: DistEnv, device: torch.device, backend: str, timeout_s: int) -> No
         raise RuntimeError("dist.backend=nccl needs CUDA; use gloo (or auto) on CPU")
     kwargs = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(
-        backend, init_method=env.init_method, rank=env.rank, world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s), **kwargs,
+        backend,
+        init_method=env.init_method,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **kwargs,
     )
 
 
@@ -58,4 +63,3 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-

@@ -1,4 +1,5 @@
 """Exponential moving average of a model's weights (buffers are copied, not averaged)."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """train_one_epoch and evaluate: the loops, with no knowledge of where batches come from."""
+
 from __future__ import annotations
 
 import contextlib
@@ -66,7 +67,7 @@ class Trainer:
             images, targets = self.mixup(images, labels)
         no_sync = getattr(self.model, "no_sync", None)
         # Skip the gradient all-reduce on non-final micro-steps: it is redone on the final one anyway.
-        with (contextlib.nullcontext() if sync or no_sync is None else no_sync()):
+        with contextlib.nullcontext() if sync or no_sync is None else no_sync():
             with self.autocast():
                 logits = self.model(images)
             loss = self.criterion(logits.float(), targets)
@@ -148,8 +149,14 @@ def train_one_epoch(trainer: Trainer, state: TrainState, batches, hooks: StepHoo
             at_log = state.global_step % hooks.every_n == 0
             if at_log:
                 dt = device_clock(trainer.device) - t0
-                hooks.on_log(state, {"img_per_s": images_seen / dt, "data_wait": wait / dt,
-                                     "lr": trainer.optimizer.param_groups[0]["lr"]})
+                hooks.on_log(
+                    state,
+                    {
+                        "img_per_s": images_seen / dt,
+                        "data_wait": wait / dt,
+                        "lr": trainer.optimizer.param_groups[0]["lr"],
+                    },
+                )
                 images_seen, t0, wait = 0, device_clock(trainer.device), 0.0
             hooks.on_step(state)
             if hooks.should_stop(state, at_log):
@@ -159,8 +166,14 @@ def train_one_epoch(trainer: Trainer, state: TrainState, batches, hooks: StepHoo
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, num_classes: int, device: torch.device,
-             amp_dtype: torch.dtype | None, channels_last: bool = False) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    batches,
+    num_classes: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool = False,
+) -> dict[str, Any]:
     """Exact over the whole split: each rank evaluates its own shard, counts are summed.
 
     Runs the plain module, never the torch.compile'd or DDP wrapper: compiled evaluation recompiles

@@ -4,6 +4,7 @@ torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, ...) win over SLURM's: under
 SLURM describes the torchrun process, not the worker. SLURM's are used only when a job step starts
 the trainer directly (`srun python -m bfly.train`), one task per process.
 """
+
 from __future__ import annotations
 
 import os

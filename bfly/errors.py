@@ -1,4 +1,5 @@
 """One line for an error message: what every command prints for a user error."""
+
 from __future__ import annotations
 
 _PREFIXES = ("bfly.", "DataError")

@@ -8,6 +8,7 @@ The dataset may be in either CSV layout. Under torchrun every process evaluates 
 (every image once, as in training) and the counts are summed. Rank 0 prints the result and saves it
 as JSON, by default next to the checkpoint as <checkpoint name>-eval-<split>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,20 @@ def format_result(r: dict[str, Any], world_size: int) -> str:
         f"top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  loss {r['loss']:.4f}",
         "per-class top-1:",
     ]
-    lines += [f"  {c['class_id']:>3} {c['species']:<{width}}  {c['accuracy']:7.2%}  ({c['correct']}/{c['count']})"
-              for c in r["per_class"]]
+    lines += [
+        f"  {c['class_id']:>3} {c['species']:<{width}}  {c['accuracy']:7.2%}  ({c['correct']}/{c['count']})"
+        for c in r["per_class"]
+    ]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bfly.evaluate", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bfly.evaluate",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a bfly run")
     p.add_argument("--split", default="test", choices=SPLIT_NAMES)
     p.add_argument("--data-root", help="dataset folder (default: the one the model was trained on)")
@@ -56,16 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = pick_device(env.local_rank)
         distributed.init(env, device, "auto", 600)
-        result = evaluate_checkpoint(args.checkpoint, args.split, env, device, args.data_root,
-                                     args.batch_size, args.workers)
+        result = evaluate_checkpoint(
+            args.checkpoint, args.split, env, device, args.data_root, args.batch_size, args.workers
+        )
         if env.is_main:
             print(format_result(result, env.world_size))
             out = Path(args.out) if args.out else default_out(args.checkpoint, args.split)
             try:
                 out.write_text(json.dumps(result, indent=1) + "\n")
             except OSError as e:
-                print(f"bfly.evaluate: error: cannot write the result to {out}: {e.strerror or e}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"bfly.evaluate: error: cannot write the result to {out}: {e.strerror or e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return 2
             print(f"saved to {out}")
         return 0
@@ -81,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         if not distributed.active():
             raise
         # A collective failed: almost always another rank met a bad image and printed it.
-        print(f"bfly.evaluate [rank {env.rank}]: stopping, a collective failed ({one_line(e)[:200]}); "
-              "the failing rank's error is printed above", file=sys.stderr, flush=True)
+        print(
+            f"bfly.evaluate [rank {env.rank}]: stopping, a collective failed ({one_line(e)[:200]}); "
+            "the failing rank's error is printed above",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     finally:
         distributed.shutdown()

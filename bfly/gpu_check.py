@@ -21,6 +21,7 @@ traceback goes to stderr and the next cell runs; the run ends with a verdict tab
 targets. The trainer runs (logs, metrics, checkpoints) are in OUT/runs/ or --runs-dir. Needs neither
 wandb nor submitit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,13 @@ TRAIN_S = 240
 # compile ~50 s per model, eager 4.7k / compiled 6.7k img/s at 224 px, the 99 s pilot recipe at
 # 144 px) plus process start and the decode cache build; the smoke figures were measured on 2 quiet cores.
 ESTIMATES = {
-    "trainer": (150, 30), "fp16": (25, 15), "resnet50-compiled": (150, 10), "accuracy": (180, 10),
-    "resnet50-eager": (35, 15), "vgg19_bn-eager": (50, 30), "vgg19_bn-compiled": (120, 45),
+    "trainer": (150, 30),
+    "fp16": (25, 15),
+    "resnet50-compiled": (150, 10),
+    "accuracy": (180, 10),
+    "resnet50-eager": (35, 15),
+    "vgg19_bn-eager": (50, 30),
+    "vgg19_bn-compiled": (120, 45),
 }
 
 
@@ -88,6 +94,7 @@ class Context:
 
 # --- child processes -------------------------------------------------------------------------------
 
+
 class Child:
     """A command in its own process group; all output goes to `log`, and all but progress lines to stdout."""
 
@@ -102,8 +109,16 @@ class Child:
         print(f"   $ {' '.join(cmd)}", flush=True)
         # Own process group (same session, so whatever ends our session ends it too): a signal goes to
         # torchrun and its workers together, as `timeout` or a user's ^C does.
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, bufsize=1, preexec_fn=os.setpgrp)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            preexec_fn=os.setpgrp,
+        )
         self._pump = threading.Thread(target=self._read, daemon=True)
         self._pump.start()
 
@@ -135,8 +150,9 @@ class Child:
                 self.kill()
                 raise TimeoutError(f"no line matching {pattern.pattern!r} within {timeout:.0f}s; see {self.log}")
             if line is None:
-                raise RuntimeError(f"exited with code {self.proc.wait()} before a line matching "
-                                   f"{pattern.pattern!r}; see {self.log}")
+                raise RuntimeError(
+                    f"exited with code {self.proc.wait()} before a line matching {pattern.pattern!r}; see {self.log}"
+                )
             if m := pattern.match(line):
                 return m
 
@@ -174,11 +190,24 @@ def fresh_dir(path: Path) -> Path:
 
 # --- the trainer cells -----------------------------------------------------------------------------
 
+
 def trainer_args(ctx: Context, run_dir: Path, *extra: str) -> list[str]:
     """bfly.train arguments: the ResNet50 recipe for one epoch, on the carried data, no wandb."""
-    args = ["--config", str(REPO / "configs" / "resnet50.yaml"), f"data.root={ctx.data}", "data.input=cached",
-            "model.channels_last=true", "train.ema_decay=0.999", "train.epochs=1", "train.eval_splits=[valid]",
-            "train.log_every=5", "wandb.mode=disabled", "run.resume=auto", f"run.dir={run_dir}", *extra]
+    args = [
+        "--config",
+        str(REPO / "configs" / "resnet50.yaml"),
+        f"data.root={ctx.data}",
+        "data.input=cached",
+        "model.channels_last=true",
+        "train.ema_decay=0.999",
+        "train.epochs=1",
+        "train.eval_splits=[valid]",
+        "train.log_every=5",
+        "wandb.mode=disabled",
+        "run.resume=auto",
+        f"run.dir={run_dir}",
+        *extra,
+    ]
     if ctx.cache_dir:
         args.append(f"data.cache_dir={ctx.cache_dir}")
     if ctx.smoke:
@@ -189,8 +218,16 @@ def trainer_args(ctx: Context, run_dir: Path, *extra: str) -> list[str]:
 
 
 def torchrun_cmd(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-            "-m", "bfly.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "bfly.train",
+        *args,
+    ]
 
 
 def trainer_cell(ctx: Context) -> list[Row]:
@@ -206,8 +243,9 @@ def trainer_cell(ctx: Context) -> list[Row]:
     stopped = first.search(r"stopped by SIGTERM: checkpoint at epoch 1 step (\d+) written")
     steps = int(seen[4])
     if not stopped:
-        raise RuntimeError(f"SIGTERM after step {seen[3]}/{steps}: no mid-epoch checkpoint line; "
-                           f"last lines:\n{first.tail()}")
+        raise RuntimeError(
+            f"SIGTERM after step {seen[3]}/{steps}: no mid-epoch checkpoint line; last lines:\n{first.tail()}"
+        )
     step = int(stopped[1])
     if not 0 < step < steps:
         raise RuntimeError(f"stopped at step {step} of {steps}: not mid-epoch")
@@ -221,11 +259,21 @@ def trainer_cell(ctx: Context) -> list[Row]:
     if not second.search(rf"resumed from .*: epoch 1, step {step} of the epoch"):
         raise RuntimeError(f"the resumed job did not resume at epoch 1 step {step}; see {second.log}")
     (record,) = read_metrics(run_dir)
-    return [Row("train", f"resnet50 bf16 cl compile EMA: SIGTERM at step {step}/{steps}, resumed, finished",
-                "resnet50.yaml, 1 epoch",  # no img/s: a job this short is mostly start-up and compiling
-                note=f"job 1 {t1 - t0:.0f}s, job 2 {t2 - t1:.0f}s (both compile)",
-                extra={"stopped_step": step, "steps_per_epoch": steps, "job1_s": t1 - t0, "job2_s": t2 - t1,
-                       "valid_top1": record["valid_top1"]})]
+    return [
+        Row(
+            "train",
+            f"resnet50 bf16 cl compile EMA: SIGTERM at step {step}/{steps}, resumed, finished",
+            "resnet50.yaml, 1 epoch",  # no img/s: a job this short is mostly start-up and compiling
+            note=f"job 1 {t1 - t0:.0f}s, job 2 {t2 - t1:.0f}s (both compile)",
+            extra={
+                "stopped_step": step,
+                "steps_per_epoch": steps,
+                "job1_s": t1 - t0,
+                "job2_s": t2 - t1,
+                "valid_top1": record["valid_top1"],
+            },
+        )
+    ]
 
 
 def fp16_cell(ctx: Context) -> list[Row]:
@@ -242,20 +290,45 @@ def fp16_cell(ctx: Context) -> list[Row]:
     scale = saved["scaler"]["scale"] if saved.get("scaler") else None
     if not losses or not all(math.isfinite(x) for x in losses) or scale is None:
         raise RuntimeError(f"fp16: losses {losses}, GradScaler scale {scale}; see {child.log}")
-    return [Row("train", f"resnet50 fp16 + GradScaler, {steps} steps, eager", "recipe",
-                note=f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, scale {scale:g}; {time.perf_counter() - t0:.0f}s",
-                extra={"losses": losses, "scale": scale})]
+    return [
+        Row(
+            "train",
+            f"resnet50 fp16 + GradScaler, {steps} steps, eager",
+            "recipe",
+            note=f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, scale {scale:g}; {time.perf_counter() - t0:.0f}s",
+            extra={"losses": losses, "scale": scale},
+        )
+    ]
 
 
 # --- the speed matrix ------------------------------------------------------------------------------
 
+
 def speed_settings(ctx: Context) -> Settings:
     if ctx.smoke:
-        return Settings(batch_size=4, image_size=32, amp="off" if ctx.device.type == "cpu" else "bf16", steps=1,
-                        warmup=1, rounds=1, data=str(ctx.data), cache_dir=ctx.cache_dir, workers=0,
-                        compile_backend="eager" if ctx.device.type == "cpu" else "inductor")
-    return Settings(batch_size=256, image_size=224, amp="bf16", steps=20, warmup=10, rounds=3, data=str(ctx.data),
-                    cache_dir=ctx.cache_dir, workers=available_cores())
+        return Settings(
+            batch_size=4,
+            image_size=32,
+            amp="off" if ctx.device.type == "cpu" else "bf16",
+            steps=1,
+            warmup=1,
+            rounds=1,
+            data=str(ctx.data),
+            cache_dir=ctx.cache_dir,
+            workers=0,
+            compile_backend="eager" if ctx.device.type == "cpu" else "inductor",
+        )
+    return Settings(
+        batch_size=256,
+        image_size=224,
+        amp="bf16",
+        steps=20,
+        warmup=10,
+        rounds=3,
+        data=str(ctx.data),
+        cache_dir=ctx.cache_dir,
+        workers=available_cores(),
+    )
 
 
 def speed_cells(ctx: Context) -> dict[str, Callable[[], list[Row]]]:
@@ -266,7 +339,9 @@ def speed_cells(ctx: Context) -> dict[str, Callable[[], list[Row]]]:
         if "split" not in store:
             from bfly.data.cached_input import ResidentSplit
 
-            store["split"] = ResidentSplit(throughput.train_split(s), throughput.data_config(s, input="cached").data, ctx.device)
+            store["split"] = ResidentSplit(
+                throughput.train_split(s), throughput.data_config(s, input="cached").data, ctx.device
+            )
         return store["split"]
 
     def cell(model: str, compiled: bool, inputs: tuple[str, ...]) -> Callable[[], list[Row]]:
@@ -276,15 +351,19 @@ def speed_cells(ctx: Context) -> dict[str, Callable[[], list[Row]]]:
                 if r.case.endswith("via pil"):  # decoding the compact copy's small JPEGs is cheaper
                     r.note = "compact copy: JPEGs smaller than the original 224 px ones"
             return rows
+
         return run
 
-    return {"resnet50-compiled": cell("resnet50", True, ("cached",)),
-            "resnet50-eager": cell("resnet50", False, ("cached", "pil")),  # the PIL path: once, eager
-            "vgg19_bn-eager": cell("vgg19_bn", False, ("cached",)),
-            "vgg19_bn-compiled": cell("vgg19_bn", True, ("cached",))}
+    return {
+        "resnet50-compiled": cell("resnet50", True, ("cached",)),
+        "resnet50-eager": cell("resnet50", False, ("cached", "pil")),  # the PIL path: once, eager
+        "vgg19_bn-eager": cell("vgg19_bn", False, ("cached",)),
+        "vgg19_bn-compiled": cell("vgg19_bn", True, ("cached",)),
+    }
 
 
 # --- accuracy --------------------------------------------------------------------------------------
+
 
 def accuracy_cell(ctx: Context) -> list[Row]:
     out = fresh_dir(ctx.runs / "reproduce")
@@ -300,10 +379,16 @@ def accuracy_cell(ctx: Context) -> list[Row]:
     if code != 0:
         raise RuntimeError(f"bfly.reproduce exited with code {code}; last lines:\n{child.tail()}")
     (r,) = json.loads((out / "results.json").read_text())
-    return [Row("acc", "resnet50 recipe (configs/resnet50.yaml)", f"{r['epochs']} epochs" + " compiled" * compiled,
-                img_s=r["img_per_s"],
-                note=f"test top1 {r['test_top1']:.2%} top5 {r['test_top5']:.2%}, {r['train_s']:.0f}s of training",
-                extra=r)]
+    return [
+        Row(
+            "acc",
+            "resnet50 recipe (configs/resnet50.yaml)",
+            f"{r['epochs']} epochs" + " compiled" * compiled,
+            img_s=r["img_per_s"],
+            note=f"test top1 {r['test_top1']:.2%} top5 {r['test_top5']:.2%}, {r['train_s']:.0f}s of training",
+            extra=r,
+        )
+    ]
 
 
 # --- plan and verdict ------------------------------------------------------------------------------
@@ -321,8 +406,11 @@ ORDER = list(TITLES)
 
 
 def build_cells(ctx: Context, keys: list[str]) -> list[Cell]:
-    runs = {"trainer": lambda: trainer_cell(ctx), "fp16": lambda: fp16_cell(ctx),
-            "accuracy": lambda: accuracy_cell(ctx)} | speed_cells(ctx)
+    runs = {
+        "trainer": lambda: trainer_cell(ctx),
+        "fp16": lambda: fp16_cell(ctx),
+        "accuracy": lambda: accuracy_cell(ctx),
+    } | speed_cells(ctx)
     return [Cell(k, TITLES[k], ctx.estimate(k), runs[k]) for k in keys]
 
 
@@ -341,39 +429,87 @@ def verdict(outcomes: list[Outcome], image_size: int) -> list[Check]:
         return next((r for r in o.rows if r.case.endswith(case_end)), None) if o and o.status == "ok" else None
 
     checks = []
-    for key, what in (("trainer", "trainer: SIGTERM mid-epoch, resumed at that step, finished"),
-                      ("fp16", "trainer: fp16 + GradScaler, finite loss")):
+    for key, what in (
+        ("trainer", "trainer: SIGTERM mid-epoch, resumed at that step, finished"),
+        ("fp16", "trainer: fp16 + GradScaler, finite loss"),
+    ):
         o = by.get(key)
-        checks.append(Check(what, "ok", "PASS") if o and o.status == "ok" else Check(what, missing(key), "MISSING"
-                            if o is None or o.status in ("skipped", "pending") else "FAIL"))
+        checks.append(
+            Check(what, "ok", "PASS")
+            if o and o.status == "ok"
+            else Check(what, missing(key), "MISSING" if o is None or o.status in ("skipped", "pending") else "FAIL")
+        )
     for key in ("resnet50-eager", "resnet50-compiled", "vgg19_bn-eager", "vgg19_bn-compiled"):
         ours = row(key, "(ours), synthetic")
         cached = row(key, "real data via cached")
-        checks.append(check(f"{key} ours/torchvision >= {RATIO_VS_TORCHVISION:.2f}", ours and ours.ratio,
-                            lambda v: v >= RATIO_VS_TORCHVISION, ".2f", missing(key)))
-        checks.append(check(f"{key} end-to-end/synthetic >= {E2E_VS_SYNTHETIC:.2f}", cached and cached.ratio,
-                            lambda v: v >= E2E_VS_SYNTHETIC, ".2f", why(key, cached)))
+        checks.append(
+            check(
+                f"{key} ours/torchvision >= {RATIO_VS_TORCHVISION:.2f}",
+                ours and ours.ratio,
+                lambda v: v >= RATIO_VS_TORCHVISION,
+                ".2f",
+                missing(key),
+            )
+        )
+        checks.append(
+            check(
+                f"{key} end-to-end/synthetic >= {E2E_VS_SYNTHETIC:.2f}",
+                cached and cached.ratio,
+                lambda v: v >= E2E_VS_SYNTHETIC,
+                ".2f",
+                why(key, cached),
+            )
+        )
     cached = row("resnet50-compiled", "real data via cached")
-    checks.append(check(f"resnet50 compiled end to end >= {RESNET50_COMPILED_IMG_S:,} img/s at 224 px"
-                        + ("" if image_size == 224 else f" (measured at {image_size} px)"),
-                        cached and cached.img_s, lambda v: v >= RESNET50_COMPILED_IMG_S, ",.0f",
-                        why("resnet50-compiled", cached)))
+    checks.append(
+        check(
+            f"resnet50 compiled end to end >= {RESNET50_COMPILED_IMG_S:,} img/s at 224 px"
+            + ("" if image_size == 224 else f" (measured at {image_size} px)"),
+            cached and cached.img_s,
+            lambda v: v >= RESNET50_COMPILED_IMG_S,
+            ",.0f",
+            why("resnet50-compiled", cached),
+        )
+    )
     acc = row("accuracy", "(configs/resnet50.yaml)")
-    checks.append(check(f"resnet50 test top-1 >= {TEST_TOP1:.1%}", acc and acc.extra["test_top1"],
-                        lambda v: v >= TEST_TOP1, ".2%", missing("accuracy")))
-    checks.append(check(f"resnet50 training <= {TRAIN_S} s", acc and acc.extra["train_s"],
-                        lambda v: v <= TRAIN_S, ".0f", missing("accuracy")))
+    checks.append(
+        check(
+            f"resnet50 test top-1 >= {TEST_TOP1:.1%}",
+            acc and acc.extra["test_top1"],
+            lambda v: v >= TEST_TOP1,
+            ".2%",
+            missing("accuracy"),
+        )
+    )
+    checks.append(
+        check(
+            f"resnet50 training <= {TRAIN_S} s",
+            acc and acc.extra["train_s"],
+            lambda v: v <= TRAIN_S,
+            ".0f",
+            missing("accuracy"),
+        )
+    )
     return checks
 
 
 # --- command line ----------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bfly.gpu_check", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bfly.gpu_check",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("out", type=Path, help="folder for gpu_check.json (e.g. $OUT)")
-    p.add_argument("--data", type=Path, default=None,
-                   help=f"dataset root (default: {DEFAULT_DATA}; with --smoke: data/butterfly-mini)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"dataset root (default: {DEFAULT_DATA}; with --smoke: data/butterfly-mini)",
+    )
     p.add_argument("--runs-dir", type=Path, default=None, help="the trainer runs' folders (default: OUT/runs)")
     p.add_argument("--cache-dir", default="", help="decode cache folder (default: <data>/.bfly-cache)")
     p.add_argument("--budget-s", type=float, default=540.0, help="skip cells that would end later than this")
@@ -409,8 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bfly.gpu_check: error: no CUDA device here; `--device cpu --smoke` checks the plumbing on a CPU",
-              file=sys.stderr)
+        print(
+            "bfly.gpu_check: error: no CUDA device here; `--device cpu --smoke` checks the plumbing on a CPU",
+            file=sys.stderr,
+        )
         return 2
     if args.device == "cpu" and not args.smoke:
         print("bfly.gpu_check: error: full-size cells on a CPU would take hours; add --smoke", file=sys.stderr)
@@ -418,9 +556,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = load_metadata(data)  # a wrong --data fails now, with the CSV's name
     except DataError as e:
-        print(f"bfly.gpu_check: error: {e}" + ("" if data.exists() else
-              f" (make the compact copy: python -m bfly.compact <full data> {DEFAULT_DATA} --size 120 --quality 60)"),
-              file=sys.stderr)
+        print(
+            f"bfly.gpu_check: error: {e}"
+            + (
+                ""
+                if data.exists()
+                else f" (make the compact copy: python -m bfly.compact <full data> {DEFAULT_DATA} --size 120 --quality 60)"
+            ),
+            file=sys.stderr,
+        )
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     image_size = speed_settings(ctx).image_size
@@ -432,12 +576,20 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     def header(outcomes: list[Outcome]) -> dict:
-        return {"environment": env, "data": str(data), "smoke": args.smoke, "device": args.device,
-                "verdict": [c.__dict__ for c in verdict(outcomes, image_size)]}
+        return {
+            "environment": env,
+            "data": str(data),
+            "smoke": args.smoke,
+            "device": args.device,
+            "verdict": [c.__dict__ for c in verdict(outcomes, image_size)],
+        }
 
     outcomes = run_cells(cells, args.budget_s, args.out / "gpu_check.json", header)
-    print(f"\nbfly.gpu_check: {time.perf_counter() - start:.0f}s; verdict"
-          + (" (smoke run: tiny sizes, the figures mean nothing)" if args.smoke else "") + ":")
+    print(
+        f"\nbfly.gpu_check: {time.perf_counter() - start:.0f}s; verdict"
+        + (" (smoke run: tiny sizes, the figures mean nothing)" if args.smoke else "")
+        + ":"
+    )
     print(format_verdict(verdict(outcomes, image_size)), flush=True)
     print(f"rows and verdict: {args.out / 'gpu_check.json'}")
     failed = any(o.status == "failed" or any(r.note.startswith("FAILED") for r in o.rows) for o in outcomes)

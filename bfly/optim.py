@@ -1,4 +1,5 @@
 """Optimizer construction and the learning-rate schedule (a pure function of the step)."""
+
 from __future__ import annotations
 
 import math

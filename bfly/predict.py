@@ -7,6 +7,7 @@ EXIF orientation tag (phone photos), converted and resized exactly as the evalua
 in training. A file that cannot be read as an image gets an error line on stderr and the others are
 still answered (exit status 1 when any failed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,19 @@ from bfly.trained import BATCH, USER_ERRORS, class_probs, load_trained
 def format_top(path: str, probs: torch.Tensor, class_names: Sequence[str], k: int) -> str:
     p, idx = probs.topk(min(k, len(class_names)))
     width = max(len(class_names[i]) for i in idx.tolist())
-    rows = [f"  {rank}. {class_names[i]:<{width}}  {q:6.2%}"
-            for rank, (q, i) in enumerate(zip(p.tolist(), idx.tolist()), 1)]
+    rows = [
+        f"  {rank}. {class_names[i]:<{width}}  {q:6.2%}" for rank, (q, i) in enumerate(zip(p.tolist(), idx.tolist()), 1)
+    ]
     return "\n".join([path, *rows])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bfly.predict", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bfly.predict",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a bfly run")
     p.add_argument("--top", type=int, default=5, help="how many species to list per image")
     p.add_argument("images", nargs="+", metavar="IMG")

@@ -10,6 +10,7 @@ the run directory is neither created nor touched (a checkpoint there is only rea
 The world size is the real run's: `--nproc N`, else this launch's (torchrun or SLURM tasks), else
 WORLD_SIZE, else 1.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -63,12 +64,18 @@ def preflight(config: str | None, overrides: list[str], nproc: int | None = None
         t0 = time.perf_counter()
         bad = check_images(paths, workers)
         problems += bad
-        say("images", f"{len(paths)} of {', '.join(reads)} opened and decoded in {time.perf_counter() - t0:.1f} s "
-                      f"({workers} process(es)): {len(bad)} unreadable")
+        say(
+            "images",
+            f"{len(paths)} of {', '.join(reads)} opened and decoded in {time.perf_counter() - t0:.1f} s "
+            f"({workers} process(es)): {len(bad)} unreadable",
+        )
 
     if plan is not None:
-        say("global batch", f"{plan.batch_size} = {world} rank(s) x {plan.accum_steps} accumulation step(s) x "
-                            f"{plan.micro_batch} micro-batch")
+        say(
+            "global batch",
+            f"{plan.batch_size} = {world} rank(s) x {plan.accum_steps} accumulation step(s) x "
+            f"{plan.micro_batch} micro-batch",
+        )
         if meta is not None:
             _schedule(cfg, meta, plan, problems, say)
     _packages(cfg, plan, problems)
@@ -81,8 +88,9 @@ def preflight(config: str | None, overrides: list[str], nproc: int | None = None
 
 def check_images(paths: list[str], workers: int, progress: bool = True) -> list[str]:
     """One problem line per image that cannot be opened and fully decoded, in `paths` order."""
-    report = _progress(f"bfly: checking {len(paths)} images ({workers} process(es))", len(paths),
-                       progress and bool(paths))
+    report = _progress(
+        f"bfly: checking {len(paths)} images ({workers} process(es))", len(paths), progress and bool(paths)
+    )
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     problems: list[str] = []
     done = 0
@@ -126,30 +134,44 @@ def _metadata(cfg: Config, problems: list[str], say: Callable[[str, str], None])
     return meta
 
 
-def _schedule(cfg: Config, meta: DatasetMeta, plan: StepPlan, problems: list[str],
-              say: Callable[[str, str], None]) -> None:
+def _schedule(
+    cfg: Config, meta: DatasetMeta, plan: StepPlan, problems: list[str], say: Callable[[str, str], None]
+) -> None:
     n = len(meta.splits["train"].paths)
     steps = steps_per_epoch(n, plan.batch_size)
     if steps == 0:  # the same rule as bfly.train's
-        problems.append(f"train.batch_size={cfg.train.batch_size} is larger than the train split "
-                        f"({n} images): no full batch per epoch")
+        problems.append(
+            f"train.batch_size={cfg.train.batch_size} is larger than the train split "
+            f"({n} images): no full batch per epoch"
+        )
         return
     total = steps * cfg.train.epochs
-    say("schedule", f"{steps} steps/epoch x {cfg.train.epochs} epochs = {total} steps "
-                    f"(warmup {round(cfg.optim.warmup_epochs * steps)}; {n - steps * plan.batch_size} "
-                    "train images left out of each epoch's full batches)")
+    say(
+        "schedule",
+        f"{steps} steps/epoch x {cfg.train.epochs} epochs = {total} steps "
+        f"(warmup {round(cfg.optim.warmup_epochs * steps)}; {n - steps * plan.batch_size} "
+        "train images left out of each epoch's full batches)",
+    )
 
 
 def _packages(cfg: Config, plan: StepPlan | None, problems: list[str]) -> None:
     """What bfly imports lazily: missing now, missing at the first step or at the end of epoch 1."""
     mixing = cfg.data.mixup > 0 or cfg.data.cutmix > 0
-    needs_timm = [why for why, needed in (("data.preset=timm", cfg.data.preset == "timm" and cfg.data.input == "pil"),
-                                          ("data.mixup/data.cutmix", mixing)) if needed]
+    needs_timm = [
+        why
+        for why, needed in (
+            ("data.preset=timm", cfg.data.preset == "timm" and cfg.data.input == "pil"),
+            ("data.mixup/data.cutmix", mixing),
+        )
+        if needed
+    ]
     if needs_timm and importlib.util.find_spec("timm") is None:
         problems.append(f"{' and '.join(needs_timm)} need timm, which cannot be imported: pip install timm")
     if mixing and plan is not None and plan.micro_batch % 2:
-        problems.append(f"data.mixup/data.cutmix need an even micro-batch; it is {plan.micro_batch} "
-                        "(set train.micro_batch_size or train.batch_size)")
+        problems.append(
+            f"data.mixup/data.cutmix need an even micro-batch; it is {plan.micro_batch} "
+            "(set train.micro_batch_size or train.batch_size)"
+        )
     if cfg.wandb.mode in ("online", "offline") and importlib.util.find_spec("wandb") is None:
         problems.append(f"wandb.mode={cfg.wandb.mode} but wandb cannot be imported: pip install wandb")
 
@@ -185,11 +207,15 @@ def _run_dir(cfg: Config, meta: DatasetMeta | None, problems: list[str], say: Ca
         # What training asks for at start-up (bfly.checkpoint.space_needed: files already there count).
         need = ckpt.space_needed(run_dir if run_dir.is_dir() else existing, last, total - 2 * last)
         if free < need:
-            problems.append(f"run directory {run_dir}: {free / 2**20:.0f} MiB free, checkpoints need about "
-                            f"{need / 2**20:.0f} MiB")
+            problems.append(
+                f"run directory {run_dir}: {free / 2**20:.0f} MiB free, checkpoints need about {need / 2**20:.0f} MiB"
+            )
         say("run dir", f"{run_dir} ({state}); {_size(free)} free, training asks for {_size(need)}")
-        say("checkpoints", f"last.pt ~{_size(last)} (weights, optimizer state{', EMA' if cfg.train.ema_decay else ''}); "
-                           f"with last.prev.pt and best.pt ~{_size(total)}")
+        say(
+            "checkpoints",
+            f"last.pt ~{_size(last)} (weights, optimizer state{', EMA' if cfg.train.ema_decay else ''}); "
+            f"with last.prev.pt and best.pt ~{_size(total)}",
+        )
     holder = _lock_holder(run_dir)
     if holder:
         problems.append(f"run directory {run_dir} is in use by another run ({holder})")
@@ -210,8 +236,11 @@ def _resume(cfg: Config, meta: DatasetMeta, world: int, problems: list[str], say
     try:
         if resume == "never":
             exists = (run_dir / ckpt.LAST).exists()
-            say("resume", "no: a fresh run (run.resume=never)" + (f"; it would overwrite {run_dir / ckpt.LAST}"
-                                                                   if exists else ""))
+            say(
+                "resume",
+                "no: a fresh run (run.resume=never)"
+                + (f"; it would overwrite {run_dir / ckpt.LAST}" if exists else ""),
+            )
             return
         found = ckpt.find_start(run_dir, resume, notes.append)
         for note in notes:
@@ -228,13 +257,20 @@ def _resume(cfg: Config, meta: DatasetMeta, world: int, problems: list[str], say
         return
     if changes:
         say("changes", f"{show(changes)} (run.allow_changes)")
-    where = (f"{path}: epoch {saved['epoch'] + 1}, step {saved['step_in_epoch']} of the epoch, "
-             f"global step {saved['global_step']}")
+    where = (
+        f"{path}: epoch {saved['epoch'] + 1}, step {saved['step_in_epoch']} of the epoch, "
+        f"global step {saved['global_step']}"
+    )
     if saved["epoch"] >= cfg.train.epochs:
-        say("resume", f"{where}: the run already finished {cfg.train.epochs} epochs, training would do nothing "
-                      "(raise train.epochs with run.allow_changes=[train.epochs], or pick another run.dir)")
+        say(
+            "resume",
+            f"{where}: the run already finished {cfg.train.epochs} epochs, training would do nothing "
+            "(raise train.epochs with run.allow_changes=[train.epochs], or pick another run.dir)",
+        )
         return
-    other = f"; saved by {saved['world_size']} process(es), continued on {world}" if saved["world_size"] != world else ""
+    other = (
+        f"; saved by {saved['world_size']} process(es), continued on {world}" if saved["world_size"] != world else ""
+    )
     say("resume", f"yes, from {where}{other}")
 
 

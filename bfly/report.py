@@ -11,6 +11,7 @@ and, unless --confusion none, confusion-<run>-<split>.png: the confusion matrix 
 on that split. It comes from <run>/best-eval-<split>.json (what `python -m bfly.evaluate` saves);
 when that file is missing, best.pt is evaluated here (one process) and the file written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,6 +74,7 @@ def load_run(run_dir: Path) -> RunMetrics:
 
 # --- figures ---------------------------------------------------------------------------------------
 
+
 def _pyplot():
     try:
         import matplotlib
@@ -99,9 +101,17 @@ def plot_curves(runs: list[RunMetrics], metric: str, out: Path) -> Path:
         best = run.best("valid") if metric == "top1" else None
         if best:  # the seed report's headline number: each model's highest valid accuracy
             ax.plot(best[1], 100 * best[0], "*", color=colour, markersize=13, markeredgecolor="black")
-            ax.annotate(f"best valid {100 * best[0]:.1f}%", (best[1], 100 * best[0]), textcoords="offset points",
-                        xytext=(0, -18), ha="center", color=colour, fontsize=9, fontweight="bold",
-                        bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.9})
+            ax.annotate(
+                f"best valid {100 * best[0]:.1f}%",
+                (best[1], 100 * best[0]),
+                textcoords="offset points",
+                xytext=(0, -18),
+                ha="center",
+                color=colour,
+                fontsize=9,
+                fontweight="bold",
+                bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.9},
+            )
     ax.set_xlabel("epoch")
     ax.set_ylabel("top-1 accuracy (%)" if metric == "top1" else "loss")
     ax.set_title("Top-1 accuracy per epoch" if metric == "top1" else "Loss per epoch")
@@ -133,12 +143,20 @@ def plot_confusion(result: dict[str, Any], label: str, out: Path) -> Path:
     if small:
         for (r, c), v in np.ndenumerate(counts):
             if v:
-                ax.text(c, r, int(v), ha="center", va="center", fontsize=font,
-                        color="white" if rates[r, c] > 0.5 else "black")
+                ax.text(
+                    c,
+                    r,
+                    int(v),
+                    ha="center",
+                    va="center",
+                    fontsize=font,
+                    color="white" if rates[r, c] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted species", fontsize=big)
     ax.set_ylabel("true species", fontsize=big)
-    ax.set_title(f"{label}: {result['split']} split, top-1 {result['top1']:.2%} ({result['count']} images)",
-                 fontsize=big + 1)
+    ax.set_title(
+        f"{label}: {result['split']} split, top-1 {result['top1']:.2%} ({result['count']} images)", fontsize=big + 1
+    )
     bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     bar.set_label("fraction of the true species", fontsize=big)
     bar.ax.tick_params(labelsize=font + 2 if small else big - 4)
@@ -150,6 +168,7 @@ def plot_confusion(result: dict[str, Any], label: str, out: Path) -> Path:
 
 # --- confusion data ----------------------------------------------------------------------------------
 
+
 def eval_result(run: RunMetrics, split: str, data_root: str | None) -> dict[str, Any] | None:
     """The saved evaluation of best.pt on split, made now if missing; None (with a warning) if impossible."""
     from bfly.trained import USER_ERRORS, default_out
@@ -159,8 +178,9 @@ def eval_result(run: RunMetrics, split: str, data_root: str | None) -> dict[str,
     if saved.is_file():
         return json.loads(saved.read_text())
     if not best.is_file():
-        print(f"bfly.report: warning: {run.run_dir}: no {BEST} and no {saved.name}: no confusion matrix",
-              file=sys.stderr)
+        print(
+            f"bfly.report: warning: {run.run_dir}: no {BEST} and no {saved.name}: no confusion matrix", file=sys.stderr
+        )
         return None
     from bfly.env import DistEnv
     from bfly.stack import pick_device
@@ -172,14 +192,14 @@ def eval_result(run: RunMetrics, split: str, data_root: str | None) -> dict[str,
     try:
         result = evaluate_checkpoint(best, split, single, device, data_root)
     except USER_ERRORS as e:
-        print(f"bfly.report: warning: {run.run_dir}: cannot evaluate {BEST}: {e}; no confusion matrix",
-              file=sys.stderr)
+        print(f"bfly.report: warning: {run.run_dir}: cannot evaluate {BEST}: {e}; no confusion matrix", file=sys.stderr)
         return None
     saved.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
 # --- table ---------------------------------------------------------------------------------------------
+
 
 def _pct(best: tuple[float, int] | None, with_epoch: bool = False) -> str:
     if best is None:
@@ -188,11 +208,15 @@ def _pct(best: tuple[float, int] | None, with_epoch: bool = False) -> str:
 
 
 def summary_table(runs: list[RunMetrics]) -> str:
-    lines = ["| run | model | epochs | best train top-1 | best valid top-1 | best test top-1 |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| run | model | epochs | best train top-1 | best valid top-1 | best test top-1 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in runs:
-        lines.append(f"| {r.label} | {r.model} | {len(r.records)} | {_pct(r.best('train'))} | "
-                     f"{_pct(r.best('valid'), True)} | {_pct(r.best('test'), True)} |")
+        lines.append(
+            f"| {r.label} | {r.model} | {len(r.records)} | {_pct(r.best('train'))} | "
+            f"{_pct(r.best('valid'), True)} | {_pct(r.best('test'), True)} |"
+        )
     return "\n".join(lines)
 
 
@@ -203,9 +227,18 @@ def write_report(runs: list[RunMetrics], out: Path, confusion_split: str, data_r
             r.label = f"{r.run_dir.resolve().parent.name}/{r.label}"
     out.mkdir(parents=True, exist_ok=True)
     written = [plot_curves(runs, "top1", out / "accuracy.png"), plot_curves(runs, "loss", out / "loss.png")]
-    md = ["# Training report", "", summary_table(runs), "",
-          "Highest top-1 accuracy over the epochs in each run's metrics.jsonl (– : split not evaluated).", "",
-          "![top-1 accuracy per epoch](accuracy.png)", "", "![loss per epoch](loss.png)", ""]
+    md = [
+        "# Training report",
+        "",
+        summary_table(runs),
+        "",
+        "Highest top-1 accuracy over the epochs in each run's metrics.jsonl (– : split not evaluated).",
+        "",
+        "![top-1 accuracy per epoch](accuracy.png)",
+        "",
+        "![loss per epoch](loss.png)",
+        "",
+    ]
     if confusion_split != "none":
         for r in runs:
             result = eval_result(r, confusion_split, data_root)
@@ -219,13 +252,20 @@ def write_report(runs: list[RunMetrics], out: Path, confusion_split: str, data_r
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bfly.report", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bfly.report",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=Path)
     p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report)")
-    p.add_argument("--confusion", default="valid", choices=(*SPLIT_NAMES, "none"),
-                   help="split of the confusion matrices (default: valid)")
+    p.add_argument(
+        "--confusion",
+        default="valid",
+        choices=(*SPLIT_NAMES, "none"),
+        help="split of the confusion matrices (default: valid)",
+    )
     p.add_argument("--data-root", help="dataset folder for evaluating best.pt (default: the run's own)")
     return p.parse_args(argv)
 

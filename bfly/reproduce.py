@@ -8,6 +8,7 @@ Each recipe is configs/<model>.yaml with data.root, run.dir and seed set here; t
 evaluated every epoch only in this script (the recipes were chosen on valid). Writes
 <out>/results.md and <out>/results.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,14 +25,28 @@ from bfly.train import main as train_main
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("resnet50", "vgg19_bn", "vgg19")
 # CPU smoke: the whole path (config, data, training, test evaluation, table) in a minute or two.
-SMOKE = ["data.image_size=32", "train.epochs=1", "train.batch_size=60", "data.input=pil", "data.workers=0",
-         "train.amp=off"]
+SMOKE = [
+    "data.image_size=32",
+    "train.epochs=1",
+    "train.batch_size=60",
+    "data.input=pil",
+    "data.workers=0",
+    "train.amp=off",
+]
 
 
 def train_one(model: str, data: Path, out: Path, seed: int, extra: list[str]) -> Path:
     run_dir = out / f"{model}-seed{seed}"
-    argv = ["--config", str(REPO / "configs" / f"{model}.yaml"), f"data.root={data}", f"run.dir={run_dir}",
-            f"train.seed={seed}", "train.eval_splits=[valid,test]", "run.resume=auto", *extra]
+    argv = [
+        "--config",
+        str(REPO / "configs" / f"{model}.yaml"),
+        f"data.root={data}",
+        f"run.dir={run_dir}",
+        f"train.seed={seed}",
+        "train.eval_splits=[valid,test]",
+        "run.resume=auto",
+        *extra,
+    ]
     print(f"== {model} seed {seed}: python -m bfly.train {' '.join(argv)}", flush=True)
     code = train_main(argv)
     if code != 0:
@@ -44,9 +59,14 @@ def row(model: str, seed: int, run_dir: Path) -> dict:
     last = records[-1]
     seconds = sum(r["epoch_s"] for r in records)
     return {
-        "model": model, "seed": seed, "test_top1": last["test_top1"], "test_top5": last["test_top5"],
-        "valid_top1": last["valid_top1"], "best_valid_top1": max(r["valid_top1"] for r in records),
-        "epochs": len(records), "train_s": seconds,
+        "model": model,
+        "seed": seed,
+        "test_top1": last["test_top1"],
+        "test_top5": last["test_top5"],
+        "valid_top1": last["valid_top1"],
+        "best_valid_top1": max(r["valid_top1"] for r in records),
+        "epochs": len(records),
+        "train_s": seconds,
         "img_per_s": sum(r["img_per_s"] * r["epoch_s"] for r in records) / max(seconds, 1e-9),
         "first_epoch_test_ge_904": next((r["epoch"] + 1 for r in records if r["test_top1"] >= 0.904), None),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
@@ -55,14 +75,17 @@ def row(model: str, seed: int, run_dir: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | test top-1 | test top-5 | valid top-1 | epochs | train s | img/s | first epoch ≥ 90.4% test "
-            "| device | torch | seed |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| model | test top-1 | test top-5 | valid top-1 | epochs | train s | img/s | first epoch ≥ 90.4% test "
+        "| device | torch | seed |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['test_top1']:.2%} | {r['test_top5']:.2%} | {r['valid_top1']:.2%} | {r['epochs']} "
             f"| {r['train_s']:.0f} | {r['img_per_s']:.0f} | {r['first_epoch_test_ge_904'] or '-'} | {r['device']} "
-            f"| {r['torch']} | {r['seed']} |")
+            f"| {r['torch']} | {r['seed']} |"
+        )
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 one, and the checks that keep a resume from changing the run silently (also run by the preflight).
 What a checkpoint holds is bfly.checkpoint's (the format); this module decides when and with what.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,12 +40,21 @@ class RunCheckpoints:
         if run.env.is_main:
             writes = [] if best_metrics is None else [self._best(state, best_metrics)]
             last = ckpt.last_payload(
-                self._identity(state), model=run.raw_model.state_dict(), optimizer=t.optimizer.state_dict(),
-                total_steps=t.schedule.total_steps, scaler=t.scaler.state_dict() if t.scaler else None,
-                ema=t.ema.state_dict() if t.ema else None, step_in_epoch=state.step_in_epoch,
-                best_top1=state.best_top1, epoch_sums=sums, rng=rngs, world_size=run.env.world_size)
-            writes.append(ckpt.Write(ckpt.to_host(last), run.run_dir / ckpt.LAST, keep_previous=True,
-                                     step=state.global_step))
+                self._identity(state),
+                model=run.raw_model.state_dict(),
+                optimizer=t.optimizer.state_dict(),
+                total_steps=t.schedule.total_steps,
+                scaler=t.scaler.state_dict() if t.scaler else None,
+                ema=t.ema.state_dict() if t.ema else None,
+                step_in_epoch=state.step_in_epoch,
+                best_top1=state.best_top1,
+                epoch_sums=sums,
+                rng=rngs,
+                world_size=run.env.world_size,
+            )
+            writes.append(
+                ckpt.Write(ckpt.to_host(last), run.run_dir / ckpt.LAST, keep_previous=True, step=state.global_step)
+            )
             self.writer.submit(writes)
             if not self.config_written:  # config.yaml changes with the first checkpoint of this job
                 self.config_written = write_config(run.run_dir, run.cfg)
@@ -63,8 +73,14 @@ class RunCheckpoints:
 
     def _identity(self, state: TrainState) -> dict[str, Any]:
         run = self.run
-        return ckpt.identity(to_dict(run.cfg), list(run.meta.class_names), len(run.meta.splits["train"].paths),
-                             state.epoch, state.global_step, self.wandb_run_id)
+        return ckpt.identity(
+            to_dict(run.cfg),
+            list(run.meta.class_names),
+            len(run.meta.splits["train"].paths),
+            state.epoch,
+            state.global_step,
+            self.wandb_run_id,
+        )
 
     def _best(self, state: TrainState, metrics: dict[str, Any]) -> ckpt.Write:
         best = ckpt.best_payload(self._identity(state), evaluated_model(self.run.trainer).state_dict(), metrics)
@@ -82,6 +98,7 @@ def write_config(run_dir: Path, cfg: Config) -> bool:
 
 # --- starting from a checkpoint ----------------------------------------------------------------------
 
+
 def load_start_state(run: Run, writer: ckpt.CheckpointWriter) -> tuple[TrainState, list[Change], str | None]:
     """The state to start from, the config changes allowed on this resume (checked: refusals raise) and
     the wandb run id the checkpoint carries."""
@@ -92,8 +109,10 @@ def load_start_state(run: Run, writer: ckpt.CheckpointWriter) -> tuple[TrainStat
     changes = check_resume(run.cfg, run.meta, run.run_dir, saved, source)
     state = restore(run, saved)
     writer.intact[ckpt.LAST] = state.global_step
-    run.log.info(f"resumed from {source}: "
-                 f"epoch {state.epoch + 1}, step {state.step_in_epoch} of the epoch, global step {state.global_step}")
+    run.log.info(
+        f"resumed from {source}: "
+        f"epoch {state.epoch + 1}, step {state.step_in_epoch} of the epoch, global step {state.global_step}"
+    )
     return state, changes, saved.get("wandb_run_id")
 
 
@@ -106,8 +125,9 @@ def restore(run: Run, saved: dict[str, Any]) -> TrainState:
         t.scaler.load_state_dict(saved["scaler"])
     if t.ema and saved["ema"]:
         t.ema.load_state_dict(saved["ema"])
-    state = TrainState(saved["epoch"], saved["step_in_epoch"], saved["global_step"], saved["best_top1"],
-                       new_sums(run.device))
+    state = TrainState(
+        saved["epoch"], saved["step_in_epoch"], saved["global_step"], saved["best_top1"], new_sums(run.device)
+    )
     if run.env.is_main:  # the epoch's totals so far, counted once
         state.sums = {k: v.to(run.device) for k, v in saved["epoch_sums"].items()}
     if saved["world_size"] == run.env.world_size:
@@ -116,14 +136,18 @@ def restore(run: Run, saved: dict[str, Any]) -> TrainState:
         before = StepPlan.make(run.plan.batch_size, saved["world_size"], ckpt.saved_micro_batch_size(saved))
         now = run.plan.micro_batch
         synced = run.device.type == "cuda" and run.cfg.model.sync_bn and run.env.distributed
-        bn = (f"BatchNorm batches stay {now} images per forward pass" if before.micro_batch == now else
-              f"changes: BatchNorm statistics come from {now} images per forward pass (were {before.micro_batch})"
-              + (", synchronised across processes (SyncBN)" if synced else ""))
+        bn = (
+            f"BatchNorm batches stay {now} images per forward pass"
+            if before.micro_batch == now
+            else f"changes: BatchNorm statistics come from {now} images per forward pass (were {before.micro_batch})"
+            + (", synchronised across processes (SyncBN)" if synced else "")
+        )
         run.log.info(
             f"resuming a {saved['world_size']}-process run on {run.env.world_size}: global batch "
             f"{run.plan.batch_size} kept with {run.plan.accum_steps} micro-step(s) per step; exact: which images "
             f"each step sees, their augmentation, the LR schedule; {bn}; dropout and mixup random streams are "
-            "re-seeded")
+            "re-seeded"
+        )
         seed_all(run.cfg.train.seed, run.env.rank, state.epoch, state.step_in_epoch)
     return state
 
@@ -133,13 +157,21 @@ def record_changes(run: Run, state: TrainState, changes: list[Change]) -> None:
     if not changes or not run.env.is_main:
         return
     run.log.info(f"config changed on resume at global step {state.global_step} (run.allow_changes): {show(changes)}")
-    append_history(run.run_dir, {"time": time.time(), "global_step": state.global_step, "epoch": state.epoch,
-                                 "changes": {k: {"old": a, "new": b} for k, a, b in changes}})
+    append_history(
+        run.run_dir,
+        {
+            "time": time.time(),
+            "global_step": state.global_step,
+            "epoch": state.epoch,
+            "changes": {k: {"old": a, "new": b} for k, a, b in changes},
+        },
+    )
     for sink in run.log.sinks:
         sink.log_config_change({k: {"old": a, "new": b} for k, a, b in changes}, state.global_step)
 
 
 # --- the checks ---------------------------------------------------------------------------------------
+
 
 def resume_changes(cfg: Config, meta: DatasetMeta, saved: dict[str, Any]) -> list[Change]:
     """Keys whose change alters the optimisation or the data, between the checkpoint and this run."""
@@ -149,8 +181,13 @@ def resume_changes(cfg: Config, meta: DatasetMeta, saved: dict[str, Any]) -> lis
     if "class_names" in saved and list(saved["class_names"]) != names:
         before = list(saved["class_names"])
         first = next((i for i, (a, b) in enumerate(zip(before, names)) if a != b), min(len(before), len(names)))
-        changes.append((f"data.class_names[{first}]", before[first] if first < len(before) else None,
-                        names[first] if first < len(names) else None))
+        changes.append(
+            (
+                f"data.class_names[{first}]",
+                before[first] if first < len(before) else None,
+                names[first] if first < len(names) else None,
+            )
+        )
     images = len(meta.splits["train"].paths)
     if "train_images" in saved and saved["train_images"] != images:
         changes.append(("data.train_images", saved["train_images"], images))
@@ -182,11 +219,11 @@ def check_edited_config(cfg: Config, run_dir: Path, saved: dict[str, Any]) -> No
         raise ConfigError(
             f"{path} was edited after its checkpoint ({show(edits)}) and this run was started with other "
             f"settings; bfly does not read that file: start with --config {path} to use the edit "
-            f"(with run.allow_changes=[{','.join(k for k, _, _ in edits)}]) or undo it")
+            f"(with run.allow_changes=[{','.join(k for k, _, _ in edits)}]) or undo it"
+        )
 
 
-def check_resume(cfg: Config, meta: DatasetMeta, run_dir: Path, saved: dict[str, Any],
-                 source: Path) -> list[Change]:
+def check_resume(cfg: Config, meta: DatasetMeta, run_dir: Path, saved: dict[str, Any], source: Path) -> list[Change]:
     """Refuses a checkpoint this run cannot resume (another model or class count, weights only) or a resume
     that would silently change the optimisation or the data; returns the allowed changes. Also used by
     the preflight (bfly.preflight)."""
@@ -199,5 +236,6 @@ def check_resume(cfg: Config, meta: DatasetMeta, run_dir: Path, saved: dict[str,
         keys = ",".join(dict.fromkeys(_key_of(c) for c in refused))
         raise ConfigError(
             f"resuming {source} with a different config: {show(refused)}; these change the optimisation or the "
-            f"data: undo them, start a new run.dir, or allow them with run.allow_changes=[{keys}]")
+            f"data: undo them, start a new run.dir, or allow them with run.allow_changes=[{keys}]"
+        )
     return changes

@@ -10,6 +10,7 @@ whose holder is gone is taken over without a human:
   * another machine (shared file system): the holder refreshes the file's mtime every HEARTBEAT_S;
     a lock not refreshed for STALE_S (node lost) is stale.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,9 @@ def _start_ticks(pid: int) -> int:
 
 def this_process(slurm_job: str | None) -> Holder:
     pid = os.getpid()
-    return Holder(socket.gethostname(), pid, time.strftime("%Y-%m-%d %H:%M:%S %Z"), _boot_id(),
-                  _start_ticks(pid), slurm_job)
+    return Holder(
+        socket.gethostname(), pid, time.strftime("%Y-%m-%d %H:%M:%S %Z"), _boot_id(), _start_ticks(pid), slurm_job
+    )
 
 
 def _alive_here(h: Holder) -> bool:

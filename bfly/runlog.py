@@ -2,6 +2,7 @@
 
 Other ranks are quiet. Extra sinks (wandb) receive the same step and epoch records.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,15 @@ class Sink(Protocol):
     def log_step(self, record: dict[str, Any], step: int) -> None: ...
     def log_epoch(self, record: dict[str, Any], step: int) -> None: ...
     def log_config_change(self, changes: dict[str, dict[str, Any]], step: int) -> None: ...
-    def finish(self, completed: bool, signal_name: str | None, last_eval: dict[str, Any] | None, meta: Any,
-               samples: int, probabilities: Callable[[list], Any]) -> None: ...
+    def finish(
+        self,
+        completed: bool,
+        signal_name: str | None,
+        last_eval: dict[str, Any] | None,
+        meta: Any,
+        samples: int,
+        probabilities: Callable[[list], Any],
+    ) -> None: ...
 
 
 class RunLog:
@@ -76,13 +84,15 @@ class RunLog:
     def warn(self, msg: str) -> None:
         self.info(f"warning: {msg}")
 
-    def progress(self, epoch: int, epochs: int, step: int, steps: int, eta_s: float,
-                 fields: dict[str, float | str]) -> None:
+    def progress(
+        self, epoch: int, epochs: int, step: int, steps: int, eta_s: float, fields: dict[str, float | str]
+    ) -> None:
         """One plain line; numbers get 4 significant digits, strings (already formatted) pass as they are."""
         if not self.is_main:
             return
         text = f"epoch {epoch + 1}/{epochs} step {step}/{steps} eta {_hms(eta_s)} " + " ".join(
-            f"{k} {v}" if isinstance(v, str) else f"{k} {v:.4g}" for k, v in fields.items())
+            f"{k} {v}" if isinstance(v, str) else f"{k} {v:.4g}" for k, v in fields.items()
+        )
         if self.tty:
             sys.stdout.write("\r" + text + "\033[K")
             sys.stdout.flush()
@@ -136,29 +146,49 @@ def open_wandb(log: RunLog, mode: str, start: Callable[[], Sink]) -> Sink | None
     return sink
 
 
-def step_record(loss: float, top1: float, rates: dict[str, float], world_size: int, epoch: int,
-                gpu_mem_gb: float | None) -> tuple[dict[str, Any], dict[str, float | str]]:
+def step_record(
+    loss: float, top1: float, rates: dict[str, float], world_size: int, epoch: int, gpu_mem_gb: float | None
+) -> tuple[dict[str, Any], dict[str, float | str]]:
     """(record for the sinks, fields of the progress line) at a log point. loss/top1: this epoch so far
     (rank 0's share); rates from bfly.engine; data_wait is the share of wall time this rank waited for its
     next batch (the input path's cost)."""
-    record = {"train/loss": loss, "train/top1": top1, "lr": rates["lr"], "img_per_s": rates["img_per_s"] * world_size,
-              "data_wait": rates["data_wait"], "epoch": epoch}
-    fields: dict[str, float | str] = {"loss": loss, "acc": f"{top1:.1%}", "img/s": record["img_per_s"],
-                                      "lr": rates["lr"], "data": f"{rates['data_wait']:.0%}"}
+    record = {
+        "train/loss": loss,
+        "train/top1": top1,
+        "lr": rates["lr"],
+        "img_per_s": rates["img_per_s"] * world_size,
+        "data_wait": rates["data_wait"],
+        "epoch": epoch,
+    }
+    fields: dict[str, float | str] = {
+        "loss": loss,
+        "acc": f"{top1:.1%}",
+        "img/s": record["img_per_s"],
+        "lr": rates["lr"],
+        "data": f"{rates['data_wait']:.0%}",
+    }
     if gpu_mem_gb is not None:
         record["gpu_mem_gb"] = gpu_mem_gb
         fields["mem"] = f"{gpu_mem_gb:.1f}G"
     return record, fields
 
 
-def epoch_record(epoch: int, step: int, sums: dict[str, Any], lr: float, epoch_s: float,
-                 images_before: int) -> dict[str, Any]:
+def epoch_record(
+    epoch: int, step: int, sums: dict[str, Any], lr: float, epoch_s: float, images_before: int
+) -> dict[str, Any]:
     """The metrics.jsonl record of a finished epoch's training (the evaluation adds its splits). `sums`: the
     epoch's totals over all ranks; images_before: images of the epoch counted before this job (a resume)."""
     count = max(int(sums["count"].item()), 1)
-    return {"epoch": epoch, "step": step, "train_loss": sums["loss"].item() / count,
-            "train_top1": sums["correct"].item() / count, "train_top5": sums["correct5"].item() / count,
-            "lr": lr, "epoch_s": epoch_s, "img_per_s": (count - images_before) / max(epoch_s, 1e-9)}
+    return {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": sums["loss"].item() / count,
+        "train_top1": sums["correct"].item() / count,
+        "train_top5": sums["correct5"].item() / count,
+        "lr": lr,
+        "epoch_s": epoch_s,
+        "img_per_s": (count - images_before) / max(epoch_s, 1e-9),
+    }
 
 
 def epoch_line(r: dict[str, Any], epochs: int) -> str:

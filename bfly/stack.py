@@ -2,6 +2,7 @@
 policy, optimizer, criterion and Trainer. bfly.train, bfly.evaluate, bfly.predict, bfly.report,
 bfly.bench and bfly.gpu_check all build through here, so a benchmark measures what training builds.
 """
+
 from __future__ import annotations
 
 import random
@@ -26,9 +27,24 @@ from bfly.optim import build_optimizer
 from bfly.runlog import RunLog
 from bfly.stopping import StopRequest
 
-__all__ = ["AmpPolicy", "Run", "amp_policy", "build_criterion", "build_run", "build_trainer", "check_ddp_plan",
-           "compile_sync_bn_warning", "configure_backends", "eval_batch_size", "init_model", "pick_device",
-           "place_model", "seed_all", "unwrap", "wrap_model"]
+__all__ = [
+    "AmpPolicy",
+    "Run",
+    "amp_policy",
+    "build_criterion",
+    "build_run",
+    "build_trainer",
+    "check_ddp_plan",
+    "compile_sync_bn_warning",
+    "configure_backends",
+    "eval_batch_size",
+    "init_model",
+    "pick_device",
+    "place_model",
+    "seed_all",
+    "unwrap",
+    "wrap_model",
+]
 
 
 def pick_device(local_rank: int | None = None) -> torch.device:
@@ -84,8 +100,9 @@ def init_model(cfg: Config, num_classes: int) -> nn.Module:
     return build_model(m.name, num_classes, **{key: getattr(m, key) for key in model_options(m.name)})
 
 
-def place_model(model: nn.Module, cfg: Config, device: torch.device, sync_bn: bool = False,
-                log: RunLog | None = None) -> nn.Module:
+def place_model(
+    model: nn.Module, cfg: Config, device: torch.device, sync_bn: bool = False, log: RunLog | None = None
+) -> nn.Module:
     """SyncBatchNorm (sync_bn: several processes and model.sync_bn), the device, channels-last.
     `log` receives the notes a training run prints about SyncBN."""
     if sync_bn:
@@ -94,8 +111,10 @@ def place_model(model: nn.Module, cfg: Config, device: torch.device, sync_bn: bo
             if log and (note := compile_sync_bn_warning(cfg.model.compile, sync_bn=True)):
                 log.warn(note)
         elif log:
-            log.info("CPU run: SyncBatchNorm is off (PyTorch supports it on GPU modules only); "
-                     "each rank normalizes with its own batch statistics")
+            log.info(
+                "CPU run: SyncBatchNorm is off (PyTorch supports it on GPU modules only); "
+                "each rank normalizes with its own batch statistics"
+            )
     model = model.to(device)
     if channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
@@ -106,10 +125,12 @@ def compile_sync_bn_warning(compile: bool, sync_bn: bool) -> str | None:
     """model.compile with SyncBatchNorm compiles, but into many small graphs: say what it costs."""
     if not (compile and sync_bn):
         return None
-    return ("model.compile=true with SyncBatchNorm: each SyncBN layer breaks the compiled graph "
-            "(pytorch#161302; ResNet50 becomes ~53 graphs), so compiling gains little. model.sync_bn=false "
-            "keeps per-GPU BatchNorm, which compiles into one graph; at 32 or more images per GPU its "
-            "effect on accuracy is small")
+    return (
+        "model.compile=true with SyncBatchNorm: each SyncBN layer breaks the compiled graph "
+        "(pytorch#161302; ResNet50 becomes ~53 graphs), so compiling gains little. model.sync_bn=false "
+        "keeps per-GPU BatchNorm, which compiles into one graph; at 32 or more images per GPU its "
+        "effect on accuracy is small"
+    )
 
 
 def check_ddp_plan(d: DistConfig, plan: StepPlan) -> None:
@@ -122,17 +143,21 @@ def check_ddp_plan(d: DistConfig, plan: StepPlan) -> None:
             f"dist.static_graph=true does not work with gradient accumulation: train.batch_size={plan.batch_size} "
             f"over {plan.world_size} processes is {plan.accum_steps} micro-steps of train.micro_batch_size="
             f"{plan.micro_batch} (DDP's static graph fails under no_sync, pytorch#143580); set "
-            f"dist.static_graph=false, or train.micro_batch_size={plan.batch_size // plan.world_size}")
+            f"dist.static_graph=false, or train.micro_batch_size={plan.batch_size // plan.world_size}"
+        )
 
 
-def wrap_model(model: nn.Module, cfg: Config, device: torch.device, ddp: bool,
-               compile_backend: str = "inductor") -> nn.Module:
+def wrap_model(
+    model: nn.Module, cfg: Config, device: torch.device, ddp: bool, compile_backend: str = "inductor"
+) -> nn.Module:
     """DDP (when `ddp`: the process group is up), then torch.compile (model.compile)."""
     if ddp:
         d = cfg.dist
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            bucket_cap_mb=d.bucket_cap_mb, gradient_as_bucket_view=d.gradient_as_bucket_view,
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=d.bucket_cap_mb,
+            gradient_as_bucket_view=d.gradient_as_bucket_view,
             static_graph=d.static_graph,
         )
         if d.comm_hook == "bf16":
@@ -154,8 +179,16 @@ def build_criterion(cfg: Config, num_classes: int) -> tuple[nn.Module, Callable 
     return nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), None
 
 
-def build_trainer(cfg: Config, raw: nn.Module, device: torch.device, num_classes: int, accum_steps: int,
-                  steps_per_epoch: int, ddp: bool, compile_backend: str = "inductor") -> Trainer:
+def build_trainer(
+    cfg: Config,
+    raw: nn.Module,
+    device: torch.device,
+    num_classes: int,
+    accum_steps: int,
+    steps_per_epoch: int,
+    ddp: bool,
+    compile_backend: str = "inductor",
+) -> Trainer:
     """The Trainer around `raw` (already placed, place_model): wrapped, with its optimizer, loss, AMP,
     LR schedule over train.epochs and the EMA."""
     amp = amp_policy(cfg.train.amp, device)
@@ -163,9 +196,16 @@ def build_trainer(cfg: Config, raw: nn.Module, device: torch.device, num_classes
     o = cfg.optim
     schedule = Schedule(steps_per_epoch * cfg.train.epochs, round(o.warmup_epochs * steps_per_epoch), o.lr, o.min_lr)
     return Trainer(
-        model=wrap_model(raw, cfg, device, ddp, compile_backend), optimizer=build_optimizer(raw, o),
-        scaler=amp.scaler(device), schedule=schedule, criterion=criterion, device=device, amp_dtype=amp.dtype,
-        accum_steps=accum_steps, clip_grad_norm=o.clip_grad_norm, mixup=mixup,
+        model=wrap_model(raw, cfg, device, ddp, compile_backend),
+        optimizer=build_optimizer(raw, o),
+        scaler=amp.scaler(device),
+        schedule=schedule,
+        criterion=criterion,
+        device=device,
+        amp_dtype=amp.dtype,
+        accum_steps=accum_steps,
+        clip_grad_norm=o.clip_grad_norm,
+        mixup=mixup,
         ema=ModelEma(raw, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None,
         channels_last=channels_last(cfg, device),
     )
@@ -202,8 +242,9 @@ class Run:
     stop: StopRequest
 
 
-def build_run(cfg: Config, env: DistEnv, meta: DatasetMeta, run_dir: Path, log: RunLog, device: torch.device,
-              stop: StopRequest) -> Run:
+def build_run(
+    cfg: Config, env: DistEnv, meta: DatasetMeta, run_dir: Path, log: RunLog, device: torch.device, stop: StopRequest
+) -> Run:
     configure_backends(cfg, device)
     plan = StepPlan.make(cfg.train.batch_size, env.world_size, cfg.train.micro_batch_size)
     check_ddp_plan(cfg.dist, plan)
@@ -211,12 +252,15 @@ def build_run(cfg: Config, env: DistEnv, meta: DatasetMeta, run_dir: Path, log: 
     train_input = build_train_input(cfg, meta, plan, env.rank, device)
     steps = train_input.steps_per_epoch
     if steps == 0:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the train split "
-                          f"({len(meta.splits['train'].paths)} images): no full batch per epoch")
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the train split "
+            f"({len(meta.splits['train'].paths)} images): no full batch per epoch"
+        )
     trainer = build_trainer(cfg, raw, device, meta.num_classes, plan.accum_steps, steps, ddp=env.distributed)
     eval_bs = eval_batch_size(cfg, env.world_size)
     if note := shm_warning(cfg, plan, eval_bs, env.local_world_size, shm_free()):  # rank 0's node stands for all
         log.warn(note)
-    eval_inputs = {s: build_eval_input(cfg, meta, s, env.rank, env.world_size, eval_bs, device)
-                   for s in cfg.train.eval_splits}
+    eval_inputs = {
+        s: build_eval_input(cfg, meta, s, env.rank, env.world_size, eval_bs, device) for s in cfg.train.eval_splits
+    }
     return Run(cfg, env, meta, run_dir, log, device, raw, trainer, plan, train_input, eval_inputs, stop)

@@ -16,6 +16,7 @@ follow, both handled here:
 
 A second signal while the checkpoint is being written changes nothing: the flag is already set.
 """
+
 from __future__ import annotations
 
 import contextlib

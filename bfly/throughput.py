@@ -4,6 +4,7 @@ Every timed case trains through bfly.stack (the trainer bfly.train builds: DDP, 
 optimizer, loss) and reports img/s, MFU (from a FLOP count of one step), peak memory and the fraction
 of wall time spent waiting for the next batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,15 @@ from bfly.models import build_model
 
 NUM_CLASSES = 100
 # Dense tensor-core peak per GPU in TFLOP/s: (bf16/fp16, tf32). First matching name wins.
-PEAK_TFLOPS = (("GH200", (989, 494)), ("H200", (989, 494)), ("H100 NVL", (835, 418)),
-               ("H100 PCIe", (756, 378)), ("H100", (989, 494)), ("A100", (312, 156)), ("L40S", (362, 183)))
+PEAK_TFLOPS = (
+    ("GH200", (989, 494)),
+    ("H200", (989, 494)),
+    ("H100 NVL", (835, 418)),
+    ("H100 PCIe", (756, 378)),
+    ("H100", (989, 494)),
+    ("A100", (312, 156)),
+    ("L40S", (362, 183)),
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class Row:
 
 # --- small helpers -----------------------------------------------------------------------------------
 
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -107,10 +116,19 @@ def free_memory(device: torch.device) -> None:
 
 def data_config(s: Settings, **data: Any) -> Config:
     """The training config these settings stand for (`data`: data.* keys), checked as an override is."""
-    return config_replace(Config(), {
-        "data.root": s.data, "data.image_size": s.image_size, "data.cache_dir": s.cache_dir,
-        "train.batch_size": s.batch_size, "train.amp": s.amp, "model.channels_last": s.channels_last,
-        "model.compile": s.compile, **{f"data.{k}": v for k, v in data.items()}})
+    return config_replace(
+        Config(),
+        {
+            "data.root": s.data,
+            "data.image_size": s.image_size,
+            "data.cache_dir": s.cache_dir,
+            "train.batch_size": s.batch_size,
+            "train.amp": s.amp,
+            "model.channels_last": s.channels_last,
+            "model.compile": s.compile,
+            **{f"data.{k}": v for k, v in data.items()},
+        },
+    )
 
 
 def train_split(s: Settings) -> Split:
@@ -125,6 +143,7 @@ def endless(batches_of_epoch: Callable[[int], Iterator]) -> Iterator:
 
 # --- the timed training loop -----------------------------------------------------------------------
 
+
 def init_single_process_group(device: torch.device) -> None:
     import torch.distributed as dist
 
@@ -133,8 +152,9 @@ def init_single_process_group(device: torch.device) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+    )
 
 
 def make_trainer(model: nn.Module, device: torch.device, s: Settings) -> Trainer:
@@ -143,8 +163,9 @@ def make_trainer(model: nn.Module, device: torch.device, s: Settings) -> Trainer
     if s.ddp:
         init_single_process_group(device)
     raw = stack.place_model(model, cfg, device)
-    return stack.build_trainer(cfg, raw, device, NUM_CLASSES, accum_steps=1, steps_per_epoch=1, ddp=s.ddp,
-                               compile_backend=s.compile_backend)
+    return stack.build_trainer(
+        cfg, raw, device, NUM_CLASSES, accum_steps=1, steps_per_epoch=1, ddp=s.ddp, compile_backend=s.compile_backend
+    )
 
 
 def step_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s: Settings) -> float:
@@ -212,6 +233,7 @@ def mfu(flops: float, timing: Timing, batch_size: int, peak: float | None) -> fl
 
 # --- model and end-to-end modes ----------------------------------------------------------------------
 
+
 def build_reference(name: str) -> nn.Module:
     import torchvision
 
@@ -222,8 +244,14 @@ def build_ours(name: str) -> nn.Module:
     return build_model(name, NUM_CLASSES)
 
 
-def bench_model(name: str, s: Settings, device: torch.device, reference: bool = True,
-                inputs: tuple[str, ...] = (), store: ResidentSplit | None = None) -> list[Row]:
+def bench_model(
+    name: str,
+    s: Settings,
+    device: torch.device,
+    reference: bool = True,
+    inputs: tuple[str, ...] = (),
+    store: ResidentSplit | None = None,
+) -> list[Row]:
     """Our model (and torchvision's) on synthetic input, then ours on the real data via `inputs`.
 
     Ours and the reference run alternating timed rounds (median kept), so drift hits both alike.
@@ -247,29 +275,56 @@ def bench_model(name: str, s: Settings, device: torch.device, reference: bool = 
     if reference:
         rows[0].ratio, rows[0].ratio_of = rows[0].img_s / rows[1].img_s, "torchvision"
     for kind in inputs:  # one input path failing (e.g. /dev/shm too small for PIL workers) keeps the others
-        rows += guarded("e2e", f"{name} (ours), real data via {kind}", s.tag(), lambda: [_real_data_row(
-            name, kind, trainers["ours"], flops["ours"], rows[0].img_s, s, device, store)])
+        rows += guarded(
+            "e2e",
+            f"{name} (ours), real data via {kind}",
+            s.tag(),
+            lambda: [_real_data_row(name, kind, trainers["ours"], flops["ours"], rows[0].img_s, s, device, store)],
+        )
     trainers.clear()
     free_memory(device)
     return rows
 
 
-def _real_data_row(name: str, kind: str, trainer: Trainer, flops: float, synthetic_img_s: float, s: Settings,
-                   device: torch.device, store: ResidentSplit | None) -> Row:
+def _real_data_row(
+    name: str,
+    kind: str,
+    trainer: Trainer,
+    flops: float,
+    synthetic_img_s: float,
+    s: Settings,
+    device: torch.device,
+    store: ResidentSplit | None,
+) -> Row:
     train_input = cached_train_input(s, device, store) if kind == "cached" else pil_train_input(s, device)
     timing = time_training(trainer, endless(train_input.batches), s.steps, s.warmup)
     del train_input  # PIL workers end here
     settings = s.tag() + (f" w{s.workers}" if kind == "pil" else "")
-    return Row("e2e", f"{name} (ours), real data via {kind}", settings, timing.img_s,
-               mfu(flops, timing, s.batch_size, peak_flops(device, s)), timing.peak_gb, timing.wait,
-               timing.img_s / synthetic_img_s, "synthetic")
+    return Row(
+        "e2e",
+        f"{name} (ours), real data via {kind}",
+        settings,
+        timing.img_s,
+        mfu(flops, timing, s.batch_size, peak_flops(device, s)),
+        timing.peak_gb,
+        timing.wait,
+        timing.img_s / synthetic_img_s,
+        "synthetic",
+    )
 
 
 def _median_row(label: str, timings: list[Timing], flops: float, s: Settings, device: torch.device) -> Row:
     median = sorted(timings, key=lambda t: t.img_s)[len(timings) // 2]
-    return Row("model", label, s.tag(), median.img_s, mfu(flops, median, s.batch_size, peak_flops(device, s)),
-               median.peak_gb, median.wait,
-               extra={"img_s_rounds": [t.img_s for t in timings], "step_gflops": flops / 1e9})
+    return Row(
+        "model",
+        label,
+        s.tag(),
+        median.img_s,
+        mfu(flops, median, s.batch_size, peak_flops(device, s)),
+        median.peak_gb,
+        median.wait,
+        extra={"img_s_rounds": [t.img_s for t in timings], "step_gflops": flops / 1e9},
+    )
 
 
 def cached_train_input(s: Settings, device: torch.device, store: ResidentSplit | None = None) -> CachedTrainInput:
@@ -286,10 +341,13 @@ def pil_train_input(s: Settings, device: torch.device) -> PilTrainInput:
 
 # --- input-only -------------------------------------------------------------------------------------
 
+
 def bench_input(s: Settings, device: torch.device, store: ResidentSplit | None = None) -> list[Row]:
     rows = []
-    for kind, make in (("pil", lambda: pil_train_input(s, device)),
-                       ("cached", lambda: cached_train_input(s, device, store))):
+    for kind, make in (
+        ("pil", lambda: pil_train_input(s, device)),
+        ("cached", lambda: cached_train_input(s, device, store)),
+    ):
         batches = endless(make().batches)
         for _ in range(s.warmup):
             next(batches)
@@ -304,6 +362,7 @@ def bench_input(s: Settings, device: torch.device, store: ResidentSplit | None =
 
 
 # --- host CPU time per image ------------------------------------------------------------------------
+
 
 def bench_host(s: Settings, device: torch.device, images: int = 256) -> list[Row]:
     """Process CPU time per image on one thread, as in a DataLoader worker: the host's work per image."""
@@ -323,15 +382,34 @@ def _host_rows(s: Settings, device: torch.device, images: int) -> list[Row]:
     plan_only, gather = _cpu_per_image_cached(train_input, n)
     rows = [
         Row("host", f"PIL decode + {Config().data.preset} augment", f"{s.image_size}px, 1 process", us_per_image=pil),
-        Row("host", "cached, split in GPU memory (epoch plan)", f"{s.image_size}px", us_per_image=plan_only,
-            ratio=pil / plan_only, ratio_of="PIL per image / this", note="+ ~20 kernel launches per batch"),
-        Row("host", "cached, split in host memory (plan + gather" + (" + pin)" if torch.cuda.is_available() else ")"),
-            f"{s.image_size}px", us_per_image=gather, ratio=pil / gather, ratio_of="PIL per image / this"),
+        Row(
+            "host",
+            "cached, split in GPU memory (epoch plan)",
+            f"{s.image_size}px",
+            us_per_image=plan_only,
+            ratio=pil / plan_only,
+            ratio_of="PIL per image / this",
+            note="+ ~20 kernel launches per batch",
+        ),
+        Row(
+            "host",
+            "cached, split in host memory (plan + gather" + (" + pin)" if torch.cuda.is_available() else ")"),
+            f"{s.image_size}px",
+            us_per_image=gather,
+            ratio=pil / gather,
+            ratio_of="PIL per image / this",
+        ),
     ]
     if device.type == "cpu":
-        rows.append(Row("host", "cached, augmented on this CPU (not the design)", f"{s.image_size}px",
-                        us_per_image=_cpu_per_image_augment(train_input, n),
-                        note="grid_sample augmentation is fast only on a GPU"))
+        rows.append(
+            Row(
+                "host",
+                "cached, augmented on this CPU (not the design)",
+                f"{s.image_size}px",
+                us_per_image=_cpu_per_image_augment(train_input, n),
+                note="grid_sample augmentation is fast only on a GPU",
+            )
+        )
     return rows
 
 
@@ -381,21 +459,26 @@ def _cpu_per_image_augment(train_input: CachedTrainInput, n: int) -> float:
 
 # --- output -----------------------------------------------------------------------------------------
 
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def format_table(rows: list[Row]) -> str:
-    header = f"{'mode':<6} {'case':<52} {'settings':<28} {'img/s':>8} {'MFU':>6} {'peak GB':>7} {'wait':>6} " \
-             f"{'us/img':>8} {'ratio':>7}  note"
+    header = (
+        f"{'mode':<6} {'case':<52} {'settings':<28} {'img/s':>8} {'MFU':>6} {'peak GB':>7} {'wait':>6} "
+        f"{'us/img':>8} {'ratio':>7}  note"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         ratio = _fmt(r.ratio, ".2f") + ("x" if r.ratio is not None else "")
         note = "; ".join(x for x in (f"vs {r.ratio_of}" if r.ratio_of else "", r.note) if x)
-        lines.append(f"{r.mode:<6} {r.case[:52]:<52} {r.settings[:28]:<28} {_fmt(r.img_s, '8.0f'):>8} "
-                     f"{_fmt(r.mfu and r.mfu * 100, '5.1f') + ('%' if r.mfu else ''):>6} {_fmt(r.peak_gb, '7.1f'):>7} "
-                     f"{_fmt(r.wait and r.wait * 100, '5.1f') + ('%' if r.wait is not None else ''):>6} "
-                     f"{_fmt(r.us_per_image, '8.1f'):>8} {ratio:>7}  {note}")
+        lines.append(
+            f"{r.mode:<6} {r.case[:52]:<52} {r.settings[:28]:<28} {_fmt(r.img_s, '8.0f'):>8} "
+            f"{_fmt(r.mfu and r.mfu * 100, '5.1f') + ('%' if r.mfu else ''):>6} {_fmt(r.peak_gb, '7.1f'):>7} "
+            f"{_fmt(r.wait and r.wait * 100, '5.1f') + ('%' if r.wait is not None else ''):>6} "
+            f"{_fmt(r.us_per_image, '8.1f'):>8} {ratio:>7}  {note}"
+        )
     return "\n".join(lines)
 
 
@@ -410,8 +493,12 @@ def environment() -> dict[str, Any]:
 
 def write_json(path: str | Path, rows: list[Row], settings: Settings) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"environment": environment(), "settings": asdict(settings),
-                                      "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    Path(path).write_text(
+        json.dumps(
+            {"environment": environment(), "settings": asdict(settings), "rows": [asdict(r) for r in rows]}, indent=2
+        )
+        + "\n"
+    )
 
 
 def guarded(mode: str, case: str, settings: str, fn: Callable[[], list[Row]]) -> list[Row]:
@@ -423,5 +510,3 @@ def guarded(mode: str, case: str, settings: str, fn: Callable[[], list[Row]]) ->
         message = str(e).strip().splitlines()
         free_memory(stack.pick_device())
         return [Row(mode, case, settings, note=f"FAILED: {type(e).__name__}: {message[0][:160] if message else ''}")]
-
-

@@ -14,6 +14,7 @@ Exit status: 0 finished (or a run.stop_after_* budget reached), 75 stopped by a 
 checkpoint written (run.stopped_exit_code; run again to resume), 2 a user error (config, data, run
 directory, checkpoint: one line names the culprit), 1 anything else (a crash, a failed collective).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,16 +44,25 @@ USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, RunDirBusy)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bfly.train", description=__doc__.split("\n")[0],
-        epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m bfly.train",
+        description=__doc__.split("\n")[0],
+        epilog=help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--check", action="store_true",
-                        help="preflight: validate config and data (decode every image), print the plan, "
-                             "exit 0 or 2; writes nothing (bfly/preflight.py)")
-    parser.add_argument("--nproc", type=int, metavar="N",
-                        help="with --check: the real run's world size (default: this launch's, or WORLD_SIZE)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="preflight: validate config and data (decode every image), print the plan, "
+        "exit 0 or 2; writes nothing (bfly/preflight.py)",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="with --check: the real run's world size (default: this launch's, or WORLD_SIZE)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = parser.parse_intermixed_args(argv)  # overrides before or after --config
     if args.nproc is not None and not args.check:
@@ -67,8 +77,14 @@ def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> Ste
     def on_log(st: TrainState, rates: dict[str, float]) -> None:
         count = st.sums["count"].clamp(min=1)
         mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
-        record, fields = step_record((st.sums["loss"] / count).item(), (st.sums["correct"] / count).item(), rates,
-                                     run.env.world_size, st.epoch, mem)
+        record, fields = step_record(
+            (st.sums["loss"] / count).item(),
+            (st.sums["correct"] / count).item(),
+            rates,
+            run.env.world_size,
+            st.epoch,
+            mem,
+        )
         run.log.step(record, st.global_step)
         eta = (total - st.global_step) * run.plan.batch_size / max(record["img_per_s"], 1e-9)
         run.log.progress(st.epoch, cfg.train.epochs, st.step_in_epoch, steps, eta, fields)
@@ -89,16 +105,21 @@ def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> Ste
     return StepHooks(cfg.train.log_every, on_log, should_stop, on_step)
 
 
-def finish_epoch(run: Run, checkpoints: RunCheckpoints, state: TrainState, epoch_s: float,
-                 images_before: int) -> tuple[bool, dict[str, Any]]:
+def finish_epoch(
+    run: Run, checkpoints: RunCheckpoints, state: TrainState, epoch_s: float, images_before: int
+) -> tuple[bool, dict[str, Any]]:
     """images_before: images of this epoch counted before this job (restored from a checkpoint).
     Returns whether last.pt was written (train.checkpoint_every_epochs) and split -> metrics."""
     sums = {k: distributed.all_reduce_sum(v.clone()) for k, v in state.sums.items()}
     t = run.trainer
     lr = t.optimizer.param_groups[0]["lr"]
     record = epoch_record(state.epoch, state.global_step, sums, lr, epoch_s, images_before)
-    metrics = {split: evaluate(evaluated_model(t), eval_input.batches(), run.meta.num_classes, run.device, t.amp_dtype,
-                               t.channels_last) for split, eval_input in run.eval_inputs.items()}
+    metrics = {
+        split: evaluate(
+            evaluated_model(t), eval_input.batches(), run.meta.num_classes, run.device, t.amp_dtype, t.channels_last
+        )
+        for split, eval_input in run.eval_inputs.items()
+    }
     for split, m in metrics.items():
         record.update({f"{split}_loss": m["loss"], f"{split}_top1": m["top1"], f"{split}_top5": m["top5"]})
     record["time"] = time.time()
@@ -126,11 +147,15 @@ def _stopped(run: Run, checkpoints: RunCheckpoints, state: TrainState, budget: J
     checkpoints.writer.wait()
     why = budget.stop_reason(run.stop.signal_name, state.global_step, state.epoch)
     last = run.run_dir / ckpt.LAST
-    where = (f"epoch {state.epoch + 1} step {state.step_in_epoch}" if state.step_in_epoch
-             else f"the end of epoch {state.epoch}")
+    where = (
+        f"epoch {state.epoch + 1} step {state.step_in_epoch}"
+        if state.step_in_epoch
+        else f"the end of epoch {state.epoch}"
+    )
     if run.env.is_main:
-        run.log.info(f"stopped by {why}: checkpoint at {where} written to {last}; run again "
-                     "(run.resume=auto) to continue")
+        run.log.info(
+            f"stopped by {why}: checkpoint at {where} written to {last}; run again (run.resume=auto) to continue"
+        )
     else:
         print(f"[rank {run.env.rank}] stopped by {why}: checkpoint at {where} written to {last} by rank 0", flush=True)
     return Outcome(why, last, tuple(run.stop.caught))
@@ -152,8 +177,9 @@ def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tupl
             checkpoints.save(state)
             return _stopped(run, checkpoints, state, budget), last_eval
         saved, last_eval = finish_epoch(run, checkpoints, state, device_clock(run.device) - t0, images_before)
-        if state.epoch < cfg.train.epochs and (budget.epochs_done(state.epoch)
-                                               or distributed.any_rank(run.stop.requested, run.device)):
+        if state.epoch < cfg.train.epochs and (
+            budget.epochs_done(state.epoch) or distributed.any_rank(run.stop.requested, run.device)
+        ):
             if not saved:
                 checkpoints.save(state)
             return _stopped(run, checkpoints, state, budget), last_eval
@@ -213,21 +239,30 @@ def _wandb_sink(run: Run, resume_id: str | None):
 def _train_and_report(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> Outcome:
     cfg, env = run.cfg, run.env
     if state.epoch >= cfg.train.epochs:
-        run.log.info(f"run in {run.run_dir} already finished {cfg.train.epochs} epochs (best valid top1 "
-                     f"{state.best_top1:.2%}); pick another run.dir, or raise train.epochs with "
-                     f"run.allow_changes=[train.epochs] to train more")
+        run.log.info(
+            f"run in {run.run_dir} already finished {cfg.train.epochs} epochs (best valid top1 "
+            f"{state.best_top1:.2%}); pick another run.dir, or raise train.epochs with "
+            f"run.allow_changes=[train.epochs] to train more"
+        )
         return Outcome()
     run.log.info(
         f"bfly: {cfg.model.name}, {run.meta.num_classes} classes, {len(run.meta.splits['train'].paths)} train "
         f"images ({run.meta.layout} layout), {env.world_size} process(es) on {run.device.type}, global batch "
         f"{run.plan.batch_size} = {env.world_size} x {run.plan.accum_steps} x {run.plan.micro_batch}, "
-        f"{run.train_input.steps_per_epoch} steps/epoch, run dir {run.run_dir}")
+        f"{run.train_input.steps_per_epoch} steps/epoch, run dir {run.run_dir}"
+    )
     outcome, last_eval = train_loop(run, checkpoints, state)
     if outcome.finished:
         run.log.info(f"done: best valid top1 {state.best_top1:.2%}; checkpoints in {run.run_dir}")
     for sink in run.log.sinks:
-        sink.finish(outcome.finished, run.stop.signal_name, last_eval, run.meta, cfg.wandb.samples,
-                    lambda images: _probabilities(run, images))
+        sink.finish(
+            outcome.finished,
+            run.stop.signal_name,
+            last_eval,
+            run.meta,
+            cfg.wandb.samples,
+            lambda images: _probabilities(run, images),
+        )
     return outcome
 
 
@@ -279,8 +314,12 @@ def run_job(argv: list[str] | None = None) -> Result:
         if not distributed.active():
             raise
         # A collective failed: almost always another rank died first and printed its own error.
-        print(f"bfly.train{_rank_tag(env)}: stopping, a collective failed ({one_line(e)[:200]}); "
-              "the failing rank's error is printed above", file=sys.stderr, flush=True)
+        print(
+            f"bfly.train{_rank_tag(env)}: stopping, a collective failed ({one_line(e)[:200]}); "
+            "the failing rank's error is printed above",
+            file=sys.stderr,
+            flush=True,
+        )
         return Result(1, None)
     finally:
         distributed.shutdown()

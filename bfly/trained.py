@@ -1,5 +1,6 @@
 """A trained model from a checkpoint: loaded, evaluated on a split, its class probabilities. The library
 under the commands bfly.evaluate, bfly.predict and bfly.report (and the wandb sample images)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ USER_ERRORS = (ckpt.CheckpointError, ConfigError, DataError)
 class ImageError(DataError):
     """An image of the split cannot be read: met by the one rank whose shard holds it."""
 
+
 BATCH = 32  # images per forward pass in class_probs
 
 
@@ -47,8 +49,9 @@ def load_trained(path: str | Path) -> tuple[dict[str, Any], Config, nn.Module]:
     return saved, cfg, model.eval()
 
 
-def check_weights_fit(model: nn.Module, weights: dict[str, torch.Tensor], path: str | Path, arch: str,
-                      num_classes: int) -> None:
+def check_weights_fit(
+    model: nn.Module, weights: dict[str, torch.Tensor], path: str | Path, arch: str, num_classes: int
+) -> None:
     """One clear line instead of load_state_dict's list of every missing key."""
     expected = model.state_dict()
     missing = sorted(expected.keys() - weights.keys())
@@ -56,18 +59,21 @@ def check_weights_fit(model: nn.Module, weights: dict[str, torch.Tensor], path: 
     misshaped = [k for k in expected if k in weights and expected[k].shape != weights[k].shape]
     if not (missing or unexpected or misshaped):
         return
-    example = (f"e.g. {misshaped[0]} is {list(weights[misshaped[0]].shape)} in the checkpoint, "
-               f"{list(expected[misshaped[0]].shape)} in the model" if misshaped
-               else f"e.g. {(missing or unexpected)[0]!r}")
+    example = (
+        f"e.g. {misshaped[0]} is {list(weights[misshaped[0]].shape)} in the checkpoint, "
+        f"{list(expected[misshaped[0]].shape)} in the model"
+        if misshaped
+        else f"e.g. {(missing or unexpected)[0]!r}"
+    )
     raise ckpt.CheckpointError(
         f"{path}: its weights do not fit a {arch} with {num_classes} classes ({len(missing)} missing, "
         f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors; {example}): "
-        "a checkpoint of another model or class count")
+        "a checkpoint of another model or class count"
+    )
 
 
 @torch.no_grad()
-def class_probs(model: nn.Module, images: Sequence[Image.Image], image_size: int,
-                device: torch.device) -> torch.Tensor:
+def class_probs(model: nn.Module, images: Sequence[Image.Image], image_size: int, device: torch.device) -> torch.Tensor:
     """Softmax over the classes, (N, C) on CPU, for RGB images of any size."""
     transform = build_eval_transform(image_size)
     model.eval()
@@ -78,9 +84,15 @@ def class_probs(model: nn.Module, images: Sequence[Image.Image], image_size: int
     return torch.cat(out)
 
 
-def evaluate_checkpoint(path: str | Path, split: str, env: DistEnv, device: torch.device,
-                        data_root: str | None = None, batch_size: int = 0,
-                        workers: int | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: str | Path,
+    split: str,
+    env: DistEnv,
+    device: torch.device,
+    data_root: str | None = None,
+    batch_size: int = 0,
+    workers: int | None = None,
+) -> dict[str, Any]:
     """Collective under torchrun (the process group must be up). Returns the result on every rank."""
     saved, cfg, model = load_trained(path)
     changes = {"data.root": data_root} if data_root else {}
@@ -94,21 +106,41 @@ def evaluate_checkpoint(path: str | Path, split: str, env: DistEnv, device: torc
     bs = batch_size or stack.eval_batch_size(cfg, env.world_size)
     eval_input = build_eval_input(cfg, meta, split, env.rank, env.world_size, bs, device)
     try:
-        m = evaluate(model, eval_input.batches(), meta.num_classes, device,
-                     stack.amp_policy(cfg.train.amp, device).dtype, stack.channels_last(cfg, device))
+        m = evaluate(
+            model,
+            eval_input.batches(),
+            meta.num_classes,
+            device,
+            stack.amp_policy(cfg.train.amp, device).dtype,
+            stack.channels_last(cfg, device),
+        )
     except DataError as e:
         raise ImageError(one_line(e)) from None
     confusion = m["confusion"]
     per_class = [
-        {"class_id": i, "species": name, "accuracy": m["per_class"][i],
-         "correct": int(confusion[i, i]), "count": int(confusion[i].sum())}
+        {
+            "class_id": i,
+            "species": name,
+            "accuracy": m["per_class"][i],
+            "correct": int(confusion[i, i]),
+            "count": int(confusion[i].sum()),
+        }
         for i, name in enumerate(meta.class_names)
     ]
     return {
-        "checkpoint": str(Path(path).resolve()), "arch": saved["arch"], "epoch": saved.get("epoch"),
-        "split": split, "data_root": str(meta.root), "layout": meta.layout, "count": m["count"],
-        "top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "per_class": per_class,
-        "class_names": list(meta.class_names), "confusion": confusion.tolist(),
+        "checkpoint": str(Path(path).resolve()),
+        "arch": saved["arch"],
+        "epoch": saved.get("epoch"),
+        "split": split,
+        "data_root": str(meta.root),
+        "layout": meta.layout,
+        "count": m["count"],
+        "top1": m["top1"],
+        "top5": m["top5"],
+        "loss": m["loss"],
+        "per_class": per_class,
+        "class_names": list(meta.class_names),
+        "confusion": confusion.tolist(),
     }
 
 

@@ -17,6 +17,7 @@ requeued job continues the same run; wandb_resume.json in the run directory reme
 step and epoch logged, so a job that resumes from an older checkpoint (after a crash) never logs a
 step twice or backwards, online or offline (offline runs are uploaded later with `wandb sync`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,9 +54,14 @@ def resolve_mode(config_mode: str) -> str:
 
 
 def job_info(world_size: int, meta: DatasetMeta, device_type: str, run_dir: Path) -> dict[str, Any]:
-    return {"world_size": world_size, "num_classes": meta.num_classes,
-            "train_images": len(meta.splits["train"].paths), "layout": meta.layout,
-            "device": device_type, "run_dir": str(run_dir.resolve())}
+    return {
+        "world_size": world_size,
+        "num_classes": meta.num_classes,
+        "train_images": len(meta.splits["train"].paths),
+        "layout": meta.layout,
+        "device": device_type,
+        "run_dir": str(run_dir.resolve()),
+    }
 
 
 Probabilities = Callable[[list], torch.Tensor]  # RGB images -> (N, classes) softmax of the final model
@@ -74,8 +80,9 @@ class WandbSink:
         return self.wb.id
 
     @classmethod
-    def open(cls, cfg: Config, run_dir: Path, job: dict[str, Any], resume_id: str | None,
-             warn: Callable[[str], None]) -> "WandbSink":
+    def open(
+        cls, cfg: Config, run_dir: Path, job: dict[str, Any], resume_id: str | None, warn: Callable[[str], None]
+    ) -> "WandbSink":
         """resume_id: the wandb run id a resumed checkpoint carries (None: a new wandb run)."""
         wb = _init(cfg, run_dir, job, resume_id, warn)
         wb.define_metric("epoch")
@@ -106,9 +113,16 @@ class WandbSink:
         new = {k: c["new"] for k, c in changes.items() if "[" not in k}
         if new:
             self._call("updating the config", self.wb.config.update, new, allow_val_change=True)
-        self._call("updating the summary", self.wb.summary.update,
-                   {"config_changes": {"global_step": step, **{k: f"{c['old']!r} -> {c['new']!r}"
-                                                               for k, c in changes.items()}}})
+        self._call(
+            "updating the summary",
+            self.wb.summary.update,
+            {
+                "config_changes": {
+                    "global_step": step,
+                    **{k: f"{c['old']!r} -> {c['new']!r}" for k, c in changes.items()},
+                }
+            },
+        )
 
     def _log(self, data: dict[str, Any], step: int) -> None:
         if self._call("logging", self.wb.log, data, step=step):
@@ -125,15 +139,23 @@ class WandbSink:
             return True
         except (OSError, wandb.Error) as e:
             self.broken = True
-            self.warn(f"wandb failed while {what} ({type(e).__name__}: {e}); training goes on, "
-                      "logging to metrics.jsonl only")
+            self.warn(
+                f"wandb failed while {what} ({type(e).__name__}: {e}); training goes on, logging to metrics.jsonl only"
+            )
             # Drop wandb's process-wide state, or its exit hook fails once more at exit, with a traceback.
             with contextlib.suppress(OSError, wandb.Error):
                 wandb.teardown(exit_code=1)
             return False
 
-    def finish(self, completed: bool, signal_name: str | None, last_eval: dict[str, Any] | None,
-               meta: DatasetMeta, samples: int, probabilities: Probabilities) -> None:
+    def finish(
+        self,
+        completed: bool,
+        signal_name: str | None,
+        last_eval: dict[str, Any] | None,
+        meta: DatasetMeta,
+        samples: int,
+        probabilities: Probabilities,
+    ) -> None:
         """completed: the schedule is done (else stopped, by `signal_name` or a budget). last_eval: split ->
         metrics of the latest evaluation; `samples` images of valid are captioned by `probabilities`."""
         self._call("updating the summary", self.wb.summary.update, best_summary(self.run_dir / ckpt.BEST))
@@ -161,9 +183,15 @@ def _init(cfg: Config, run_dir: Path, job: dict[str, Any], resume_id: str | None
     c = cfg.wandb
     mode = resolve_mode(c.mode)
     kwargs = dict(
-        dir=run_dir, entity=c.entity or None, project=c.project or None, group=c.group or None,
-        name=c.name or run_dir.resolve().name, tags=c.tags or None, notes=c.notes or None,
-        id=resume_id, resume="allow" if resume_id else None,
+        dir=run_dir,
+        entity=c.entity or None,
+        project=c.project or None,
+        group=c.group or None,
+        name=c.name or run_dir.resolve().name,
+        tags=c.tags or None,
+        notes=c.notes or None,
+        id=resume_id,
+        resume="allow" if resume_id else None,
         config={**to_dict(cfg), "job": job},
     )
     try:
@@ -173,18 +201,21 @@ def _init(cfg: Config, run_dir: Path, job: dict[str, Any], resume_id: str | None
             raise
         reason = str(e).strip().splitlines()[0]
         if (wandb_mode_override() or c.mode) != "auto":
-            raise ConfigError(f"wandb cannot log online ({reason}); set wandb.mode=offline or auto (or "
-                              "WANDB_MODE=offline) and upload the run later with `wandb sync`") from None
+            raise ConfigError(
+                f"wandb cannot log online ({reason}); set wandb.mode=offline or auto (or "
+                "WANDB_MODE=offline) and upload the run later with `wandb sync`"
+            ) from None
         # A key is configured but this node has no way out (common on clusters): keep the run offline.
-        warn(f"wandb cannot log online ({reason}): logging offline to {run_dir / 'wandb'}; "
-                     "upload later with `wandb sync`")
+        warn(
+            f"wandb cannot log online ({reason}): logging offline to {run_dir / 'wandb'}; "
+            "upload later with `wandb sync`"
+        )
     return wandb.init(mode="offline", **kwargs)
 
 
 def per_class_table(m: dict[str, Any], names: list[str]) -> wandb.Table:
     confusion = m["confusion"]
-    rows = [[i, name, m["per_class"][i], int(confusion[i, i]), int(confusion[i].sum())]
-            for i, name in enumerate(names)]
+    rows = [[i, name, m["per_class"][i], int(confusion[i, i]), int(confusion[i].sum())] for i, name in enumerate(names)]
     return wandb.Table(columns=["class_id", "species", "accuracy", "correct", "images"], data=rows)
 
 
@@ -194,8 +225,7 @@ def confusion_chart(confusion: torch.Tensor, names: list[str], split: str) -> An
     counts = confusion.flatten()
     true = torch.arange(n).repeat_interleave(n).repeat_interleave(counts).tolist()
     pred = torch.arange(n).repeat(n).repeat_interleave(counts).tolist()
-    return wandb.plot.confusion_matrix(y_true=true, preds=pred, class_names=names,
-                                       title=f"Confusion matrix ({split})")
+    return wandb.plot.confusion_matrix(y_true=true, preds=pred, class_names=names, title=f"Confusion matrix ({split})")
 
 
 def sample_images(s: Split, names: list[str], n: int, probabilities: Probabilities) -> list[wandb.Image]:

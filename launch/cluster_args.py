@@ -4,6 +4,7 @@ Every flag here is about where and how the job runs. What it trains is `--config
 `section.key=value` overrides, exactly as `python -m bfly.train` takes them; they are checked
 here, before anything is queued.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,48 +49,80 @@ class TrainSpec:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m launch.submit", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m launch.submit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Submit bfly training to SLURM with submitit: one task per GPU, checkpoint and "
-                    "requeue on time limit or preemption.", epilog=EXAMPLES)
+        "requeue on time limit or preemption.",
+        epilog=EXAMPLES,
+    )
     where = p.add_argument_group("where it runs")
-    where.add_argument("--cluster", choices=CLUSTERS, default="slurm",
-                       help="slurm; local: the same tasks as processes on this machine; debug: in this process")
+    where.add_argument(
+        "--cluster",
+        choices=CLUSTERS,
+        default="slurm",
+        help="slurm; local: the same tasks as processes on this machine; debug: in this process",
+    )
     where.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
     where.add_argument("--account", help="SLURM account")
     where.add_argument("--qos", help="SLURM quality of service")
     where.add_argument("--constraint", help="SLURM node features, e.g. 'h100|a100'")
     size = p.add_argument_group("resources")
     size.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
-    size.add_argument("--gpus-per-node", type=int, default=1,
-                      help="GPUs per node, one task (trainer) each; 0 for a CPU job (default: 1)")
-    size.add_argument("--tasks-per-node", type=int,
-                      help="trainers per node (default: --gpus-per-node; CPU jobs must set it)")
+    size.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=1,
+        help="GPUs per node, one task (trainer) each; 0 for a CPU job (default: 1)",
+    )
+    size.add_argument(
+        "--tasks-per-node", type=int, help="trainers per node (default: --gpus-per-node; CPU jobs must set it)"
+    )
     size.add_argument("--cpus-per-task", type=int, help="CPUs per trainer: data workers + 1 or more")
     size.add_argument("--mem-gb", type=float, help="memory per node in GB (default: the cluster's default)")
-    size.add_argument("--time", default="24:00:00",
-                      help="time limit of one job, minutes or [D-]HH:MM[:SS] (default: 24:00:00); "
-                           "the run continues in requeued jobs")
-    size.add_argument("--signal-delay-s", type=int, default=300,
-                      help="seconds before the time limit at which the job checkpoints and requeues (default: 300)")
-    size.add_argument("--max-requeues", type=int, default=50,
-                      help="time-limit requeues allowed per run (submitit's max_num_timeout; "
-                           "preemptions do not count) (default: 50)")
+    size.add_argument(
+        "--time",
+        default="24:00:00",
+        help="time limit of one job, minutes or [D-]HH:MM[:SS] (default: 24:00:00); the run continues in requeued jobs",
+    )
+    size.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=300,
+        help="seconds before the time limit at which the job checkpoints and requeues (default: 300)",
+    )
+    size.add_argument(
+        "--max-requeues",
+        type=int,
+        default=50,
+        help="time-limit requeues allowed per run (submitit's max_num_timeout; preemptions do not count) (default: 50)",
+    )
     size.add_argument("--job-name", help="SLURM job name (default: bfly-<run directory name>)")
     sweep = p.add_argument_group("several runs")
     sweep.add_argument("--array", action="store_true", help="submit several configs as one SLURM job array")
     sweep.add_argument("--group", help="wandb group of the runs (default for several configs: sweep-<time>)")
     out = p.add_argument_group("output")
     out.add_argument("--dry-run", action="store_true", help="print the sbatch file and run directories; submit nothing")
-    out.add_argument("--check", action="store_true",
-                     help="first run bfly's preflight for each run here (python -m bfly.train --check: config, every "
-                          "image decoded, the plan); submit nothing if it finds a problem")
-    out.add_argument("--wait", action="store_true",
-                     help="wait for the jobs and print their results (always on for --cluster local/debug)")
+    out.add_argument(
+        "--check",
+        action="store_true",
+        help="first run bfly's preflight for each run here (python -m bfly.train --check: config, every "
+        "image decoded, the plan); submit nothing if it finds a problem",
+    )
+    out.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the jobs and print their results (always on for --cluster local/debug)",
+    )
     train = p.add_argument_group("training (passed to bfly.train)")
-    train.add_argument("--config", action="append", default=[],
-                       help="training config YAML; repeat it to submit several runs")
-    train.add_argument("overrides", nargs="*", metavar="section.key=value",
-                       help="config overrides, applied to every config (python -m bfly.train --help lists the keys)")
+    train.add_argument(
+        "--config", action="append", default=[], help="training config YAML; repeat it to submit several runs"
+    )
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="config overrides, applied to every config (python -m bfly.train --help lists the keys)",
+    )
     return p
 
 
@@ -111,14 +144,18 @@ def check(args: argparse.Namespace) -> None:
     if args.gpus_per_node < 0 or args.max_requeues < 0:
         raise UsageError("--gpus-per-node and --max-requeues must be >= 0")
     if args.gpus_per_node and args.tasks_per_node != args.gpus_per_node:
-        raise UsageError(f"one task per GPU: --tasks-per-node {args.tasks_per_node} must equal "
-                         f"--gpus-per-node {args.gpus_per_node} (or be left out)")
+        raise UsageError(
+            f"one task per GPU: --tasks-per-node {args.tasks_per_node} must equal "
+            f"--gpus-per-node {args.gpus_per_node} (or be left out)"
+        )
     if args.signal_delay_s >= args.timeout_min * 60:
         raise UsageError(f"--signal-delay-s {args.signal_delay_s} must be shorter than --time {args.time}")
     if args.cluster != "slurm" and args.nodes != 1:
         raise UsageError(f"--cluster {args.cluster} runs on this machine: --nodes must be 1")
     if args.cluster == "debug" and args.tasks_per_node != 1:
-        raise UsageError("--cluster debug runs one trainer in this process: use --tasks-per-node 1 (or --cluster local)")
+        raise UsageError(
+            "--cluster debug runs one trainer in this process: use --tasks-per-node 1 (or --cluster local)"
+        )
     if args.array and args.cluster != "slurm":
         raise UsageError("--array needs --cluster slurm")
 
@@ -162,7 +199,9 @@ def train_specs(args: argparse.Namespace, cwd: Path) -> list[TrainSpec]:
     seen: dict[Path, str] = {}
     for spec, config in zip(specs, configs):
         if spec.run_dir in seen:
-            raise UsageError(f"{seen[spec.run_dir]} and {config} would both train into {spec.run_dir}: "
-                             "give each config its own run.dir")
+            raise UsageError(
+                f"{seen[spec.run_dir]} and {config} would both train into {spec.run_dir}: "
+                "give each config its own run.dir"
+            )
         seen[spec.run_dir] = config
     return specs

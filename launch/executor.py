@@ -1,4 +1,5 @@
 """submitit executor set-up from the cluster flags, and the sbatch text a submission would use."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,10 @@ import submitit
 def generic_parameters(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """submitit's cluster-independent parameters (AutoExecutor translates them)."""
     params: dict[str, Any] = {
-        "name": name, "timeout_min": args.timeout_min, "nodes": args.nodes, "tasks_per_node": args.tasks_per_node,
+        "name": name,
+        "timeout_min": args.timeout_min,
+        "nodes": args.nodes,
+        "tasks_per_node": args.tasks_per_node,
     }
     if args.gpus_per_node > 0:  # a CPU job must not ask for GPUs: clusters without GRES reject it
         params["gpus_per_node"] = args.gpus_per_node

@@ -11,6 +11,7 @@ after the trainer, submitit's own handler does that directly. Either way the req
 the same command with run.resume=auto and continues from the run directory's last.pt; so does
 a job that SLURM requeues by itself (preemption, `scontrol requeue`) without asking us.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             torch.set_num_threads(self.threads)
         result = run_job(self.train_args)
         if result.outcome is None and result.exit_code != 0:
-            raise TrainingFailed(f"bfly.train exited with status {result.exit_code} (rank {dist.rank}); "
-                                 "its error is in this task's log")
+            raise TrainingFailed(
+                f"bfly.train exited with status {result.exit_code} (rank {dist.rank}); its error is in this task's log"
+            )
         if result.outcome is not None and result.outcome.by_signal:
             leave_after_signal(result.outcome.signals, dist.rank)
         return summary(Path(self.run_dir)) if dist.rank == 0 else None
@@ -74,8 +76,11 @@ def leave_after_signal(caught: tuple[str, ...], rank: int) -> None:
         signal.raise_signal(requeue_signal)
         print(f"bfly launch: rank {rank} stopped for a requeue", flush=True)
     else:
-        print(f"bfly launch: rank {rank} stopped by {', '.join(caught) or 'a signal to another rank'}: not requeueing here (SLURM requeues "
-              "a preempted job itself; the run resumes from its last checkpoint)", flush=True)
+        print(
+            f"bfly launch: rank {rank} stopped by {', '.join(caught) or 'a signal to another rank'}: not requeueing here (SLURM requeues "
+            "a preempted job itself; the run resumes from its last checkpoint)",
+            flush=True,
+        )
     sys.exit(0)
 
 
@@ -105,6 +110,8 @@ def node_address(node: str) -> str:
     try:
         socket.getaddrinfo(node, None)
     except OSError as e:
-        raise RuntimeError(f"cannot find the address of the first node {node!r}: 'scontrol show node' gave "
-                           f"{(out.stderr or out.stdout).strip()[:200]!r} and the name does not resolve ({e})") from None
+        raise RuntimeError(
+            f"cannot find the address of the first node {node!r}: 'scontrol show node' gave "
+            f"{(out.stderr or out.stdout).strip()[:200]!r} and the name does not resolve ({e})"
+        ) from None
     return node

@@ -9,6 +9,7 @@ reaches its time limit or is preempted checkpoints and is requeued, and the run 
 its run directory. submitit's files (sbatch script, pickles, one log per task) are kept in
 <run dir>/submitit; a job array's in <common parent of the run dirs>/submitit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,9 @@ def dry_run(args: argparse.Namespace, groups: list[tuple[Path, str, list[TrainSp
             print(f"# --cluster {args.cluster}: {args.tasks_per_node} trainer process(es) on this machine, no sbatch\n")
 
 
-def submit(args: argparse.Namespace, groups: list[tuple[Path, str, list[TrainSpec]]]) -> list[tuple[submitit.Job, TrainSpec]]:
+def submit(
+    args: argparse.Namespace, groups: list[tuple[Path, str, list[TrainSpec]]]
+) -> list[tuple[submitit.Job, TrainSpec]]:
     submitted = []
     for folder, name, specs in groups:
         executor = make_executor(args, folder, name)
@@ -88,8 +91,10 @@ def wait(submitted: list[tuple[submitit.Job, TrainSpec]]) -> int:
             continue
         last = (result or {}).get("last_epoch") or {}
         top1 = f", valid top1 {last['valid_top1']:.2%}" if "valid_top1" in last else ""
-        print(f"job {job.job_id} ({spec.name}) done: {(result or {}).get('epochs_done', 0)} epoch(s){top1}; "
-              f"run directory {spec.run_dir}")
+        print(
+            f"job {job.job_id} ({spec.name}) done: {(result or {}).get('epochs_done', 0)} epoch(s){top1}; "
+            f"run directory {spec.run_dir}"
+        )
     return 1 if failed else 0
 
 

@@ -48,8 +48,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_subset(src: Path, dst: Path, per_class: dict[str, int], drop_class: int | None = None,
-                 layout: str = "course") -> Path:
+def write_subset(
+    src: Path, dst: Path, per_class: dict[str, int], drop_class: int | None = None, layout: str = "course"
+) -> Path:
     """A copy of the mini data with `per_class[split]` images per class (images linked), in the course
     layout (one CSV per split) or the Kaggle one (one CSV); `drop_class`: a class id left out."""
     import pandas as pd
@@ -62,8 +63,11 @@ def write_subset(src: Path, dst: Path, per_class: dict[str, int], drop_class: in
         df = df[df["label_id"] != drop_class]
         if layout == "course":
             df.to_csv(dst / f"{split}.csv", index=False)
-        kaggle.append(pd.DataFrame({"class id": df["label_id"], "filepaths": df["filepaths"],
-                                    "labels": df["labels"], "data set": split}))
+        kaggle.append(
+            pd.DataFrame(
+                {"class id": df["label_id"], "filepaths": df["filepaths"], "labels": df["labels"], "data set": split}
+            )
+        )
         if not (dst / split).exists():
             (dst / split).symlink_to(src / split, target_is_directory=True)
     if layout == "kaggle":
@@ -71,8 +75,7 @@ def write_subset(src: Path, dst: Path, per_class: dict[str, int], drop_class: in
     return dst
 
 
-def tiny_dataset(root: Path, per_class: dict[str, int], drop_class: int | None = None,
-                 layout: str = "course") -> Path:
+def tiny_dataset(root: Path, per_class: dict[str, int], drop_class: int | None = None, layout: str = "course") -> Path:
     """write_subset of butterfly-mini into a new folder `root`."""
     root.mkdir(parents=True)
     return write_subset(MINI_ROOT, root, per_class, drop_class, layout)
@@ -86,9 +89,17 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
     base = {
-        "data.root": str(data), "data.image_size": 32, "data.workers": 0, "model.name": "resnet50",
-        "train.epochs": 2, "train.batch_size": 12, "train.log_every": 1, "optim.lr": 0.05,
-        "optim.warmup_epochs": 1, "wandb.mode": "disabled", "run.dir": str(run_dir),
+        "data.root": str(data),
+        "data.image_size": 32,
+        "data.workers": 0,
+        "model.name": "resnet50",
+        "train.epochs": 2,
+        "train.batch_size": 12,
+        "train.log_every": 1,
+        "optim.lr": 0.05,
+        "optim.warmup_epochs": 1,
+        "wandb.mode": "disabled",
+        "run.dir": str(run_dir),
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -126,13 +137,23 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def torchrun(nproc: int, module: str, args: list[str], timeout: float = 300, **popen) -> subprocess.CompletedProcess:
-    cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", module, *args]
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        module,
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
 # --- end of training fixtures ---
 
 # --- folder layout (no CSV) fixtures ---
@@ -148,4 +169,6 @@ def folder_copy(dst: Path, per_class: dict[str, int] | None = None) -> Path:
             for image in images[: (per_class or {}).get(split, len(images))]:
                 (dst / split / class_dir.name / image.name).symlink_to(image)
     return dst
+
+
 # --- end of folder layout fixtures ---

@@ -8,6 +8,7 @@ they are converted, never refused.
 Default tier: the whole table in-process (one process), and two rows under torchrun. Slow tier
 (`-m slow`): every row under `torchrun --nproc_per_node=2`.
 """
+
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +53,20 @@ class Workspace:
     def checkpoint(self, name: str, arch: str = "resnet50", num_classes: int = 10, **entries) -> Path:
         """A checkpoint as bfly writes it, of our own model with the given architecture and classes."""
         model = build_model(arch, num_classes)
-        payload = {"arch": arch, "num_classes": num_classes, "model": model.state_dict(),
-                   "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
-                   "epoch": 0, "step_in_epoch": 1, "global_step": 1, "best_top1": -1.0, "epoch_sums": {},
-                   "rng": [], "world_size": 1, **entries}
+        payload = {
+            "arch": arch,
+            "num_classes": num_classes,
+            "model": model.state_dict(),
+            "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
+            "epoch": 0,
+            "step_in_epoch": 1,
+            "global_step": 1,
+            "best_top1": -1.0,
+            "epoch_sums": {},
+            "rng": [],
+            "world_size": 1,
+            **entries,
+        }
         path = self.tmp / name
         torch.save(payload, path)
         return path
@@ -86,7 +97,7 @@ def text_named_jpg(ws):
 def csv_missing_column(ws):
     header, rows = read_rows(ws.csv())
     i = header.index("label_id")
-    write_rows(ws.csv(), header[:i] + header[i + 1:], [r[:i] + r[i + 1:] for r in rows])
+    write_rows(ws.csv(), header[:i] + header[i + 1 :], [r[:i] + r[i + 1 :] for r in rows])
     return ws.args(), str(ws.csv()), r"row 1 \(header\): missing required column\(s\) 'label_id'"
 
 
@@ -141,8 +152,11 @@ def nonexistent_checkpoint(ws):
 
 def checkpoint_of_another_architecture(ws):
     path = ws.checkpoint("resnet50.pt")
-    return (ws.args(**{"run.resume": path, "model.name": "vgg19"}), str(path),
-            "checkpoint is a resnet50 model, this run builds vgg19")
+    return (
+        ws.args(**{"run.resume": path, "model.name": "vgg19"}),
+        str(path),
+        "checkpoint is a resnet50 model, this run builds vgg19",
+    )
 
 
 def checkpoint_of_another_class_count(ws):
@@ -167,8 +181,17 @@ def checkpoint_with_a_pickled_object(ws):
 
 def best_checkpoint_as_resume(ws):
     path = ws.tmp / "best.pt"
-    torch.save({"arch": "resnet50", "num_classes": 10, "model": build_model("resnet50", 10).state_dict(),
-                "epoch": 1, "global_step": 5, "metrics": {}}, path)
+    torch.save(
+        {
+            "arch": "resnet50",
+            "num_classes": 10,
+            "model": build_model("resnet50", 10).state_dict(),
+            "epoch": 1,
+            "global_step": 5,
+            "metrics": {},
+        },
+        path,
+    )
     return ws.args(**{"run.resume": path}), str(path), "holds weights only .* resume from a last.pt$"
 
 
@@ -185,13 +208,29 @@ class Bad:
     setup: Setup
 
 
-BAD = [Bad(f.__name__.replace("_", " "), f) for f in (
-    missing_image, truncated_jpeg, text_named_jpg,
-    csv_missing_column, label_out_of_range, non_integer_label, empty_split, id_name_mismatch,
-    unknown_config_key, unknown_key_in_config_file, wrong_config_type, run_directory_under_a_file,
-    nonexistent_checkpoint, checkpoint_of_another_architecture, checkpoint_of_another_class_count,
-    checkpoint_with_a_pickled_object, best_checkpoint_as_resume, truncated_last_checkpoint,
-)]
+BAD = [
+    Bad(f.__name__.replace("_", " "), f)
+    for f in (
+        missing_image,
+        truncated_jpeg,
+        text_named_jpg,
+        csv_missing_column,
+        label_out_of_range,
+        non_integer_label,
+        empty_split,
+        id_name_mismatch,
+        unknown_config_key,
+        unknown_key_in_config_file,
+        wrong_config_type,
+        run_directory_under_a_file,
+        nonexistent_checkpoint,
+        checkpoint_of_another_architecture,
+        checkpoint_of_another_class_count,
+        checkpoint_with_a_pickled_object,
+        best_checkpoint_as_resume,
+        truncated_last_checkpoint,
+    )
+]
 TORCHRUN_DEFAULT = {"csv missing column", "checkpoint of another class count"}
 
 
@@ -240,17 +279,22 @@ def test_bad_input_stops_every_rank_slow(case, tiny_data, tmp_path):
 
 # --- warnings, not errors ------------------------------------------------------------------------------
 
+
 def test_duplicate_rows_are_a_warning_and_the_run_goes_on(tiny_data, tmp_path):
     ws = Workspace(tmp_path, tiny_data)
     header, rows = read_rows(ws.csv())
     write_rows(ws.csv(), header, rows + [rows[4]])
-    with pytest.warns(UserWarning, match=rf"{re.escape(str(ws.csv()))}: split 'train' lists 1 duplicate image "
-                                         rf"path\(s\) \(first 1: rows 6 and {len(rows) + 2}: "):
+    with pytest.warns(
+        UserWarning,
+        match=rf"{re.escape(str(ws.csv()))}: split 'train' lists 1 duplicate image "
+        rf"path\(s\) \(first 1: rows 6 and {len(rows) + 2}: ",
+    ):
         assert main(ws.args(**{"run.stop_after_steps": 1})) == 0
     assert (ws.run / "last.pt").exists()
 
 
 # --- unusual but valid images: converted to RGB -------------------------------------------------------
+
 
 def sixteen_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257)

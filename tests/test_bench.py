@@ -1,4 +1,5 @@
 """Smoke tests of the benchmark at tiny sizes (nothing here asserts a speed); the GPU check: test_gpu_check.py."""
+
 from __future__ import annotations
 
 import json
@@ -15,15 +16,40 @@ MINI = Path(__file__).resolve().parent.parent / "data" / "butterfly-mini"
 
 
 def tiny(tmp_path: Path, **kw) -> Settings:
-    base = dict(batch_size=4, image_size=32, amp="off", steps=1, warmup=1, rounds=1, data=str(MINI),
-                cache_dir=str(tmp_path / "cache"), workers=0)
+    base = dict(
+        batch_size=4,
+        image_size=32,
+        amp="off",
+        steps=1,
+        warmup=1,
+        rounds=1,
+        data=str(MINI),
+        cache_dir=str(tmp_path / "cache"),
+        workers=0,
+    )
     return Settings(**(base | kw))
 
 
 def test_host_mode_cli_prints_the_per_image_costs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = bench.main(["--mode", "host", "--data", str(MINI), "--cache-dir", str(tmp_path / "cache"),
-                       "--image-size", "32", "--batch-size", "8", "--host-images", "16", "--json", str(out)])
+    code = bench.main(
+        [
+            "--mode",
+            "host",
+            "--data",
+            str(MINI),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--host-images",
+            "16",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "PIL decode + course augment" in printed and "cached, split in host memory" in printed
@@ -72,7 +98,8 @@ def test_the_benchmark_times_the_trainer_training_builds(tmp_path):
     raw = stack.place_model(stack.init_model(cfg, throughput.NUM_CLASSES), cfg, CPU)
     trained = stack.build_trainer(cfg, raw, CPU, throughput.NUM_CLASSES, accum_steps=1, steps_per_epoch=1, ddp=False)
     assert type(benched.optimizer) is type(trained.optimizer)
-    assert ([{k: v for k, v in g.items() if k != "params"} for g in benched.optimizer.param_groups]
-            == [{k: v for k, v in g.items() if k != "params"} for g in trained.optimizer.param_groups])
+    assert [{k: v for k, v in g.items() if k != "params"} for g in benched.optimizer.param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in trained.optimizer.param_groups
+    ]
     assert type(benched.criterion) is type(trained.criterion)
     assert (benched.amp_dtype, benched.scaler, benched.ema) == (trained.amp_dtype, trained.scaler, trained.ema)

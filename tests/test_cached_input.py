@@ -1,4 +1,5 @@
 """The cached input path: decode cache (build, reuse, rebuild), batches per rank, eval shards, training."""
+
 from __future__ import annotations
 
 import csv
@@ -56,8 +57,9 @@ def tiny_root(tmp_path: Path) -> Path:
 
 
 def config(root: Path, cache: Path, *overrides: str):
-    return load_config(None, [f"data.root={root}", f"data.cache_dir={cache}", "data.input=cached",
-                              "data.image_size=16", *overrides])
+    return load_config(
+        None, [f"data.root={root}", f"data.cache_dir={cache}", "data.input=cached", "data.image_size=16", *overrides]
+    )
 
 
 def cache_files(cache: Path) -> list[Path]:
@@ -65,6 +67,7 @@ def cache_files(cache: Path) -> list[Path]:
 
 
 # --- the decode cache ------------------------------------------------------------------------------
+
 
 def test_cache_holds_the_pil_eval_transforms_pixels(tiny_root, tmp_path):
     split = load_metadata(tiny_root).splits["valid"]
@@ -191,6 +194,7 @@ def test_an_unusable_cache_dir_is_named(tiny_root, tmp_path):
 
 # --- training batches ------------------------------------------------------------------------------
 
+
 def train_input(root: Path, cache: Path, batch: int, world: int, rank: int, micro: int = 0, *overrides: str):
     cfg = config(root, cache, *overrides)
     split = load_metadata(root, splits=("train",)).splits["train"]
@@ -251,25 +255,30 @@ def test_epochs_are_shuffled_and_augmented_differently(tiny_root, tmp_path):
 
 def test_timm_preset_erases_with_reprob(tiny_root, tmp_path):
     plain, _ = train_input(tiny_root, tmp_path / "c", 6, 1, 0)
-    erased, _ = train_input(tiny_root, tmp_path / "c", 6, 1, 0, 0, "data.preset=timm", "data.randaugment=",
-                            "data.reprob=1.0")
+    erased, _ = train_input(
+        tiny_root, tmp_path / "c", 6, 1, 0, 0, "data.preset=timm", "data.randaugment=", "data.reprob=1.0"
+    )
     random.seed(0)
     a, b = next(plain.batches(0))[0], next(erased.batches(0))[0]
     changed = (a != b).flatten(1).any(1)
     assert changed.all() and torch.isfinite(b).all()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("data.crop_scale_min=0",), "data.crop_scale_min: must be in \\(0, 1\\]"),
-    (("data.crop_scale_min=1.5",), "data.crop_scale_min"),
-    (("data.preset=timm",), "data.randaugment='rand-m9-mstd0.5-inc1': RandAugment runs on the PIL path only"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("data.crop_scale_min=0",), "data.crop_scale_min: must be in \\(0, 1\\]"),
+        (("data.crop_scale_min=1.5",), "data.crop_scale_min"),
+        (("data.preset=timm",), "data.randaugment='rand-m9-mstd0.5-inc1': RandAugment runs on the PIL path only"),
+    ],
+)
 def test_bad_cached_settings_name_the_key(tiny_root, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         train_input(tiny_root, tmp_path / "c", 6, 1, 0, 0, *overrides)
 
 
 # --- evaluation ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_eval_shards_cover_the_split_exactly_once(tiny_root, tmp_path, world):
@@ -285,11 +294,24 @@ def test_eval_shards_cover_the_split_exactly_once(tiny_root, tmp_path, world):
 
 # --- training --------------------------------------------------------------------------------------
 
+
 def train_args(root: Path, tmp_path: Path, run: Path, *extra: str) -> list[str]:
-    return [f"data.root={root}", "data.input=cached", "data.image_size=32", f"data.cache_dir={tmp_path / 'cache'}",
-            "model.name=resnet50", "train.epochs=1", "train.batch_size=6", "train.log_every=1",
-            "optim.warmup_epochs=0", "data.mixup=0.2", "data.cutmix=1.0", "wandb.mode=disabled", f"run.dir={run}",
-            *extra]
+    return [
+        f"data.root={root}",
+        "data.input=cached",
+        "data.image_size=32",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.name=resnet50",
+        "train.epochs=1",
+        "train.batch_size=6",
+        "train.log_every=1",
+        "optim.warmup_epochs=0",
+        "data.mixup=0.2",
+        "data.cutmix=1.0",
+        "wandb.mode=disabled",
+        f"run.dir={run}",
+        *extra,
+    ]
 
 
 def test_one_epoch_of_training_on_the_cached_path_then_an_exact_mid_epoch_resume(tiny_root, tmp_path):
@@ -297,8 +319,9 @@ def test_one_epoch_of_training_on_the_cached_path_then_an_exact_mid_epoch_resume
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(train_args(tiny_root, tmp_path, straight)) == 0
-    epochs = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()
-              if '"train_loss"' in line]
+    epochs = [
+        json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in line
+    ]
     assert len(epochs) == 1
     assert np.isfinite(epochs[0]["train_loss"]) and np.isfinite(epochs[0]["valid_loss"])
 

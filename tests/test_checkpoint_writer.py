@@ -1,5 +1,6 @@
 """The background checkpoint writer: what training hands over is what lands on disk, at most one write
 is in flight, a failed write is reported (naming the intact checkpoint) and leaves no temp file."""
+
 import errno
 import threading
 import time
@@ -49,8 +50,12 @@ def test_at_most_one_write_is_in_flight(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "save_atomic", slow_save)
     writer = ckpt.CheckpointWriter(asynchronous=True)
     t0 = time.monotonic()
-    writer.submit([ckpt.Write(ckpt.to_host(state(1.0)), tmp_path / ckpt.BEST, step=1),
-                   ckpt.Write(ckpt.to_host(state(1.0)), tmp_path / ckpt.LAST, keep_previous=True, step=1)])
+    writer.submit(
+        [
+            ckpt.Write(ckpt.to_host(state(1.0)), tmp_path / ckpt.BEST, step=1),
+            ckpt.Write(ckpt.to_host(state(1.0)), tmp_path / ckpt.LAST, keep_previous=True, step=1),
+        ]
+    )
     handed_over = time.monotonic() - t0
     writer.submit([ckpt.Write(ckpt.to_host(state(2.0)), tmp_path / ckpt.LAST, keep_previous=True, step=2)])
     waited = time.monotonic() - t0

@@ -1,4 +1,5 @@
 """Config: YAML + key=value overrides, typed; every mistake names the key (and the file)."""
+
 import subprocess
 import warnings
 
@@ -30,19 +31,22 @@ def test_yaml_file_then_overrides(tmp_path):
     assert cfg.model.name == "vgg19_bn" and cfg.train.epochs == 7
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epoch=3", "unknown config key 'train.epoch'"),
-    ("trian.epochs=3", "unknown config key 'trian.epochs'"),
-    ("train.epochs=abc", "train.epochs: expected int, got str 'abc'"),
-    ("train.epochs=1.5", "train.epochs: expected int, got float 1.5"),
-    ("train.epochs=true", "train.epochs: expected int, got bool True"),
-    ("model.name=resnet18", "model.name: 'resnet18' is not one of resnet50, vgg19, vgg19_bn"),
-    ("optim.betas=0.9", "optim.betas: expected a list"),
-    ("train.epochs=0", "train.epochs: must be > 0"),
-    ("train.ema_decay=1.0", "train.ema_decay: must be in [0, 1)"),
-    ("train.eval_splits=[dev]", "train.eval_splits: unknown split 'dev'"),
-    ("epochs", "not of the form section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", "unknown config key 'train.epoch'"),
+        ("trian.epochs=3", "unknown config key 'trian.epochs'"),
+        ("train.epochs=abc", "train.epochs: expected int, got str 'abc'"),
+        ("train.epochs=1.5", "train.epochs: expected int, got float 1.5"),
+        ("train.epochs=true", "train.epochs: expected int, got bool True"),
+        ("model.name=resnet18", "model.name: 'resnet18' is not one of resnet50, vgg19, vgg19_bn"),
+        ("optim.betas=0.9", "optim.betas: expected a list"),
+        ("train.epochs=0", "train.epochs: must be > 0"),
+        ("train.ema_decay=1.0", "train.ema_decay: must be in [0, 1)"),
+        ("train.eval_splits=[dev]", "train.eval_splits: unknown split 'dev'"),
+        ("epochs", "not of the form section.key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=None) as e:
         load_config(None, [override])
@@ -82,13 +86,25 @@ def test_shipped_configs_load(name):
 
 
 def test_cli_help_lists_every_key_and_bad_key_exits_2():
-    out = subprocess.run([PYTHON, "-m", "bfly.train", "--help"], cwd=REPO, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [PYTHON, "-m", "bfly.train", "--help"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0
     for key in ("model.name", "train.batch_size", "optim.lr", "run.resume", "dist.bucket_cap_mb", "wandb.mode"):
         assert key in out.stdout
-    bad = subprocess.run([PYTHON, "-m", "bfly.train", "train.bacth_size=3"], cwd=REPO, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [PYTHON, "-m", "bfly.train", "train.bacth_size=3"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2
     assert "unknown config key 'train.bacth_size'" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -3,6 +3,7 @@
 The checkpoints come from the real trainer: one epoch of ResNet50 at 32 px on a small subset of
 butterfly-mini (session fixture `trained_run`, shared with test_report.py).
 """
+
 from __future__ import annotations
 
 import csv
@@ -45,6 +46,7 @@ def one_error_line(err: str, program: str) -> str:
 
 # --- evaluate ----------------------------------------------------------------------------------------
 
+
 def test_evaluate_reproduces_the_training_metrics_and_saves_json(trained_run, capsys):
     best = trained_run / "best.pt"
     metrics = load(best)["metrics"]
@@ -67,8 +69,20 @@ def test_evaluate_reproduces_the_training_metrics_and_saves_json(trained_run, ca
 def test_evaluate_any_split_in_the_kaggle_layout(trained_run, tmp_path, capsys):
     kaggle = tiny_dataset(tmp_path / "kaggle", {"train": 2, "valid": 3, "test": 3}, layout="kaggle")
     out_file = tmp_path / "test-result.json"
-    rc, out, _ = run_cli(evaluate, ["--checkpoint", str(trained_run / "best.pt"), "--split", "test",
-                                    "--data-root", str(kaggle), "--out", str(out_file)], capsys)
+    rc, out, _ = run_cli(
+        evaluate,
+        [
+            "--checkpoint",
+            str(trained_run / "best.pt"),
+            "--split",
+            "test",
+            "--data-root",
+            str(kaggle),
+            "--out",
+            str(out_file),
+        ],
+        capsys,
+    )
     assert rc == 0
     result = json.loads(out_file.read_text())
     assert result["layout"] == "kaggle" and result["split"] == "test" and result["count"] == 30
@@ -80,13 +94,32 @@ def test_evaluate_under_torchrun_is_exact(trained_run, tmp_path, capsys):
     """Two processes each evaluate their own shard; the summed result equals one process's."""
     ckpt_path = trained_run / "last.pt"
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    assert evaluate.main(["--checkpoint", str(ckpt_path), "--split", "valid", "--batch-size", "4",
-                          "--out", str(one)]) == 0
+    assert (
+        evaluate.main(["--checkpoint", str(ckpt_path), "--split", "valid", "--batch-size", "4", "--out", str(one)]) == 0
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "bfly.evaluate", "--checkpoint", str(ckpt_path), "--split", "valid", "--batch-size", "4",
-         "--out", str(two)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "bfly.evaluate",
+            "--checkpoint",
+            str(ckpt_path),
+            "--split",
+            "valid",
+            "--batch-size",
+            "4",
+            "--out",
+            str(two),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
@@ -99,8 +132,9 @@ def test_evaluate_under_torchrun_is_exact(trained_run, tmp_path, capsys):
 
 def test_evaluate_refuses_a_dataset_with_another_class_count(trained_run, tmp_path, capsys):
     nine = tiny_dataset(tmp_path / "nine", {"train": 1, "valid": 1, "test": 1}, drop_class=9)
-    rc, _, err = run_cli(evaluate, ["--checkpoint", str(trained_run / "best.pt"), "--split", "valid",
-                                    "--data-root", str(nine)], capsys)
+    rc, _, err = run_cli(
+        evaluate, ["--checkpoint", str(trained_run / "best.pt"), "--split", "valid", "--data-root", str(nine)], capsys
+    )
     assert rc == 2
     assert "checkpoint has 10 classes, this dataset has 9" in one_error_line(err, "bfly.evaluate")
 
@@ -111,13 +145,15 @@ def test_evaluate_refuses_a_dataset_that_names_the_classes_differently(trained_r
         header, *rows = list(csv.reader(f))
     with open(root / "valid.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *[[p, "NOT ADONIS" if i == "0" else n, i] for p, n, i in rows]])
-    rc, _, err = run_cli(evaluate, ["--checkpoint", str(trained_run / "best.pt"), "--split", "valid",
-                                    "--data-root", str(root)], capsys)
+    rc, _, err = run_cli(
+        evaluate, ["--checkpoint", str(trained_run / "best.pt"), "--split", "valid", "--data-root", str(root)], capsys
+    )
     assert rc == 2
     assert "class id 0 is 'ADONIS' in the checkpoint but 'NOT ADONIS'" in one_error_line(err, "bfly.evaluate")
 
 
 # --- checkpoints that do not fit ------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def bad_checkpoints(trained_run, tmp_path_factory) -> dict[str, Path]:
@@ -156,6 +192,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_clear_error(tool, case, bad_check
 
 # --- predict ------------------------------------------------------------------------------------------
 
+
 def parse_predictions(out: str) -> dict[str, list[tuple[str, float]]]:
     blocks: dict[str, list[tuple[str, float]]] = {}
     current = None
@@ -176,9 +213,12 @@ def odd_images(tmp_path) -> dict[str, Path]:
     with Image.open(MINI / "valid/ADONIS/1.jpg") as im:
         photo = im.convert("RGB")
     made = {
-        "gray.png": photo.convert("L"), "rgba.png": photo.convert("RGBA"),
-        "palette.png": photo.convert("P"), "cmyk.jpg": photo.convert("CMYK"),
-        "wide.png": photo.resize((613, 97)), "tiny.png": photo.resize((7, 5)),
+        "gray.png": photo.convert("L"),
+        "rgba.png": photo.convert("RGBA"),
+        "palette.png": photo.convert("P"),
+        "cmyk.jpg": photo.convert("CMYK"),
+        "wide.png": photo.resize((613, 97)),
+        "tiny.png": photo.resize((7, 5)),
         "bits16.png": Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257),
     }
     paths = {}
@@ -217,8 +257,11 @@ def test_predict_names_the_top5_species_of_each_image(trained_run, odd_images, c
 def test_predict_applies_the_eval_transform(trained_run, odd_images, capsys):
     """Probabilities equal the model's softmax on the eval transform of the RGB image, whatever its mode."""
     best = trained_run / "best.pt"
-    rc, out, _ = run_cli(predict, ["--checkpoint", str(best), "--top", "10", str(odd_images["gray.png"]),
-                                   str(odd_images["wide.png"])], capsys)
+    rc, out, _ = run_cli(
+        predict,
+        ["--checkpoint", str(best), "--top", "10", str(odd_images["gray.png"]), str(odd_images["wide.png"])],
+        capsys,
+    )
     assert rc == 0
     saved, cfg, model = trained.load_trained(best)
     transform = build_eval_transform(cfg.data.image_size)
@@ -234,9 +277,20 @@ def test_predict_applies_the_eval_transform(trained_run, odd_images, capsys):
 
 def test_predict_command_line(trained_run):
     proc = subprocess.run(
-        [sys.executable, "-m", "bfly.predict", "--checkpoint", str(trained_run / "best.pt"), "--top", "3",
-         str(MINI / "test/PAINTED LADY/1.jpg")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "bfly.predict",
+            "--checkpoint",
+            str(trained_run / "best.pt"),
+            "--top",
+            "3",
+            str(MINI / "test/PAINTED LADY/1.jpg"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     top = parse_predictions(proc.stdout)[str(MINI / "test/PAINTED LADY/1.jpg")]

@@ -12,6 +12,7 @@ to the torchrun agent, and the rank-local error raised inside a DataLoader worke
 The config (probes/fault_launch.FAULT): tiny data, 5 steps per epoch, 2 epochs, last.pt every 2
 steps and at each epoch's end.
 """
+
 import json
 import os
 import random
@@ -30,8 +31,18 @@ from bfly.data.sampling import StepPlan, rank_micro_batches
 from bfly.stopping import EXIT_STOPPED
 from bfly.train import main
 from conftest import PYTHON, REPO, data_copy, read_jsonl, subprocess_env, tiny_overrides
-from probes.fault_launch import (CKPT_EVERY, STEPS, Launch, assert_same_weights, fault_args, reference_run,
-                                 replace_image, run_to_end, torchrun_cmd, train_cmd)
+from probes.fault_launch import (
+    CKPT_EVERY,
+    STEPS,
+    Launch,
+    assert_same_weights,
+    fault_args,
+    reference_run,
+    replace_image,
+    run_to_end,
+    torchrun_cmd,
+    train_cmd,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers through /proc")
 
@@ -63,6 +74,7 @@ def resumed_step(launch: Launch, source: Path) -> int:
 
 # --- 1. SIGKILL one rank of a torchrun --max-restarts job -------------------------------------------
 
+
 def sigkill_one_rank(data: Path, run: Path, ref: Path, step: int, rank: int) -> None:
     """Kill point: rank 0's progress line of `step` (a step's line precedes its checkpoint)."""
     t0 = time.monotonic()
@@ -75,8 +87,10 @@ def sigkill_one_rank(data: Path, run: Path, ref: Path, step: int, rank: int) -> 
     restart = int(resumed[1]) if resumed else 0  # killed before the first checkpoint: starts afresh
     assert seen - CKPT_EVERY <= restart < STEPS, f"killed after step {seen}, restarted from step {restart}"
     assert_nothing_lost(run, ref)
-    print(f"SIGKILL rank {rank} after step {seen}: restarted from step {restart}, "
-          f"finished bit-identical in {time.monotonic() - t0:.0f}s")
+    print(
+        f"SIGKILL rank {rank} after step {seen}: restarted from step {restart}, "
+        f"finished bit-identical in {time.monotonic() - t0:.0f}s"
+    )
 
 
 def test_sigkill_of_one_rank_restarts_from_the_last_checkpoint_and_loses_nothing(tiny_data, tmp_path, ref2):
@@ -94,6 +108,7 @@ def test_sigkill_at_random_points(tiny_data, tmp_path, ref2, step, rank):
 
 
 # --- 2. SIGKILL during a checkpoint write; corrupt checkpoints ---------------------------------------
+
 
 def paused_write(run: Path) -> dict[str, str]:
     """The environment that pauses the second last.pt write of a run half-way (bfly.env.checkpoint_pause_file)."""
@@ -125,8 +140,10 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tiny_da
     resumed = run_to_end(train_cmd(fault_args(tiny_data, run)))
     assert resumed_step(resumed, source) == saved["global_step"]
     assert_nothing_lost(run, ref1)
-    print(f"killed while writing ({'partial temp file' if partial else 'temp file complete, not renamed'}); "
-          f"resumed from step {saved['global_step']}")
+    print(
+        f"killed while writing ({'partial temp file' if partial else 'temp file complete, not renamed'}); "
+        f"resumed from step {saved['global_step']}"
+    )
 
 
 @pytest.mark.slow
@@ -203,6 +220,7 @@ def test_a_corrupt_last_checkpoint_is_not_resumed_silently(tiny_data, tmp_path, 
 
 # --- 3. SIGTERM / SIGUSR1: checkpoint at the current step, exit 75, resume mid-epoch -------------------
 
+
 def test_sigterm_checkpoints_the_current_step_and_the_resume_continues_mid_epoch(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
     launch = Launch(train_cmd(fault_args(tiny_data, run)), timeout=300)
@@ -269,6 +287,7 @@ def test_sigterm_to_the_torchrun_agent_checkpoints_before_the_workers_exit(tiny_
 
 # --- 4. An exception on one rank ----------------------------------------------------------------------
 
+
 def break_an_image_only_rank_1_reads(data: Path, at_step: int) -> Path:
     plan = StepPlan.make(12, 2, 0)
     batches = list(rank_micro_batches(60, plan, rank=1, seed=0, epoch=0))
@@ -285,8 +304,9 @@ def torchrun_exit_codes(out: str) -> dict[int, int]:
 @pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_an_error_on_one_rank_stops_every_rank_with_the_error_printed_once(tiny_data, tmp_path, workers):
     bad = break_an_image_only_rank_1_reads(data_copy(tiny_data, tmp_path / "data"), at_step=2)
-    launch = Launch(torchrun_cmd(2, tiny_overrides(tmp_path / "data", tmp_path / "run",
-                                                   **{"data.workers": workers})), timeout=300)
+    launch = Launch(
+        torchrun_cmd(2, tiny_overrides(tmp_path / "data", tmp_path / "run", **{"data.workers": workers})), timeout=300
+    )
     launch.wait_for(re.escape(str(bad)))
     printed = time.monotonic()
     assert launch.wait(90) != 0
@@ -302,12 +322,15 @@ def test_an_error_on_one_rank_stops_every_rank_with_the_error_printed_once(tiny_
     assert re.search(r"^bfly\.train \[rank 0\]: stopping, a collective failed", out, re.M), out[-4000:]
     codes = torchrun_exit_codes(out)
     assert codes[1] == 2 and codes[0] != 0, codes
-    assert out.count("Traceback (most recent call last)") == 1, out[-6000:]  # torchrun's own ChildFailedError, no worker's
+    assert out.count("Traceback (most recent call last)") == 1, out[
+        -6000:
+    ]  # torchrun's own ChildFailedError, no worker's
     assert took < 60
     print(f"every rank exited {took:.1f}s after the error")
 
 
 # --- 5. A run directory that cannot hold checkpoints --------------------------------------------------
+
 
 def test_a_run_directory_that_cannot_be_created_fails_at_start_up(tiny_data, tmp_path, capsys):
     blocker = tmp_path / "a-file"
@@ -340,8 +363,9 @@ def run_with_private_mounts(probe: str, args: list[str], timeout: float) -> subp
 
 def test_a_read_only_full_or_too_small_file_system_fails_at_start_up(tiny_data, tmp_path):
     """Real file systems: tmpfs mounts in a private mount namespace (the probe mounts them)."""
-    out = run_with_private_mounts("fault_disk.py", [str(tmp_path), *tiny_overrides(tiny_data, tmp_path / "unused")],
-                                  timeout=120)
+    out = run_with_private_mounts(
+        "fault_disk.py", [str(tmp_path), *tiny_overrides(tiny_data, tmp_path / "unused")], timeout=120
+    )
     results = {r["case"]: r for r in map(json.loads, out.stdout.splitlines())}
     expect = {
         "read-only": r" is not writable: Read-only file system",

@@ -1,4 +1,5 @@
 """Batched per-sample augmentation (bfly.data.gpu_augment), checked on the CPU."""
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,13 @@ import torch
 import torchvision.transforms.functional as TF
 
 from bfly.data.gpu_augment import (
-    PARAM_COLUMNS, AugmentSpec, GpuAugment, Normalize, draw_params, identity_params, seed_uniforms,
+    PARAM_COLUMNS,
+    AugmentSpec,
+    GpuAugment,
+    Normalize,
+    draw_params,
+    identity_params,
+    seed_uniforms,
 )
 from bfly.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -35,6 +42,7 @@ def reference(images: torch.Tensor) -> torch.Tensor:
 
 
 # --- per-sample parameters -------------------------------------------------------------------------
+
 
 def test_seed_uniforms_are_a_pure_function_of_the_seed_in_unit_interval():
     seeds = [0, 1, 2, 2**62 + 12345]
@@ -72,17 +80,21 @@ def test_crop_scale_one_keeps_the_whole_image():
     assert (p[:, COL["center_x"]] == 0).all() and (p[:, COL["center_y"]] == 0).all()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"crop_scale": (0.0, 1.0)}, "crop scale"),
-    ({"crop_scale": (0.5, 1.5)}, "crop scale"),
-    ({"hue": 0.7}, "hue"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"crop_scale": (0.0, 1.0)}, "crop scale"),
+        ({"crop_scale": (0.5, 1.5)}, "crop scale"),
+        ({"hue": 0.7}, "hue"),
+    ],
+)
 def test_augment_spec_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AugmentSpec(size=32, **kwargs)
 
 
 # --- geometry --------------------------------------------------------------------------------------
+
 
 def test_identity_params_give_the_normalised_input():
     images = random_images(3, 16)
@@ -122,6 +134,7 @@ def test_output_resized_to_the_spec_size():
 
 # --- colour ----------------------------------------------------------------------------------------
 
+
 def test_brightness_contrast_saturation_match_torchvision_per_sample():
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     factors = torch.tensor([[1.15, 0.85, 1.2, 0.0], [0.8, 1.2, 0.9, 0.0]])
@@ -150,6 +163,7 @@ def test_zero_hue_leaves_colours_unchanged():
 
 
 # --- the whole augmentation ------------------------------------------------------------------------
+
 
 def test_augmentation_is_deterministic_per_seed_and_differs_across_seeds():
     spec = AugmentSpec(size=16)

@@ -7,6 +7,7 @@ runs the trainer under torchrun, stops it with SIGTERM to the process group and 
 wandb and submitit made unimportable as on the GPU machine. On a GPU (`-m gpu`): the same at tiny
 size with CUDA, inductor and bf16.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,12 @@ def test_cells_print_as_they_end_rewrite_the_json_and_survive_a_failing_cell(tmp
         seen_by_later_cells.append(json.loads(path.read_text()))
         return [Row("model", "third cell's row", img_s=7.0)]
 
-    cells = [Cell("first", "first", 0, first), Cell("broken", "broken", 0, broken), Cell("third", "third", 0, third),
-             Cell("too-long", "too long", 10_000, lambda: pytest.fail("over budget, must not run"))]
+    cells = [
+        Cell("first", "first", 0, first),
+        Cell("broken", "broken", 0, broken),
+        Cell("third", "third", 0, third),
+        Cell("too-long", "too long", 10_000, lambda: pytest.fail("over budget, must not run")),
+    ]
     outcomes = run_cells(cells, 60, path, lambda outs: {"header": len(outs)})
     printed = capsys.readouterr()
     assert [o.status for o in outcomes] == ["ok", "failed", "ok", "skipped"]
@@ -107,17 +112,24 @@ def outcome(key: str, status: str = "ok", rows: list[Row] | None = None, error: 
 
 
 def speed_rows(ratio: float, e2e: float, img_s: float) -> list[Row]:
-    return [Row("model", "resnet50 (ours), synthetic", img_s=img_s / e2e, ratio=ratio, ratio_of="torchvision"),
-            Row("model", "resnet50 (torchvision), synthetic", img_s=img_s / e2e / ratio),
-            Row("e2e", "resnet50 (ours), real data via cached", img_s=img_s, ratio=e2e, ratio_of="synthetic")]
+    return [
+        Row("model", "resnet50 (ours), synthetic", img_s=img_s / e2e, ratio=ratio, ratio_of="torchvision"),
+        Row("model", "resnet50 (torchvision), synthetic", img_s=img_s / e2e / ratio),
+        Row("e2e", "resnet50 (ours), real data via cached", img_s=img_s, ratio=e2e, ratio_of="synthetic"),
+    ]
 
 
 def test_the_verdict_holds_each_figure_against_its_target():
-    outcomes = [outcome("trainer"), outcome("fp16", "failed", error="RuntimeError: fp16: losses [nan]"),
-                outcome("resnet50-compiled", rows=speed_rows(1.01, 0.94, 6600)),
-                outcome("accuracy", rows=[Row("acc", "resnet50 recipe (configs/resnet50.yaml)",
-                                              extra={"test_top1": 0.9712, "train_s": 250.0})]),
-                outcome("resnet50-eager", "skipped", error="500s spent + ~35s estimated > budget 540s")]
+    outcomes = [
+        outcome("trainer"),
+        outcome("fp16", "failed", error="RuntimeError: fp16: losses [nan]"),
+        outcome("resnet50-compiled", rows=speed_rows(1.01, 0.94, 6600)),
+        outcome(
+            "accuracy",
+            rows=[Row("acc", "resnet50 recipe (configs/resnet50.yaml)", extra={"test_top1": 0.9712, "train_s": 250.0})],
+        ),
+        outcome("resnet50-eager", "skipped", error="500s spent + ~35s estimated > budget 540s"),
+    ]
     got = {c.target: (c.measured, c.verdict) for c in gpu_check.verdict(outcomes, 224)}
     assert got["trainer: SIGTERM mid-epoch, resumed at that step, finished"] == ("ok", "PASS")
     assert got["trainer: fp16 + GradScaler, finite loss"] == ("cell failed: RuntimeError: fp16: losses [nan]", "FAIL")
@@ -138,6 +150,7 @@ def test_the_verdict_holds_each_figure_against_its_target():
 
 # --- the real command, on the CPU --------------------------------------------------------------------
 
+
 def blocked_modules(tmp_path: Path) -> Path:
     """A PYTHONPATH entry under which `import wandb` / `import submitit` fail, as on the GPU machine."""
     root = tmp_path / "blocked"
@@ -152,9 +165,14 @@ def run_smoke(tmp_path: Path, cells: list[str], timeout: float) -> tuple[subproc
     env = subprocess_env(PYTHONPATH=f"{blocked_modules(tmp_path)}:{REPO}")
     env.pop("WANDB_MODE")
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "bfly.gpu_check", str(out), "--device", "cpu", "--smoke",
-                           "--cells", ",".join(cells)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bfly.gpu_check", str(out), "--device", "cpu", "--smoke", "--cells", ",".join(cells)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     took = time.monotonic() - start
     return proc, json.loads((out / "gpu_check.json").read_text()), took
 
@@ -197,8 +215,14 @@ def test_cpu_smoke_runs_every_cell(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_smoke_runs_every_cell_with_inductor_and_bf16(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "bfly.gpu_check", str(out), "--smoke", "--budget-s", "900"],
-                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bfly.gpu_check", str(out), "--smoke", "--budget-s", "900"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     result = json.loads((out / "gpu_check.json").read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert all(c["status"] == "ok" for c in result["cells"]), [(c["key"], c["error"]) for c in result["cells"]]

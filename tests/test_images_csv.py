@@ -13,6 +13,7 @@ evaluate in-process with 2 workers, predict, EXIF and duplicates (~15 s together
 `trained_run`). Slow tier: the same under torchrun (training and evaluate) and the 12000x12000 warning
 as printed by a real `python -m bfly.train` (10-20 s each).
 """
+
 from __future__ import annotations
 
 import re
@@ -54,6 +55,7 @@ def cp1252_csv(csv_path: Path, row: int, column: str, value: str) -> None:
 
 # --- training: the real trainer, shipped number of loader workers (4) -------------------------------------
 
+
 def bomb_image(ws):
     path = huge_jpeg(replace_image(ws.data, "train", FIRST_READ, "huge.jpg"), 14000)
     return str(path), BOMB_ERROR
@@ -62,7 +64,10 @@ def bomb_image(ws):
 def directory_named_like_an_image(ws):
     path = replace_image(ws.data, "train", 4, "folder.jpg")
     path.mkdir(parents=True)
-    return f"{ws.csv()}: 1 path(s) in column 'filepaths' are directories", rf"\(first 1: row 6: {re.escape(str(path))}\)$"
+    return (
+        f"{ws.csv()}: 1 path(s) in column 'filepaths' are directories",
+        rf"\(first 1: row 6: {re.escape(str(path))}\)$",
+    )
 
 
 def csv_saved_in_cp1252(ws):
@@ -99,8 +104,14 @@ def test_training_under_torchrun_names_the_huge_image_on_the_rank_that_met_it(ti
 def test_a_large_image_under_the_hard_limit_trains_with_one_warning_naming_it(tiny_data, tmp_path):
     ws = Workspace(tmp_path, tiny_data)
     path = huge_jpeg(replace_image(ws.data, "train", FIRST_READ, "large.jpg"), 12000)
-    proc = subprocess.run([PYTHON, "-m", "bfly.train", *ws.args(**{"data.workers": 2, "run.stop_after_steps": 1})],
-                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [PYTHON, "-m", "bfly.train", *ws.args(**{"data.workers": 2, "run.stop_after_steps": 1})],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     warned = [line for line in proc.stderr.splitlines() if "DecompressionBombWarning" in line]
     assert len(warned) == 1, proc.stderr[-3000:]  # read once, by one worker
@@ -112,6 +123,7 @@ def test_a_large_image_under_the_hard_limit_trains_with_one_warning_naming_it(ti
 
 # --- CSV paths: the same file under two spellings ----------------------------------------------------------
 
+
 def test_one_image_under_two_spellings_of_its_path_is_a_duplicate(tiny_data, tmp_path):
     ws = Workspace(tmp_path, tiny_data)
     header, rows = read_rows(ws.csv())
@@ -119,13 +131,17 @@ def test_one_image_under_two_spellings_of_its_path_is_a_duplicate(tiny_data, tmp
     again[header.index("filepaths")] = again[header.index("filepaths")].replace("train/", "train/../train/", 1)
     write_rows(ws.csv(), header, rows + [again])
     first = ws.data.resolve() / rows[4][header.index("filepaths")]
-    with pytest.warns(UserWarning, match=rf"^{re.escape(str(ws.csv()))}: split 'train' lists 1 duplicate image "
-                                         rf"path\(s\) \(first 1: rows 6 and {len(rows) + 2}: "
-                                         rf"{re.escape(str(first))} and .*/train/\.\./train/"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"^{re.escape(str(ws.csv()))}: split 'train' lists 1 duplicate image "
+        rf"path\(s\) \(first 1: rows 6 and {len(rows) + 2}: "
+        rf"{re.escape(str(first))} and .*/train/\.\./train/",
+    ):
         load_metadata(ws.data)
 
 
 # --- evaluate --------------------------------------------------------------------------------------------
+
 
 def one_error(err: str, program: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
@@ -158,9 +174,29 @@ def test_evaluate_under_torchrun_names_the_image_on_the_rank_that_met_it(trained
     ws = Workspace(tmp_path, tiny_data)
     path = huge_jpeg(replace_image(ws.data, "valid", 1, "huge.jpg"), 14000)  # row 1: rank 1's shard
     proc = subprocess.run(
-        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bfly.evaluate",
-         "--checkpoint", str(trained_run / "best.pt"), "--split", "valid", "--data-root", str(ws.data),
-         "--workers", "2"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "bfly.evaluate",
+            "--checkpoint",
+            str(trained_run / "best.pt"),
+            "--split",
+            "valid",
+            "--data-root",
+            str(ws.data),
+            "--workers",
+            "2",
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("bfly.evaluate: error")]
     assert len(errors) == 1 and errors[0].startswith(f"bfly.evaluate: error [rank 1]: {path}: "), proc.stderr[-3000:]
@@ -169,6 +205,7 @@ def test_evaluate_under_torchrun_names_the_image_on_the_rank_that_met_it(trained
 
 
 # --- predict ----------------------------------------------------------------------------------------------
+
 
 def test_predict_answers_every_other_file_and_names_each_bad_one(trained_run, tmp_path, capsys):
     good = tmp_path / "photo.jpg"
@@ -192,9 +229,16 @@ def test_predict_answers_every_other_file_and_names_each_bad_one(trained_run, tm
 
 # How a camera stores an upright picture for each EXIF orientation tag (EXIF 2.3, tag 0x0112): 6 is a
 # phone held upright (sensor rotated 90 degrees counter-clockwise), 8 the other way, 3 upside down.
-STORED = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
-          7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+STORED = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
 
 
 def upright_photo() -> Image.Image:
@@ -236,8 +280,10 @@ def test_predict_classifies_a_phone_photo_upright(trained_run, tmp_path, capsys)
     with Image.open(path) as im:
         stored = im.convert("RGB")
     with torch.no_grad():
-        upright, sideways = (model(transform(im)[None]).softmax(1)[0].tolist()
-                             for im in (stored.transpose(Image.Transpose.ROTATE_270), stored))
+        upright, sideways = (
+            model(transform(im)[None]).softmax(1)[0].tolist()
+            for im in (stored.transpose(Image.Transpose.ROTATE_270), stored)
+        )
     names = saved["class_names"]
     assert all(p == pytest.approx(upright[names.index(name)], abs=5.1e-5) for name, p in printed.items())
     assert any(abs(p - sideways[names.index(name)]) > 1e-3 for name, p in printed.items())  # the test can tell

@@ -5,6 +5,7 @@ Golden files hold the output with this checkout's path as <REPO> and the python 
     PYTHONPATH=. python tests/test_launch_dry_run.py
 and review the diff.
 """
+
 import sys
 from pathlib import Path
 
@@ -20,13 +21,44 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 
 CASES = {
     "dry_run_resnet50_2x4gpu.txt": [
-        "--dry-run", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "10", "--mem-gb", "200",
-        "--partition", "gpu", "--account", "proj42", "--qos", "high", "--constraint", "h100", "--time", "12:00:00",
-        "--config", "configs/resnet50.yaml", "train.epochs=90",
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--cpus-per-task",
+        "10",
+        "--mem-gb",
+        "200",
+        "--partition",
+        "gpu",
+        "--account",
+        "proj42",
+        "--qos",
+        "high",
+        "--constraint",
+        "h100",
+        "--time",
+        "12:00:00",
+        "--config",
+        "configs/resnet50.yaml",
+        "train.epochs=90",
     ],
     "dry_run_sweep_array_cpu.txt": [
-        "--dry-run", "--array", "--group", "seed-comparison", "--gpus-per-node", "0", "--tasks-per-node", "2",
-        "--time", "90", "--config", "configs/vgg19_bn.yaml", "--config", "configs/resnet50.yaml",
+        "--dry-run",
+        "--array",
+        "--group",
+        "seed-comparison",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "2",
+        "--time",
+        "90",
+        "--config",
+        "configs/vgg19_bn.yaml",
+        "--config",
+        "configs/resnet50.yaml",
         "wandb.mode=offline",
     ],
 }
@@ -71,14 +103,17 @@ def test_sweep_runs_share_a_wandb_group_and_get_their_own_directories(capsys, mo
     assert f"run.dir={REPO}/runs/vgg19" in args[0] and f"run.dir={REPO}/runs/resnet50" in args[1]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--gpus-per-node", "4", "--tasks-per-node", "2"], "one task per GPU"),
-    (["--gpus-per-node", "0"], "a CPU job needs --tasks-per-node"),
-    (["--time", "1:2:3:4"], "expected minutes or [D-]HH:MM[:SS]"),
-    (["--time", "5", "--signal-delay-s", "300"], "must be shorter than --time"),
-    (["--cluster", "local", "--nodes", "2"], "--nodes must be 1"),
-    (["--cluster", "debug", "--gpus-per-node", "2"], "one trainer in this process"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--gpus-per-node", "4", "--tasks-per-node", "2"], "one task per GPU"),
+        (["--gpus-per-node", "0"], "a CPU job needs --tasks-per-node"),
+        (["--time", "1:2:3:4"], "expected minutes or [D-]HH:MM[:SS]"),
+        (["--time", "5", "--signal-delay-s", "300"], "must be shorter than --time"),
+        (["--cluster", "local", "--nodes", "2"], "--nodes must be 1"),
+        (["--cluster", "debug", "--gpus-per-node", "2"], "one trainer in this process"),
+    ],
+)
 def test_bad_cluster_flags_are_refused_with_the_flag_named(argv, message):
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse(argv)

@@ -17,9 +17,7 @@ pytestmark = pytest.mark.slurm
 
 
 def cluster(command, timeout=300):
-    return subprocess.run(
-        ["bash", str(SCRIPT), command], capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run(["bash", str(SCRIPT), command], capture_output=True, text=True, timeout=timeout)
 
 
 def skip_reason():
@@ -39,9 +37,7 @@ def wait_until(condition, timeout_s):
 
 
 def accounting_state(job_id):
-    out = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True
-    )
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True)
     return out.stdout.strip()
 
 
@@ -76,7 +72,10 @@ def test_batch_job_runs_and_accounting_reports_completed(running_cluster, tmp_pa
     out_file = tmp_path / "job.out"
     submit = subprocess.run(
         ["sbatch", "--parsable", f"--output={out_file}", "--wrap", "echo ran on $SLURMD_NODENAME"],
-        capture_output=True, text=True, check=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
     )
     job_id = submit.stdout.strip().split(";")[0]
     assert wait_for_state(job_id, "COMPLETED") == "COMPLETED"
@@ -86,7 +85,10 @@ def test_batch_job_runs_and_accounting_reports_completed(running_cluster, tmp_pa
 def test_failing_job_is_reported_failed(running_cluster, tmp_path):
     submit = subprocess.run(
         ["sbatch", "--parsable", "--output=/dev/null", "--wrap", "exit 3"],
-        capture_output=True, text=True, check=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
     )
     assert wait_for_state(submit.stdout.strip(), "FAILED") == "FAILED"
 
@@ -94,16 +96,16 @@ def test_failing_job_is_reported_failed(running_cluster, tmp_path):
 def test_srun_spans_both_nodes(running_cluster):
     run = subprocess.run(
         ["srun", "-N2", "-n2", "bash", "-c", "echo $SLURMD_NODENAME"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 0, run.stderr
     assert sorted(run.stdout.split()) == ["n1", "n2"]
 
 
 def test_gpu_request_is_rejected(running_cluster):
-    submit = subprocess.run(
-        ["sbatch", "--gres=gpu:1", "--wrap", "true"], capture_output=True, text=True
-    )
+    submit = subprocess.run(["sbatch", "--gres=gpu:1", "--wrap", "true"], capture_output=True, text=True)
     assert submit.returncode != 0
 
 
@@ -116,9 +118,10 @@ def test_requeued_job_reruns_within_20_seconds(running_cluster, tmp_path):
     # The cluster holds a requeued job for cred_expire+1 = 11 s (Slurm default: 121 s).
     runs = tmp_path / "runs.txt"
     submit = subprocess.run(
-        ["sbatch", "--parsable", "--requeue", "--output=/dev/null",
-         "--wrap", f"echo run >> {runs}; sleep 300"],
-        capture_output=True, text=True, check=True,
+        ["sbatch", "--parsable", "--requeue", "--output=/dev/null", "--wrap", f"echo run >> {runs}; sleep 300"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     job_id = submit.stdout.strip()
     try:

@@ -292,8 +292,11 @@ def test_many_missing_image_files_are_counted_and_the_first_five_listed(mini_cop
 
 def test_a_directory_is_not_an_image_file(mini_copy_meta):
     set_cell(mini_copy_meta / "valid.csv", 2, 0, "valid/HERCULES MOTH")
-    with pytest.raises(DataError, match=r"valid\.csv: 1 path\(s\) in column 'filepaths' are directories, "
-                                        r"not image files \(first 1: row 2: .*/valid/HERCULES MOTH\)$"):
+    with pytest.raises(
+        DataError,
+        match=r"valid\.csv: 1 path\(s\) in column 'filepaths' are directories, "
+        r"not image files \(first 1: row 2: .*/valid/HERCULES MOTH\)$",
+    ):
         load_metadata(mini_copy_meta)
 
 
@@ -325,8 +328,10 @@ def test_same_image_in_two_splits_is_not_a_duplicate(mini_copy_meta, recwarn):
 
 # --- the full dataset, where it is present ------------------------------------------------------
 
-needs_full_data = pytest.mark.skipif(FULL_DATA is None or not (FULL_DATA / KAGGLE_FILE).is_file(),
-                                     reason="set BFLY_FULL_DATA to the full dataset's folder")
+needs_full_data = pytest.mark.skipif(
+    FULL_DATA is None or not (FULL_DATA / KAGGLE_FILE).is_file(),
+    reason="set BFLY_FULL_DATA to the full dataset's folder",
+)
 
 
 @needs_full_data
@@ -357,8 +362,9 @@ def test_folder_layout_numbers_classes_by_sorted_folder_name(tmp_path, mini_root
     assert meta.class_names == course.class_names  # the mini CSVs number the classes the same way
     assert {name: len(s.paths) for name, s in meta.splits.items()} == {"train": 300, "valid": 50, "test": 50}
     for name in ("train", "valid", "test"):
-        assert [(os.path.relpath(p, folders), y) for p, y in pairs(meta.splits[name])] == \
-               [(os.path.relpath(p, mini_root_meta), y) for p, y in pairs(course.splits[name])]
+        assert [(os.path.relpath(p, folders), y) for p, y in pairs(meta.splits[name])] == [
+            (os.path.relpath(p, mini_root_meta), y) for p, y in pairs(course.splits[name])
+        ]
 
 
 def test_folder_layout_accepts_val_for_valid_and_ignores_hidden_files(folders):
@@ -448,8 +454,10 @@ def test_csv_labelling_an_image_as_another_folders_class_is_an_error(mini_copy_m
     csv_path = mini_copy_meta / "train.csv"
     set_line(csv_path, 4, "train/ADONIS/013.jpg,PAINTED LADY,7")  # a valid row, but the folder says ADONIS
     message = folder_error(mini_copy_meta)
-    assert message.startswith(f"{csv_path}: row 4, column 'labels': 'PAINTED LADY', but the image lies in "
-                              f"class folder {mini_copy_meta / 'train' / 'ADONIS'}; the CSV and the folders disagree")
+    assert message.startswith(
+        f"{csv_path}: row 4, column 'labels': 'PAINTED LADY', but the image lies in "
+        f"class folder {mini_copy_meta / 'train' / 'ADONIS'}; the CSV and the folders disagree"
+    )
 
 
 def test_a_class_renamed_in_the_csv_warns_and_the_csv_is_used(mini_copy_meta):
@@ -462,7 +470,8 @@ def test_a_class_renamed_in_the_csv_warns_and_the_csv_is_used(mini_copy_meta):
     assert [str(w.message) for w in record] == [
         f"{mini_copy_meta / split}.csv: the CSV's classes of split {split!r} differ from the class folders in "
         f"{mini_copy_meta / split} (only in the CSV: ['MONARCH']; only in {split}: ['ADONIS']); the CSV is used"
-        for split in ("train", "valid", "test")]
+        for split in ("train", "valid", "test")
+    ]
 
 
 def test_csv_with_fewer_classes_than_folders_warns_and_is_used(mini_copy_meta):
@@ -475,7 +484,8 @@ def test_csv_with_fewer_classes_than_folders_warns_and_is_used(mini_copy_meta):
     assert [str(w.message) for w in record] == [
         f"{mini_copy_meta / split}.csv: the CSV's classes of split {split!r} differ from the class folders in "
         f"{mini_copy_meta / split} (only in {split}: ['SOUTHERN DOGFACE']); the CSV is used"
-        for split in ("train", "valid", "test")]
+        for split in ("train", "valid", "test")
+    ]
 
 
 def test_csv_ids_in_another_order_than_the_folders_warn(mini_copy_meta):

@@ -1,4 +1,5 @@
 """Our ResNet-50 / VGG-19 against torchvision's reference implementations (tests only)."""
+
 from __future__ import annotations
 
 import math

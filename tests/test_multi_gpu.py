@@ -1,6 +1,7 @@
 """Multi-GPU correctness and speed (issue 11): per-device CUDA RNG in checkpoints, compile with SyncBN,
 evaluation without recompiling, static_graph with accumulation, synchronised clocks, fused EMA, and
 the PIL path's shared-memory use. What needs CUDA is marked `gpu`; the rest runs on the CPU."""
+
 import copy
 import re
 import time
@@ -26,6 +27,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 # --- 1. checkpoints hold the CUDA RNG of the rank's own device only ---------------------------------
+
 
 def draws() -> tuple:
     import random
@@ -73,6 +75,7 @@ def test_cuda_rng_is_restored_on_the_own_device_from_new_and_old_checkpoints(tmp
 
 # --- 2. torch.compile with SyncBatchNorm --------------------------------------------------------------
 
+
 def test_compile_with_sync_bn_warns_once_with_the_alternative():
     assert compile_sync_bn_warning(compile=False, sync_bn=True) is None
     assert compile_sync_bn_warning(compile=True, sync_bn=False) is None
@@ -82,10 +85,12 @@ def test_compile_with_sync_bn_warns_once_with_the_alternative():
 
 # --- 3. evaluation never recompiles the compiled training model --------------------------------------
 
+
 def small_bn_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(4, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)
+    )
 
 
 def graphs() -> int:
@@ -128,7 +133,9 @@ def test_a_compiled_training_run_never_recompiles(tiny_data, tmp_path):
 
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        args = tiny_overrides(tiny_data, tmp_path / "run", **{"model.compile": "true", "train.eval_splits": "[valid,test]"})
+        args = tiny_overrides(
+            tiny_data, tmp_path / "run", **{"model.compile": "true", "train.eval_splits": "[valid,test]"}
+        )
         assert main(args) == 0
     assert graphs() == 1
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -136,6 +143,7 @@ def test_a_compiled_training_run_never_recompiles(tiny_data, tmp_path):
 
 
 # --- 4. dist.static_graph with gradient accumulation is refused --------------------------------------
+
 
 @pytest.mark.parametrize("world, micro, ok", [(2, 6, True), (2, 3, False), (4, 1, False), (1, 3, True)])
 def test_static_graph_is_refused_with_accumulation_under_ddp(world, micro, ok):
@@ -164,6 +172,7 @@ def test_static_graph_with_accumulation_stops_every_rank_with_one_line(tiny_data
 
 # --- 5. clocks read after the device has finished ----------------------------------------------------
 
+
 def test_device_clock_on_cpu_is_the_plain_clock():
     before = time.perf_counter()
     assert before <= device_clock(CPU) <= time.perf_counter()
@@ -181,6 +190,7 @@ def test_device_clock_waits_for_queued_cuda_work():
 
 
 # --- 6. EMA in fused multi-tensor ops ----------------------------------------------------------------
+
 
 class LoopEma(ModelEma):
     """The per-tensor update the fused one replaces (parameters averaged, buffers copied)."""
@@ -246,6 +256,7 @@ def test_ema_keeps_working_after_loading_a_checkpoint():
 
 
 # --- 7. the PIL path's prefetched batches and /dev/shm ------------------------------------------------
+
 
 def test_prefetch_keeps_a_loaders_batches_under_the_budget_and_at_least_two():
     big = batch_bytes(256, 224)  # 154 MB

@@ -10,6 +10,7 @@ Default tier: a SIGTERM to a DDP job's whole process group, a Ctrl-C on a termin
 torchrun agent, the run-directory lock, refused resumes. Slow tier: every stop signal to every kind of
 target.
 """
+
 import json
 import os
 import re
@@ -26,8 +27,7 @@ from bfly.rundir import LOCK, Holder, RunDirBusy, RunDirLock, this_process
 from bfly.stopping import EXIT_STOPPED
 from bfly.train import main
 from conftest import read_jsonl, tiny_overrides
-from probes.fault_launch import (STEPS, Launch, assert_same_weights, fault_args, run_to_end,
-                                 torchrun_cmd, train_cmd)
+from probes.fault_launch import STEPS, Launch, assert_same_weights, fault_args, run_to_end, torchrun_cmd, train_cmd
 from test_faults import assert_nothing_lost, ref1, ref2, torchrun_exit_codes  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signals and /proc")
@@ -47,7 +47,9 @@ def stop_and_check(launch: Launch, run: Path, nproc: int, send, name: str, log_e
     step = int(m[2])
     assert 2 <= step < STEPS // 2 and step % log_every == 0, (step, out[-3000:])
     for rank in range(1, nproc):
-        assert re.search(rf"^\[rank {rank}\] stopped by .*: checkpoint at epoch 1 step {step} written", out, re.M), out[-3000:]
+        assert re.search(rf"^\[rank {rank}\] stopped by .*: checkpoint at epoch 1 step {step} written", out, re.M), out[
+            -3000:
+        ]
     assert "collective failed" not in out and "DataLoader worker" not in out, out[-4000:]
     assert "KeyboardInterrupt" not in out and not re.search(r'File ".*/bfly/', out), out[-4000:]  # no trainer traceback
     assert took < 30, f"processes still running {took:.0f}s after the signal"
@@ -66,6 +68,7 @@ def resume_and_compare(run: Path, ref: Path, data: Path, nproc: int) -> None:
 
 
 # --- signals as their senders send them --------------------------------------------------------------
+
 
 def test_sigterm_to_the_whole_process_group_of_a_ddp_job_with_loader_workers(tiny_data, tmp_path, ref2):
     """What SLURM does on preemption, `scancel` and `scontrol requeue`, and `timeout` for its child."""
@@ -94,8 +97,10 @@ def test_a_trainer_whose_torchrun_agent_is_killed_checkpoints_and_exits(tiny_dat
     os.kill(launch.proc.pid, signal.SIGKILL)
     launch.wait(30)
     deadline = time.monotonic() + 60
-    while any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3]
-              for p in trainers):
+    while any(
+        Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3]
+        for p in trainers
+    ):
         assert time.monotonic() < deadline, "trainers outlived their launcher"
         time.sleep(0.2)
     launch._reader.join(10)
@@ -133,8 +138,9 @@ def test_every_stop_signal_to_every_target_with_loader_workers(tiny_data, tmp_pa
 @pytest.mark.slow
 def test_sigterm_to_a_single_process_under_timeout_exits_75(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
-    launch = Launch(["timeout", "-s", "TERM", "1000", *train_cmd(fault_args(tiny_data, run, **WORKERS))],
-                    timeout=300, group=True)
+    launch = Launch(
+        ["timeout", "-s", "TERM", "1000", *train_cmd(fault_args(tiny_data, run, **WORKERS))], timeout=300, group=True
+    )
     rc = stop_and_check(launch, run, 1, lambda: launch.signal_group(signal.SIGTERM), "SIGTERM")
     assert rc == EXIT_STOPPED and "Traceback" not in launch.output
     resume_and_compare(run, ref1, tiny_data, 1)
@@ -156,6 +162,7 @@ def test_a_second_signal_during_the_checkpoint_write_changes_nothing(tiny_data, 
 
 
 # --- one run per run directory ----------------------------------------------------------------------
+
 
 def test_a_second_run_on_a_busy_run_directory_is_refused_at_start_up(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
@@ -214,6 +221,7 @@ def test_a_lock_held_by_a_live_run_elsewhere_is_respected(tmp_path):
 
 # --- a refused or failed run changes nothing ----------------------------------------------------------
 
+
 def snapshot(run: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
 
@@ -230,8 +238,11 @@ REFUSED = {
     "another model": ({"model.name": "vgg19_bn"}, r"checkpoint is a resnet50 model, this run builds vgg19_bn"),
     "another lr": ({"optim.lr": 0.5}, r"optim\.lr: 0\.05 -> 0\.5"),
     "another batch": ({"train.batch_size": 6}, r"train\.batch_size: 12 -> 6"),
-    "two changes": ({"optim.lr": 0.5, "train.seed": 3}, r"optim\.lr: 0\.05 -> 0\.5; train\.seed: 0 -> 3; .*"
-                                                          r"run\.allow_changes=\[optim\.lr,train\.seed\]"),
+    "two changes": (
+        {"optim.lr": 0.5, "train.seed": 3},
+        r"optim\.lr: 0\.05 -> 0\.5; train\.seed: 0 -> 3; .*"
+        r"run\.allow_changes=\[optim\.lr,train\.seed\]",
+    ),
 }
 
 
@@ -256,7 +267,9 @@ def test_an_edited_config_yaml_is_not_discarded_silently(stopped_run, tiny_data,
     assert snapshot(stopped_run) == before
 
 
-def test_a_run_that_fails_on_a_bad_image_after_start_up_changes_only_train_log(stopped_run, tiny_data, tmp_path, capsys):
+def test_a_run_that_fails_on_a_bad_image_after_start_up_changes_only_train_log(
+    stopped_run, tiny_data, tmp_path, capsys
+):
     from conftest import data_copy
     from probes.fault_launch import replace_image
 
@@ -274,14 +287,18 @@ def test_a_run_that_fails_on_a_bad_image_after_start_up_changes_only_train_log(s
     after = snapshot(stopped_run)
     log = after.pop("train.log")
     assert after == {k: v for k, v in before.items() if k != "train.log"}
-    assert log.startswith(before["train.log"]) and str(bad).encode() in log[len(before["train.log"]):]
+    assert log.startswith(before["train.log"]) and str(bad).encode() in log[len(before["train.log"]) :]
 
 
 # --- allowed and operational changes on resume ---------------------------------------------------------
 
+
 def test_an_allowed_change_is_applied_logged_and_kept_in_the_history(stopped_run, tiny_data):
-    args = fault_args(tiny_data, stopped_run, **{"optim.lr": 0.5, "run.allow_changes": "[optim.lr]",
-                                                 "data.workers": 1, "train.log_every": 2})
+    args = fault_args(
+        tiny_data,
+        stopped_run,
+        **{"optim.lr": 0.5, "run.allow_changes": "[optim.lr]", "data.workers": 1, "train.log_every": 2},
+    )
     assert main(args) == 0
     log = (stopped_run / "train.log").read_text()
     assert "config changed on resume at global step 3 (run.allow_changes): optim.lr: 0.05 -> 0.5" in log
@@ -310,17 +327,20 @@ def test_a_dataset_whose_ids_map_to_other_species_is_refused(stopped_run, tiny_d
 
 # --- a disk that fills up during a save -----------------------------------------------------------------
 
+
 def test_a_full_disk_during_a_save_names_the_intact_checkpoint_and_the_resume_is_exact(tiny_data, tmp_path, ref1):
     from test_faults import run_with_private_mounts
 
-    out = run_with_private_mounts("full_disk.py", [str(tmp_path), *fault_args(tiny_data, Path("unused"), **WORKERS)],
-                                  timeout=400)
+    out = run_with_private_mounts(
+        "full_disk.py", [str(tmp_path), *fault_args(tiny_data, Path("unused"), **WORKERS)], timeout=400
+    )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     run = tmp_path / "disk" / "run"
     assert r["filled"]["step"] == 2 and r["rc"] == 2, r["output"][-3000:]
     errors = [ln for ln in r["output"].splitlines() if ln.startswith("bfly.train: error")]
-    assert errors == [f"bfly.train: error: no space left on device while writing last.pt in {run}; "
-                      f"last.pt (step 2) is intact"], r["output"][-3000:]
+    assert errors == [
+        f"bfly.train: error: no space left on device while writing last.pt in {run}; last.pt (step 2) is intact"
+    ], r["output"][-3000:]
     assert "Traceback" not in r["output"]
     assert ".last.pt.tmp" not in r["files"] and r["intact_step"] == 2
     # After space is freed the resume is accepted (the free-space check counts the files already there).

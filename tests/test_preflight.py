@@ -1,6 +1,7 @@
 """Spec of the preflight, `python -m bfly.train --check`: the plan printed, every problem listed
 one per line with exit status 2, and nothing written (a run directory is neither created nor
 changed). Also its use from launch.submit --check and the sbatch scripts (BFLY_CHECK=1 / --check)."""
+
 import hashlib
 import shutil
 import subprocess
@@ -14,14 +15,20 @@ from conftest import PYTHON, REPO, subprocess_env, tiny_overrides
 
 def check(*args: str) -> subprocess.CompletedProcess:
     """The real CLI, output to pipes as in a SLURM log."""
-    return subprocess.run([PYTHON, "-m", "bfly.train", "--check", *args], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [PYTHON, "-m", "bfly.train", "--check", *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def plan_line(out: str, what: str) -> str:
     lines = [ln.strip() for ln in out.splitlines() if ln.strip().startswith(what + " ")]
     assert len(lines) == 1, (what, out)
-    return lines[0][len(what):].strip()
+    return lines[0][len(what) :].strip()
 
 
 def problems(err: str) -> list[str]:
@@ -47,7 +54,9 @@ def test_check_prints_the_plan_and_creates_no_run_directory(tiny_data, tmp_path)
     assert plan_line(out.stdout, "world size") == "2 process(es) (--nproc)"
     assert plan_line(out.stdout, "global batch") == "12 = 2 rank(s) x 2 accumulation step(s) x 3 micro-batch"
     assert plan_line(out.stdout, "schedule").startswith("5 steps/epoch x 2 epochs = 10 steps (warmup 5;")
-    assert plan_line(out.stdout, "run dir").startswith(f"{run_dir} (does not exist yet; would be created under {tmp_path})")
+    assert plan_line(out.stdout, "run dir").startswith(
+        f"{run_dir} (does not exist yet; would be created under {tmp_path})"
+    )
     assert " free, training asks for " in plan_line(out.stdout, "run dir")
     assert plan_line(out.stdout, "checkpoints").startswith("last.pt ~")
     assert plan_line(out.stdout, "resume") == f"no: a fresh run (no last.pt in {run_dir})"
@@ -82,8 +91,10 @@ def test_check_lists_every_problem_one_line_each_and_exits_2(tiny_data, tmp_path
     root, bad = broken_dataset(tiny_data, tmp_path / "data")
     run_dir = tmp_path / "run"
     # Two more problems besides the two images: a batch larger than the split, mixup with an odd micro-batch.
-    assert main(["--check", "--nproc", "1", *tiny_overrides(root, run_dir, **{"train.batch_size": 63,
-                                                                             "data.mixup": 0.2})]) == 2
+    assert (
+        main(["--check", "--nproc", "1", *tiny_overrides(root, run_dir, **{"train.batch_size": 63, "data.mixup": 0.2})])
+        == 2
+    )
     out = capsys.readouterr()
     found = problems(out.err)
     assert len(found) == 4, out.err
@@ -120,8 +131,10 @@ def test_check_tells_where_a_run_would_resume_and_changes_nothing(stopped_run, t
     before = snapshot(stopped_run)
     assert main(["--check", "--nproc", "2", *tiny_overrides(tiny_data, stopped_run)]) == 0
     out = capsys.readouterr().out
-    assert plan_line(out, "resume") == (f"yes, from {stopped_run / 'last.pt'}: epoch 1, step 3 of the epoch, "
-                                        "global step 3; saved by 1 process(es), continued on 2")
+    assert plan_line(out, "resume") == (
+        f"yes, from {stopped_run / 'last.pt'}: epoch 1, step 3 of the epoch, "
+        "global step 3; saved by 1 process(es), continued on 2"
+    )
     assert plan_line(out, "run dir").startswith(f"{stopped_run} (exists)")
     assert snapshot(stopped_run) == before
 
@@ -152,17 +165,29 @@ def test_launch_submit_check_submits_nothing_on_a_problem(tiny_data, tmp_path, c
     assert "preflight: ok" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("script, how", [("train_single_node.sbatch", "BFLY_CHECK"), ("train_multi_node.sbatch", "--check")])
+@pytest.mark.parametrize(
+    "script, how", [("train_single_node.sbatch", "BFLY_CHECK"), ("train_multi_node.sbatch", "--check")]
+)
 def test_sbatch_scripts_run_the_preflight_first_and_stop_on_a_problem(script, how, tiny_data, tmp_path):
     root, bad = broken_dataset(tiny_data, tmp_path / "data")
-    env = subprocess_env(BFLY_PYTHON=PYTHON, SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", SLURM_JOB_NUM_NODES="2",
-                         BFLY_NPROC_PER_NODE="2", **({"BFLY_CHECK": "1"} if how == "BFLY_CHECK" else {}))
-    for name in [n for n in env if n.startswith("SLURM_") and n not in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST",
-                                                                         "SLURM_JOB_NUM_NODES")]:
+    env = subprocess_env(
+        BFLY_PYTHON=PYTHON,
+        SLURM_JOB_ID="7",
+        SLURM_JOB_NODELIST="n1",
+        SLURM_JOB_NUM_NODES="2",
+        BFLY_NPROC_PER_NODE="2",
+        **({"BFLY_CHECK": "1"} if how == "BFLY_CHECK" else {}),
+    )
+    for name in [
+        n
+        for n in env
+        if n.startswith("SLURM_") and n not in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES")
+    ]:
         del env[name]
     args = (["--check"] if how == "--check" else []) + tiny_overrides(root, tmp_path / "run")
-    out = subprocess.run(["bash", str(REPO / "slurm" / script), *args], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        ["bash", str(REPO / "slurm" / script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 1
     assert "bfly: error: preflight found problems (listed above): not training" in out.stderr
     assert len(problems(out.stderr)) == 2 and str(bad[0]) in out.stderr

@@ -1,4 +1,5 @@
 """Spec of `python -m bfly.report`: figures and a summary table from run directories, without wandb."""
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,19 @@ def fake_run(path: Path, model: str, epochs: int, rate: float, test: bool = True
     for e in range(epochs):
         train = 1 - math.exp(-rate * (e + 1))
         valid = train * (0.9 + 0.04 * math.sin(3 * e))  # not monotonic: the best is not the last
-        r = {"epoch": e, "step": 49 * (e + 1), "train_loss": 4.6 * (1 - train), "train_top1": train,
-             "train_top5": min(1.0, train + 0.1), "lr": 0.1, "epoch_s": 60.0, "img_per_s": 210.0,
-             "valid_loss": 4.6 * (1 - valid) + 0.2, "valid_top1": valid, "valid_top5": min(1.0, valid + 0.05)}
+        r = {
+            "epoch": e,
+            "step": 49 * (e + 1),
+            "train_loss": 4.6 * (1 - train),
+            "train_top1": train,
+            "train_top5": min(1.0, train + 0.1),
+            "lr": 0.1,
+            "epoch_s": 60.0,
+            "img_per_s": 210.0,
+            "valid_loss": 4.6 * (1 - valid) + 0.2,
+            "valid_top1": valid,
+            "valid_top5": min(1.0, valid + 0.05),
+        }
         if test:
             r.update(test_loss=r["valid_loss"] + 0.1, test_top1=valid - 0.01, test_top5=valid)
         records.append(r)
@@ -62,8 +73,12 @@ def test_vgg19_versus_resnet50_curves_and_best_accuracy_table(tmp_path, capsys):
     vgg = fake_run(tmp_path / "runs/vgg19", "vgg19", 30, 0.12)
     resnet = fake_run(tmp_path / "runs/resnet50", "resnet50", 25, 0.2, test=False)
     out = tmp_path / "report"
-    assert report.main([str(tmp_path / "runs/vgg19"), str(tmp_path / "runs/resnet50"), "--out", str(out),
-                        "--confusion", "none"]) == 0
+    assert (
+        report.main(
+            [str(tmp_path / "runs/vgg19"), str(tmp_path / "runs/resnet50"), "--out", str(out), "--confusion", "none"]
+        )
+        == 0
+    )
 
     for name in ("accuracy.png", "loss.png"):
         assert_png(out / name)
@@ -110,8 +125,9 @@ def test_a_saved_evaluation_is_used_without_a_checkpoint(tmp_path):
     confusion = [[5 if i == j else 0 for j in range(n)] for i in range(n)]
     confusion[3][3], confusion[3][7] = 2, 3
     names = [f"SPECIES {i:03d}" for i in range(n)]
-    (run_dir / "best-eval-test.json").write_text(json.dumps(
-        {"split": "test", "count": 500, "top1": 497 / 500, "confusion": confusion, "class_names": names}))
+    (run_dir / "best-eval-test.json").write_text(
+        json.dumps({"split": "test", "count": 500, "top1": 497 / 500, "confusion": confusion, "class_names": names})
+    )
     out = tmp_path / "report"
     assert report.main([str(run_dir), "--out", str(out), "--confusion", "test"]) == 0
     assert_png(out / "confusion-vgg19-test.png", min_side=2000)
@@ -125,11 +141,14 @@ def test_a_run_without_checkpoint_or_saved_evaluation_still_gets_its_curves(tmp_
     assert not list((tmp_path / "report").glob("confusion-*"))
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no metrics.jsonl (not a bfly run directory, or no epoch finished yet)"),
-    ("", "empty (no epoch finished yet)"),
-    ('{"epoch": 0, "train_top1": 0.5\n', "not valid JSON lines"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no metrics.jsonl (not a bfly run directory, or no epoch finished yet)"),
+        ("", "empty (no epoch finished yet)"),
+        ('{"epoch": 0, "train_top1": 0.5\n', "not valid JSON lines"),
+    ],
+)
 def test_a_folder_that_is_not_a_run_is_a_clear_error(content, message, tmp_path, capsys):
     run_dir = tmp_path / "not-a-run"
     run_dir.mkdir()
@@ -142,9 +161,22 @@ def test_a_folder_that_is_not_a_run_is_a_clear_error(content, message, tmp_path,
 
 def test_report_command_line(tmp_path):
     fake_run(tmp_path / "vgg19", "vgg19", 4, 0.3)
-    proc = subprocess.run([sys.executable, "-m", "bfly.report", str(tmp_path / "vgg19"), "--out",
-                           str(tmp_path / "report"), "--confusion", "none"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MPLBACKEND": "TkAgg"})  # the Agg backend is forced anyway
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bfly.report",
+            str(tmp_path / "vgg19"),
+            "--out",
+            str(tmp_path / "report"),
+            "--confusion",
+            "none",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MPLBACKEND": "TkAgg"},
+    )  # the Agg backend is forced anyway
     assert proc.returncode == 0, proc.stderr
     assert_png(tmp_path / "report/accuracy.png")

@@ -1,4 +1,5 @@
 """Which samples each rank sees: DistributedSampler semantics, defined per global batch."""
+
 import pytest
 
 from bfly.config import ConfigError
@@ -22,11 +23,14 @@ def test_plan_accumulates_when_the_world_shrinks():
     assert StepPlan.make(16, 4, 0).micro_batch == 4
 
 
-@pytest.mark.parametrize("batch, world, micro, msg", [
-    (10, 3, 0, "not divisible by the world size 3"),
-    (16, 2, 3, "not a multiple of train.micro_batch_size=3"),
-    (8, 2, 8, "not a multiple"),
-])
+@pytest.mark.parametrize(
+    "batch, world, micro, msg",
+    [
+        (10, 3, 0, "not divisible by the world size 3"),
+        (16, 2, 3, "not a multiple of train.micro_batch_size=3"),
+        (8, 2, 8, "not a multiple"),
+    ],
+)
 def test_bad_plans_name_the_keys(batch, world, micro, msg):
     with pytest.raises(ConfigError, match=msg):  # a user error: one line, exit status 2
         StepPlan.make(batch, world, micro)

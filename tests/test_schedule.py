@@ -1,4 +1,5 @@
 """LR schedule (pure function of the step) and optimizer parameter groups."""
+
 import math
 
 import pytest

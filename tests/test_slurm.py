@@ -5,6 +5,7 @@ The sbatch scripts and launch.submit train to completion; a job signalled before
 or preempted writes a checkpoint at the current step, is requeued, resumes and ends with exactly
 the weights of an uninterrupted run, every step trained once.
 """
+
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ def train_args(data: Path, run_dir: Path) -> list[str]:
 
 
 # --- the cluster -----------------------------------------------------------------------------------
+
 
 def cluster(command: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(CLUSTER), command], capture_output=True, text=True, timeout=300)
@@ -93,15 +95,24 @@ def wait_for_text(path: Path, text: str, job_id: str, timeout_s: float = 180) ->
 
 
 def wait_job_done(job_id: str, log: Path, timeout_s: float = 300) -> str:
-    wait_until(lambda: any(s.startswith(DONE_STATES) for s in sacct(job_id)), timeout_s,
-               f"job {job_id} to end", log, job_id)
+    wait_until(
+        lambda: any(s.startswith(DONE_STATES) for s in sacct(job_id)), timeout_s, f"job {job_id} to end", log, job_id
+    )
     return sacct(job_id)[0]
 
 
 def sbatch(script: Path, run_dir: Path, data: Path, *flags: str, nproc: int = 2) -> tuple[str, Path]:
     log = run_dir.parent / f"{run_dir.name}.slurm.out"
-    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--time=10", f"--output={log}", *flags,
-           str(script), *train_args(data, run_dir)]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--gpus-per-node=0",
+        "--time=10",
+        f"--output={log}",
+        *flags,
+        str(script),
+        *train_args(data, run_dir),
+    ]
     env = subprocess_env(BFLY_PYTHON=PYTHON, BFLY_NPROC_PER_NODE=str(nproc))
     out = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -110,6 +121,7 @@ def sbatch(script: Path, run_dir: Path, data: Path, *flags: str, nproc: int = 2)
 
 
 # --- what a finished run must look like ------------------------------------------------------------
+
 
 def progress_steps(log: Path) -> list[tuple[int, int]]:
     """(epoch, step) of every progress line rank 0 printed, over all attempts of the job."""
@@ -139,6 +151,7 @@ def assert_stopped_mid_epoch_and_resumed(text: str, signal_name: str, run_dir: P
 
 
 # --- sbatch scripts --------------------------------------------------------------------------------
+
 
 class Finished(NamedTuple):
     job_id: str
@@ -196,8 +209,18 @@ def test_single_node_script_checkpoints_and_requeues_before_a_real_time_limit(sl
     """A 1-minute limit, SLURM's own signal 50 s before it, a run far longer than a minute."""
     run_dir = tmp_path / "run"
     log = tmp_path / "slurm.out"
-    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--time=1", "--signal=B:USR1@50",
-           f"--output={log}", str(SINGLE_NODE), *train_args(tiny_data, run_dir), "train.epochs=20"]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--gpus-per-node=0",
+        "--cpus-per-task=2",
+        "--time=1",
+        "--signal=B:USR1@50",
+        f"--output={log}",
+        str(SINGLE_NODE),
+        *train_args(tiny_data, run_dir),
+        "train.epochs=20",
+    ]
     env = subprocess_env(BFLY_PYTHON=PYTHON, BFLY_NPROC_PER_NODE="2")
     job_id = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     SUBMITTED.append(job_id)
@@ -236,8 +259,13 @@ def run_script_as_slurm_would(script: Path, **env: str) -> subprocess.CompletedP
 
 @slurm
 def test_multi_node_script_fails_at_once_when_the_first_node_has_no_address(slurm_cluster):
-    out = run_script_as_slurm_would(MULTI_NODE, SLURM_JOB_ID="123", SLURM_JOB_NODELIST="gpu-[07-08]",
-                                    SLURM_JOB_NUM_NODES="2", BFLY_NPROC_PER_NODE="1")
+    out = run_script_as_slurm_would(
+        MULTI_NODE,
+        SLURM_JOB_ID="123",
+        SLURM_JOB_NODELIST="gpu-[07-08]",
+        SLURM_JOB_NUM_NODES="2",
+        BFLY_NPROC_PER_NODE="1",
+    )
     assert out.returncode == 1
     assert "cannot resolve the first node gpu-07" in out.stderr and "scontrol show node gpu-07" in out.stderr
 
@@ -251,9 +279,21 @@ def test_scripts_refuse_to_start_without_gpus_or_a_process_count(script):
 
 # --- launch.submit (submitit) ----------------------------------------------------------------------
 
+
 def launch_submit(run_dir: Path, data: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [PYTHON, "-m", "launch.submit", "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
-           *flags, *train_args(data, run_dir)]
+    cmd = [
+        PYTHON,
+        "-m",
+        "launch.submit",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        *flags,
+        *train_args(data, run_dir),
+    ]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     out = subprocess.run(cmd, cwd=run_dir.parent, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -327,6 +367,7 @@ def test_launch_submit_job_checkpoints_requeues_and_resumes(how, reference, tiny
 
 
 # --- without SLURM ---------------------------------------------------------------------------------
+
 
 def test_cluster_local_runs_the_same_job_on_this_machine(tiny_data, tmp_path):
     run_dir = tmp_path / "run"

@@ -1,6 +1,7 @@
 """Start-up cost and what a run prints: `import bfly.train` leaves timm and wandb out; a dataset in
 the folder layout (no CSV) trains; the progress line tells loss, train accuracy, img/s, lr, the
 share of time spent waiting for data and, on CUDA, the peak GPU memory, as plain lines in a log."""
+
 import re
 import subprocess
 
@@ -10,15 +11,18 @@ import torch
 from bfly.runlog import RunLog
 from conftest import PYTHON, REPO, folder_copy, subprocess_env, tiny_overrides
 
-PROGRESS = re.compile(r"epoch (\d+)/(\d+) step (\d+)/(\d+) eta \d+:\d\d:\d\d loss [\d.]+ acc (\d+\.\d)% "
-                      r"img/s [\d.]+ lr [\d.e-]+ data (\d+)%( mem \d+\.\dG)?")
+PROGRESS = re.compile(
+    r"epoch (\d+)/(\d+) step (\d+)/(\d+) eta \d+:\d\d:\d\d loss [\d.]+ acc (\d+\.\d)% "
+    r"img/s [\d.]+ lr [\d.e-]+ data (\d+)%( mem \d+\.\dG)?"
+)
 
 
 def test_import_bfly_train_imports_neither_timm_nor_wandb():
     # timm costs about a second per process (and imports wandb); every rank of every restart paid it.
     code = "import sys, bfly.train; print(sorted(m for m in ('timm', 'wandb') if m in sys.modules))"
-    out = subprocess.run([PYTHON, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [PYTHON, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -30,8 +34,14 @@ def folder_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("folders")
     data = folder_copy(base / "data", {"train": 6, "valid": 2, "test": 2})
     run_dir = base / "run"
-    out = subprocess.run([PYTHON, "-m", "bfly.train", *tiny_overrides(data, run_dir, **{"train.epochs": 1})],
-                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [PYTHON, "-m", "bfly.train", *tiny_overrides(data, run_dir, **{"train.epochs": 1})],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return data, run_dir, out.stdout
 
@@ -59,18 +69,27 @@ def test_progress_lines_are_plain_and_tell_accuracy_and_data_wait(folder_run):
 def test_progress_line_format(tmp_path, capsys):
     log = RunLog(tmp_path, is_main=True)
     log.tty = False
-    log.progress(0, 3, 7, 50, 3725.0, {"loss": 2.345678, "acc": "12.5%", "img/s": 1234.5, "data": "12%",
-                                       "mem": "12.3G"})
+    log.progress(
+        0, 3, 7, 50, 3725.0, {"loss": 2.345678, "acc": "12.5%", "img/s": 1234.5, "data": "12%", "mem": "12.3G"}
+    )
     log.close()
-    assert capsys.readouterr().out == "epoch 1/3 step 7/50 eta 1:02:05 loss 2.346 acc 12.5% img/s 1234 data 12% mem 12.3G\n"
+    assert (
+        capsys.readouterr().out
+        == "epoch 1/3 step 7/50 eta 1:02:05 loss 2.346 acc 12.5% img/s 1234 data 12% mem 12.3G\n"
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_progress_line_shows_peak_gpu_memory_on_cuda(tiny_data, tmp_path):
-    out = subprocess.run([PYTHON, "-m", "bfly.train", *tiny_overrides(tiny_data, tmp_path / "run",
-                                                                      **{"train.epochs": 1})],
-                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [PYTHON, "-m", "bfly.train", *tiny_overrides(tiny_data, tmp_path / "run", **{"train.epochs": 1})],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("epoch 1/1 step ")]
     assert lines and all((m := PROGRESS.fullmatch(ln)) and m[7] for ln in lines), lines

@@ -1,4 +1,5 @@
 """The training core, end to end on real images: single process and 2-process DDP (gloo, CPU)."""
+
 import json
 import subprocess
 
@@ -32,8 +33,19 @@ def test_last_pt_holds_what_the_checkpoint_format_says(single_run):
 
     state = torch.load(single_run / "last.pt", weights_only=True)
     ident = ckpt.identity(state["config"], state["class_names"], state["train_images"], 0, 0, None)
-    layout = ckpt.last_payload(ident, model={}, optimizer={}, total_steps=0, scaler=None, ema=None, step_in_epoch=0,
-                               best_top1=0.0, epoch_sums={}, rng=[], world_size=1)
+    layout = ckpt.last_payload(
+        ident,
+        model={},
+        optimizer={},
+        total_steps=0,
+        scaler=None,
+        ema=None,
+        step_in_epoch=0,
+        best_top1=0.0,
+        epoch_sums={},
+        rng=[],
+        world_size=1,
+    )
     assert set(state) == set(layout)
     best = torch.load(single_run / "best.pt", weights_only=True)
     assert set(best) == set(ckpt.best_payload(ident, {}, {}))
@@ -45,7 +57,10 @@ def test_a_bug_keeps_its_traceback_a_user_error_is_one_line(tiny_data, tmp_path,
 
     assert main(tiny_overrides(tiny_data, tmp_path / "a", **{"train.batch_size": 120})) == 2  # 60 train images
     err = capsys.readouterr().err
-    assert err.startswith("bfly.train: error: train.batch_size=120 is larger than the train split") and "Traceback" not in err
+    assert (
+        err.startswith("bfly.train: error: train.batch_size=120 is larger than the train split")
+        and "Traceback" not in err
+    )
 
     def broken(*args, **kwargs):
         raise ValueError("a bug in bfly")
@@ -57,8 +72,22 @@ def test_a_bug_keeps_its_traceback_a_user_error_is_one_line(tiny_data, tmp_path,
 
 def test_checkpoint_contents_load_with_weights_only(single_run):
     state = torch.load(single_run / "last.pt", weights_only=True)
-    for key in ("model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step_in_epoch", "global_step",
-                "rng", "config", "class_names", "wandb_run_id", "arch", "num_classes"):
+    for key in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "ema",
+        "epoch",
+        "step_in_epoch",
+        "global_step",
+        "rng",
+        "config",
+        "class_names",
+        "wandb_run_id",
+        "arch",
+        "num_classes",
+    ):
         assert key in state, key
     assert state["epoch"] == 2 and state["global_step"] == 10 and state["step_in_epoch"] == 0
     assert state["class_names"][0] == "ADONIS" and len(state["class_names"]) == 10
@@ -92,8 +121,9 @@ def test_mid_epoch_resume_is_bit_identical_single_process(tiny_data, tmp_path, s
     assert main(tiny_overrides(tiny_data, run)) == 0
     assert_bit_identical(run / "last.pt", single_run / "last.pt")
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1]
-    assert read_jsonl(run / "metrics.jsonl") [1]["train_loss"] == pytest.approx(
-        read_jsonl(single_run / "metrics.jsonl")[1]["train_loss"], rel=1e-12)
+    assert read_jsonl(run / "metrics.jsonl")[1]["train_loss"] == pytest.approx(
+        read_jsonl(single_run / "metrics.jsonl")[1]["train_loss"], rel=1e-12
+    )
 
 
 DDP_ARGS = {"train.epochs": 6, "optim.name": "adamw", "optim.lr": 0.001}
@@ -127,12 +157,22 @@ def test_two_process_resume_after_epochs_is_bit_identical(ddp_straight, tiny_dat
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
     assert_bit_identical(run / "last.pt", straight / "last.pt")
-    assert read_jsonl(run / "metrics.jsonl")[-1]["valid_top1"] == read_jsonl(straight / "metrics.jsonl")[-1]["valid_top1"]
+    assert (
+        read_jsonl(run / "metrics.jsonl")[-1]["valid_top1"] == read_jsonl(straight / "metrics.jsonl")[-1]["valid_top1"]
+    )
 
 
 def eval_at(world_size, ckpt, split="valid"):
-    cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}", f"--master_port={free_port()}",
-           str(REPO / "tests/probes/eval_probe.py"), str(ckpt), split]
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={world_size}",
+        f"--master_port={free_port()}",
+        str(REPO / "tests/probes/eval_probe.py"),
+        str(ckpt),
+        split,
+    ]
     out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -110,13 +110,22 @@ def test_course_preset_is_the_course_reports_recipe():
     transform = build_train_transform("course", 64)
     steps = transform.transforms
     assert [type(t).__name__ for t in steps] == [
-        "ToRGB", "Resize", "RandomHorizontalFlip", "RandomRotation", "ColorJitter", "ToTensor", "Normalize",
+        "ToRGB",
+        "Resize",
+        "RandomHorizontalFlip",
+        "RandomRotation",
+        "ColorJitter",
+        "ToTensor",
+        "Normalize",
     ]
     assert steps[1].size == (64, 64)
     assert steps[3].degrees == [-30.0, 30.0]
     jitter = steps[4]
     assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (
-        (0.8, 1.2), (0.8, 1.2), (0.8, 1.2), (-0.1, 0.1),
+        (0.8, 1.2),
+        (0.8, 1.2),
+        (0.8, 1.2),
+        (-0.1, 0.1),
     )
     assert tuple(steps[6].mean) == IMAGENET_MEAN and tuple(steps[6].std) == IMAGENET_STD
 
@@ -256,8 +265,13 @@ def test_mixup_gives_smoothed_soft_targets(mixup_alpha, cutmix_alpha):
 
 @pytest.mark.parametrize(
     "args, message",
-    [((-0.1, 0.0, 0.1, 10), "alpha"), ((0.8, -1.0, 0.1, 10), "alpha"), ((0.8, 0.0, 1.0, 10), "label_smoothing"),
-     ((0.8, 0.0, -0.1, 10), "label_smoothing"), ((0.8, 0.0, 0.1, 1), "num_classes")],
+    [
+        ((-0.1, 0.0, 0.1, 10), "alpha"),
+        ((0.8, -1.0, 0.1, 10), "alpha"),
+        ((0.8, 0.0, 1.0, 10), "label_smoothing"),
+        ((0.8, 0.0, -0.1, 10), "label_smoothing"),
+        ((0.8, 0.0, 0.1, 1), "num_classes"),
+    ],
 )
 def test_bad_mixup_settings_are_rejected(args, message):
     with pytest.raises(ValueError, match=message):

@@ -4,6 +4,7 @@ An offline run writes every record to <run dir>/wandb/offline-run-*/run-<id>.wan
 log of `wandb_internal_pb2.Record` protobufs; `wandb sync` uploads exactly these records. The
 tests parse that log, so they check what the dashboard would show.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,6 +38,7 @@ FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a real key
 
 # --- reading a run back --------------------------------------------------------------------------------
 
+
 def read_records(path: Path) -> list[pb.Record]:
     """Records of a .wandb file: a 7-byte header, then LevelDB log blocks of 32 KiB holding chunks
     (crc32 4 bytes, length 2, type 1: full / first / middle / last)."""
@@ -48,11 +50,11 @@ def read_records(path: Path) -> list[pb.Record]:
         if room < 7:  # block trailer padding
             pos += room
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:  # zero padding up to the block end
             pos += room
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
@@ -115,11 +117,13 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def files_containing(needle: bytes, *roots: Path) -> list[Path]:
-    return [p for root in roots for p in root.rglob("*") if p.is_file() and not p.is_symlink()
-            and needle in p.read_bytes()]
+    return [
+        p for root in roots for p in root.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()
+    ]
 
 
 # --- environment ---------------------------------------------------------------------------------------
+
 
 def wandb_env(mp: pytest.MonkeyPatch, home: Path) -> dict[str, Path]:
     """wandb's own folders in tmp, a fake API key in the environment, no user settings leaking in."""
@@ -148,12 +152,19 @@ def fresh_wandb(home: Path) -> Iterator[tuple[pytest.MonkeyPatch, dict[str, Path
             wandb.teardown()
 
 
-WANDB_KEYS = {"wandb.mode": "offline", "wandb.project": "butterflies", "wandb.group": "seed-comparison",
-              "wandb.name": "resnet50-tiny", "wandb.tags": "[tiny,cpu]", "wandb.notes": "test run",
-              "wandb.samples": 4}
+WANDB_KEYS = {
+    "wandb.mode": "offline",
+    "wandb.project": "butterflies",
+    "wandb.group": "seed-comparison",
+    "wandb.name": "resnet50-tiny",
+    "wandb.tags": "[tiny,cpu]",
+    "wandb.notes": "test run",
+    "wandb.samples": 4,
+}
 
 
 # --- one process: preempted by SIGTERM, requeued, then a crash and a restart from an older checkpoint ---
+
 
 @pytest.fixture(scope="module")
 def requeued_run(tmp_path_factory) -> dict[str, Any]:
@@ -223,8 +234,17 @@ def test_per_epoch_metrics_equal_metrics_jsonl_at_the_epochs_last_step(requeued_
     rows = [h for j in wandb_runs(requeued_run["run_dir"]) for h in j.history if "epoch" in h]
     for row, record in zip(rows, requeued_run["metrics"], strict=True):
         assert row["_step"] == record["step"] and row["epoch"] == record["epoch"] + 1
-        for key in ("train_loss", "train_top1", "train_top5", "valid_loss", "valid_top1", "valid_top5",
-                    "lr", "epoch_s", "img_per_s"):
+        for key in (
+            "train_loss",
+            "train_top1",
+            "train_top5",
+            "valid_loss",
+            "valid_top1",
+            "valid_top5",
+            "lr",
+            "epoch_s",
+            "img_per_s",
+        ):
             assert row[f"epoch/{key}"] == record[key], key
 
 
@@ -318,11 +338,24 @@ def test_a_signal_that_also_stops_wandb_still_leaves_a_checkpoint(tmp_path, caps
 
 # --- two processes --------------------------------------------------------------------------------------
 
+
 def torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bfly.train",
-         *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "bfly.train",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -338,8 +371,14 @@ def test_a_two_process_job_is_one_run_and_its_resume_continues_it(tmp_path):
     (first,) = wandb_runs(run_dir)  # rank 1 created no run
     assert first.steps == [1, 2] and first.config["job"]["world_size"] == 2
     # Raising train.epochs changes the schedule: allowed explicitly, and the change is logged to the run.
-    torchrun(one_epoch_overrides(data, run_dir, **{**WANDB_KEYS, "train.batch_size": 4, "train.epochs": 2,
-                                               "run.allow_changes": "[train.epochs]"}), env)
+    torchrun(
+        one_epoch_overrides(
+            data,
+            run_dir,
+            **{**WANDB_KEYS, "train.batch_size": 4, "train.epochs": 2, "run.allow_changes": "[train.epochs]"},
+        ),
+        env,
+    )
     first_again, second = wandb_runs(run_dir)
     assert second.run_id == first.run_id == load(run_dir / "last.pt")["wandb_run_id"]
     assert second.steps == [3, 4]
@@ -349,13 +388,17 @@ def test_a_two_process_job_is_one_run_and_its_resume_continues_it(tmp_path):
 
 # --- modes and a missing wandb ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("config_mode, env, key, expected", [
-    ("auto", {}, True, "online"),
-    ("auto", {}, False, "offline"),
-    ("online", {"WANDB_MODE": "offline"}, True, "offline"),
-    ("auto", {"WANDB_MODE": "disabled"}, True, "disabled"),
-    ("offline", {"WANDB_MODE": "dryrun"}, True, "offline"),
-])
+
+@pytest.mark.parametrize(
+    "config_mode, env, key, expected",
+    [
+        ("auto", {}, True, "online"),
+        ("auto", {}, False, "offline"),
+        ("online", {"WANDB_MODE": "offline"}, True, "offline"),
+        ("auto", {"WANDB_MODE": "disabled"}, True, "disabled"),
+        ("offline", {"WANDB_MODE": "dryrun"}, True, "offline"),
+    ],
+)
 def test_mode_resolution(config_mode, env, key, expected, monkeypatch, tmp_path):
     wandb_env(monkeypatch, tmp_path)
     if not key:

@@ -5,6 +5,7 @@ micro-step or 1 process x 2 accumulated micro-steps: the same 12 images per opti
 same micro-batches. The step count and the learning-rate schedule must continue exactly, mid-epoch
 included, and the parameters end bit-identical to those of the uninterrupted 2-process run.
 """
+
 import sys
 
 import pytest

@@ -12,6 +12,7 @@ global batches, per-sample seeds and mid-epoch resume. An epoch's indices and au
 parameters are computed on the host and copied to the device once, at the start of the epoch, so
 the training loop never waits on the host and never synchronises with the device.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -75,8 +76,15 @@ def augment_spec(cfg: Config) -> AugmentSpec:
 class CachedTrainInput:
     """Micro-batches for one rank and epoch, from a given optimizer step, augmented on `device`."""
 
-    def __init__(self, split: Split, cfg: Config, plan: StepPlan, rank: int, device: torch.device,
-                 store: ResidentSplit | None = None):
+    def __init__(
+        self,
+        split: Split,
+        cfg: Config,
+        plan: StepPlan,
+        rank: int,
+        device: torch.device,
+        store: ResidentSplit | None = None,
+    ):
         self.store = store or ResidentSplit(split, cfg.data, device)
         self.plan, self.rank, self.seed, self.device = plan, rank, cfg.train.seed, device
         self.steps_per_epoch = steps_per_epoch(len(self.store), plan.batch_size)
@@ -121,8 +129,16 @@ class CachedTrainInput:
 class CachedEvalInput:
     """This rank's exact shard of a split, in fixed order: the PIL eval transform's pixels, normalised."""
 
-    def __init__(self, split: Split, cfg: Config, rank: int, world_size: int, batch_size: int,
-                 device: torch.device, store: ResidentSplit | None = None):
+    def __init__(
+        self,
+        split: Split,
+        cfg: Config,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        device: torch.device,
+        store: ResidentSplit | None = None,
+    ):
         self.store = store or ResidentSplit(split, cfg.data, device)
         shard = torch.tensor(list(eval_shard(len(self.store), rank, world_size)), dtype=torch.int64)
         self.chunks = [(c, c.to(device)) for c in torch.split(shard, batch_size)]

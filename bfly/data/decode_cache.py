@@ -11,6 +11,7 @@ GIL while decoding and resizing) and atomic: a file under its final name is alwa
 Several processes on one node (torchrun ranks) take a file lock: one builds, the others wait and
 then map the same file.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -61,8 +62,7 @@ def cache_path(split: Split, size: int, cache_dir: Path) -> Path:
     return cache_dir / f"{split.name}-{size}px-{slot}-{fingerprint(split, size)[:16]}.npy"
 
 
-def open_cache(split: Split, size: int, cache_dir: str | Path, workers: int = 0,
-               progress: bool = True) -> np.ndarray:
+def open_cache(split: Split, size: int, cache_dir: str | Path, workers: int = 0, progress: bool = True) -> np.ndarray:
     """The split as a read-only-on-disk (copy-on-write) memmap of shape (N, size, size, 3), uint8.
 
     Built on first use or when the fingerprint changed; `workers` = 0: a thread per core, up to 32.
@@ -71,8 +71,10 @@ def open_cache(split: Split, size: int, cache_dir: str | Path, workers: int = 0,
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"data.cache_dir {cache_dir}: cannot create the decode cache folder "
-                        f"({e.strerror}); set data.cache_dir to a writable folder") from None
+        raise DataError(
+            f"data.cache_dir {cache_dir}: cannot create the decode cache folder "
+            f"({e.strerror}); set data.cache_dir to a writable folder"
+        ) from None
     path = cache_path(split, size, cache_dir)
     with _locked(path.with_name("." + path.name.rsplit("-", 1)[0] + ".lock")):
         if not path.exists():
@@ -80,8 +82,10 @@ def open_cache(split: Split, size: int, cache_dir: str | Path, workers: int = 0,
             _remove_stale(path)
     images = np.load(path, mmap_mode="c")
     if images.shape != (len(split.paths), size, size, 3) or images.dtype != np.uint8:
-        raise DataError(f"{path}: decode cache has shape {images.shape} {images.dtype}, expected "
-                        f"({len(split.paths)}, {size}, {size}, 3) uint8; delete the file to rebuild it")
+        raise DataError(
+            f"{path}: decode cache has shape {images.shape} {images.dtype}, expected "
+            f"({len(split.paths)}, {size}, {size}, 3) uint8; delete the file to rebuild it"
+        )
     return images
 
 
@@ -90,8 +94,7 @@ def build(split: Split, size: int, path: Path, workers: int, progress: bool) -> 
     tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
     _reserve(tmp)
-    report = _progress(f"bfly: decoding split {split.name!r} ({n} images at {size}px) into {path}",
-                       n, progress)
+    report = _progress(f"bfly: decoding split {split.name!r} ({n} images at {size}px) into {path}", n, progress)
 
     def fill(lo: int) -> int:
         hi = min(lo + _CHUNK, n)
@@ -123,8 +126,10 @@ def _reserve(tmp: Path) -> None:
             os.posix_fallocate(f.fileno(), 0, nbytes)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"{tmp.parent}: cannot write a {nbytes / 2**30:.2f} GB decode cache ({e.strerror}); "
-                        "free space or set data.cache_dir elsewhere") from None
+        raise DataError(
+            f"{tmp.parent}: cannot write a {nbytes / 2**30:.2f} GB decode cache ({e.strerror}); "
+            "free space or set data.cache_dir elsewhere"
+        ) from None
 
 
 def _progress(title: str, total: int, enabled: bool) -> Callable[[int], None]:

@@ -12,6 +12,7 @@ off); rotation resamples bilinearly instead of nearest-neighbour; colour jitter 
 contrast, saturation, hue in this fixed order rather than a random order, and shifts hue by a
 rotation in YIQ space rather than in HSV.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,18 @@ import torch.nn.functional as F
 
 from bfly.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-PARAM_COLUMNS = ("crop_w", "crop_h", "center_x", "center_y", "angle", "flip",
-                 "brightness", "contrast", "saturation", "hue")
+PARAM_COLUMNS = (
+    "crop_w",
+    "crop_h",
+    "center_x",
+    "center_y",
+    "angle",
+    "flip",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+)
 # crop_w/crop_h: half-extent of the crop in normalised coordinates (1 = the whole side);
 # center_x/center_y in [-1, 1]; angle in radians; flip is -1 (mirror) or +1.
 
@@ -76,8 +87,10 @@ def draw_params(seeds: Sequence[int] | np.ndarray, spec: AugmentSpec) -> torch.T
     fits = (crop_w <= 1) & (crop_h <= 1)
     crop_w, crop_h = np.where(fits, crop_w, 1.0), np.where(fits, crop_h, 1.0)
     columns = [
-        crop_w, crop_h,
-        (2 * u[:, 2] - 1) * (1 - crop_w), (2 * u[:, 3] - 1) * (1 - crop_h),
+        crop_w,
+        crop_h,
+        (2 * u[:, 2] - 1) * (1 - crop_w),
+        (2 * u[:, 3] - 1) * (1 - crop_h),
         np.deg2rad(spec.rotation_deg * (2 * u[:, 4] - 1)),
         np.where(u[:, 5] < spec.flip_p, -1.0, 1.0),
         1 + spec.brightness * (2 * u[:, 6] - 1),

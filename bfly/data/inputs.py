@@ -1,5 +1,6 @@
 """Builds the configured input path. Both paths give the trainer the same thing: for a rank and an
 epoch, micro-batches of (normalized images, labels) on the training device."""
+
 from __future__ import annotations
 
 import shutil
@@ -30,8 +31,7 @@ class TrainInput(Protocol):
 class EvalInput(Protocol):
     """A rank's exact shard of an eval split (PilEvalInput, CachedEvalInput)."""
 
-    def batches(self) -> Iterator[Batch]:
-        ...
+    def batches(self) -> Iterator[Batch]: ...
 
 
 def build_train_input(cfg: Config, meta: DatasetMeta, plan: StepPlan, rank: int, device: torch.device) -> TrainInput:
@@ -45,16 +45,26 @@ def build_train_input(cfg: Config, meta: DatasetMeta, plan: StepPlan, rank: int,
     return PilTrainInput(split, transform, plan, rank, cfg.train.seed, device, d.workers, d.pin_memory, d.image_size)
 
 
-def build_eval_input(cfg: Config, meta: DatasetMeta, split_name: str, rank: int, world_size: int,
-                     batch_size: int, device: torch.device) -> EvalInput:
+def build_eval_input(
+    cfg: Config, meta: DatasetMeta, split_name: str, rank: int, world_size: int, batch_size: int, device: torch.device
+) -> EvalInput:
     d = cfg.data
     split = meta.splits[split_name]
     if d.input == "cached":
         from bfly.data.cached_input import CachedEvalInput
 
         return CachedEvalInput(split, cfg, rank, world_size, batch_size, device)
-    return PilEvalInput(split, build_eval_transform(d.image_size), rank, world_size, batch_size, device,
-                        eval_workers(cfg), d.pin_memory, d.image_size)
+    return PilEvalInput(
+        split,
+        build_eval_transform(d.image_size),
+        rank,
+        world_size,
+        batch_size,
+        device,
+        eval_workers(cfg),
+        d.pin_memory,
+        d.image_size,
+    )
 
 
 def eval_workers(cfg: Config) -> int:
@@ -81,7 +91,9 @@ def shm_warning(cfg: Config, plan: StepPlan, eval_batch: int, processes_per_node
     need = processes_per_node * max(train, evals)
     if need <= free:
         return None
-    return (f"/dev/shm has {free / 2**30:.1f} GiB free, the PIL input's prefetched batches need up to "
-            f"{need / 2**30:.1f} GiB ({processes_per_node} process(es) x {max(train, evals) / 2**20:.0f} MiB); "
-            "DataLoader workers die with a bus error when it is full: lower data.workers or "
-            "train.micro_batch_size, use data.input=cached, or give the container more (docker --shm-size)")
+    return (
+        f"/dev/shm has {free / 2**30:.1f} GiB free, the PIL input's prefetched batches need up to "
+        f"{need / 2**30:.1f} GiB ({processes_per_node} process(es) x {max(train, evals) / 2**20:.0f} MiB); "
+        "DataLoader workers die with a bus error when it is full: lower data.workers or "
+        "train.micro_batch_size, use data.input=cached, or give the container more (docker --shm-size)"
+    )

@@ -159,8 +159,7 @@ def _detect_layout(root: Path, splits: tuple[str, ...]) -> str:
 def _split_folder(root: Path, split: str) -> Path | None:
     found = [root / name for name in SPLIT_FOLDERS[split] if (root / name).is_dir()]
     if len(found) > 1:
-        raise DataError(f"{root}: both {found[0].name}/ and {found[1].name}/ exist; keep one as the "
-                        f"{split!r} split")
+        raise DataError(f"{root}: both {found[0].name}/ and {found[1].name}/ exist; keep one as the {split!r} split")
     return found[0] if found else None
 
 
@@ -171,8 +170,9 @@ def _class_folders(split_dir: Path) -> list[str]:
         if entry.name.startswith("."):
             continue  # .DS_Store and friends
         if not entry.is_dir():
-            raise DataError(f"{entry.path}: a file directly in the split folder has no class; "
-                            f"images go in {split_dir}/<class>/")
+            raise DataError(
+                f"{entry.path}: a file directly in the split folder has no class; images go in {split_dir}/<class>/"
+            )
         names.append(entry.name)
     if not names:
         raise DataError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<image>)")
@@ -185,8 +185,10 @@ def _images_of(class_dir: Path) -> list[str]:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            raise DataError(f"{entry.path}: a folder inside class folder {class_dir.name!r}; the folder "
-                            "layout is one level of class folders holding images")
+            raise DataError(
+                f"{entry.path}: a folder inside class folder {class_dir.name!r}; the folder "
+                "layout is one level of class folders holding images"
+            )
         (images if entry.name.lower().endswith(IMAGE_EXTENSIONS) else others).append(entry.path)
     if others:
         others.sort()
@@ -205,8 +207,10 @@ def _read_folders(root: Path, splits: tuple[str, ...]) -> DatasetMeta:
         split_dir = _split_folder(root, split)
         if split_dir is None:
             names = " or ".join(f"{name}/" for name in SPLIT_FOLDERS[split])
-            raise DataError(f"{root}: split folder {names} missing (the folder layout has train/, valid/ "
-                            "or val/, and test/, each with one folder per class)")
+            raise DataError(
+                f"{root}: split folder {names} missing (the folder layout has train/, valid/ "
+                "or val/, and test/, each with one folder per class)"
+            )
         split_dirs[split] = split_dir
     # Class ids come from train/'s folders (the layout is detected by it) even when train is not
     # requested, so that evaluating one split numbers the classes as training did.
@@ -215,9 +219,11 @@ def _read_folders(root: Path, splits: tuple[str, ...]) -> DatasetMeta:
     for split_dir in split_dirs.values():
         names = _class_folders(split_dir)
         if names != class_names:
-            raise DataError(f"{split_dir}: class folders differ from {reference}'s "
-                            f"({_set_difference(names, class_names, split_dir.name, reference.name)}); "
-                            "every split needs the same class folders")
+            raise DataError(
+                f"{split_dir}: class folders differ from {reference}'s "
+                f"({_set_difference(names, class_names, split_dir.name, reference.name)}); "
+                "every split needs the same class folders"
+            )
     ids = {name: i for i, name in enumerate(class_names)}
     built = {}
     for split, split_dir in split_dirs.items():
@@ -232,9 +238,12 @@ def _read_folders(root: Path, splits: tuple[str, ...]) -> DatasetMeta:
 
 def _set_difference(a: Sequence[str], b: Sequence[str], a_name: str, b_name: str) -> str:
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-    parts = [f"only in {name}: {missing[:_MAX_LISTED]}" + (f" and {len(missing) - _MAX_LISTED} more"
-                                                             if len(missing) > _MAX_LISTED else "")
-             for name, missing in ((a_name, only_a), (b_name, only_b)) if missing]
+    parts = [
+        f"only in {name}: {missing[:_MAX_LISTED]}"
+        + (f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else "")
+        for name, missing in ((a_name, only_a), (b_name, only_b))
+        if missing
+    ]
     return "; ".join(parts)
 
 
@@ -254,22 +263,38 @@ def _compare_with_folders(root: Path, by_split: dict[str, list[_Row]], class_nam
             continue  # images flat in the split folder: no folder layout to compare with
         for row in rows:
             parent = os.path.dirname(os.path.normpath(row.path))
-            if os.path.dirname(parent) == str(split_dir) and os.path.basename(parent) != row.name \
-                    and row.name in folders:
-                raise _cell_error(row.file, row.line, "labels",
-                                  f"{row.name!r}, but the image lies in class folder {parent}; the CSV and the "
-                                  "folders disagree about this image (fix the row or move the image)")
+            if (
+                os.path.dirname(parent) == str(split_dir)
+                and os.path.basename(parent) != row.name
+                and row.name in folders
+            ):
+                raise _cell_error(
+                    row.file,
+                    row.line,
+                    "labels",
+                    f"{row.name!r}, but the image lies in class folder {parent}; the CSV and the "
+                    "folders disagree about this image (fix the row or move the image)",
+                )
         labels = sorted({row.name for row in rows})
         if labels != folders:
-            warnings.warn(f"{rows[0].file}: the CSV's classes of split {split!r} differ from the class folders "
-                          f"in {split_dir} ({_set_difference(labels, folders, 'the CSV', split_dir.name)}); "
-                          "the CSV is used", stacklevel=3)
+            warnings.warn(
+                f"{rows[0].file}: the CSV's classes of split {split!r} differ from the class folders "
+                f"in {split_dir} ({_set_difference(labels, folders, 'the CSV', split_dir.name)}); "
+                "the CSV is used",
+                stacklevel=3,
+            )
         elif split == "train" and tuple(folders) != class_names:
-            moved = [f"{n!r} is {class_names.index(n)}, folder order {i}"
-                     for i, n in enumerate(folders) if class_names[i] != n]
-            warnings.warn(f"{rows[0].file}: class ids differ from the sorted class folders' order in {split_dir} "
-                          f"({'; '.join(moved[:_MAX_LISTED])}); the CSV's ids are used, the folder layout "
-                          "alone would number the classes differently", stacklevel=3)
+            moved = [
+                f"{n!r} is {class_names.index(n)}, folder order {i}"
+                for i, n in enumerate(folders)
+                if class_names[i] != n
+            ]
+            warnings.warn(
+                f"{rows[0].file}: class ids differ from the sorted class folders' order in {split_dir} "
+                f"({'; '.join(moved[:_MAX_LISTED])}); the CSV's ids are used, the folder layout "
+                "alone would number the classes differently",
+                stacklevel=3,
+            )
 
 
 def _read_course_split(root: Path, split: str) -> list[_Row]:
@@ -395,7 +420,9 @@ def _class_names(rows: list[_Row], id_column: str) -> tuple[str, ...]:
         if not 0 <= class_id < num_classes:
             gaps = sorted(set(range(num_classes)) - first_of_id.keys())
             raise _cell_error(
-                row.file, row.line, id_column,
+                row.file,
+                row.line,
+                id_column,
                 f"class id {class_id} is outside [0, {num_classes}): the {num_classes} distinct ids "
                 f"must be 0..{num_classes - 1} (absent: {gaps[:_MAX_LISTED]})",
             )

@@ -1,4 +1,5 @@
 """The reference input path: Pillow decode + torchvision/timm transforms in DataLoader workers."""
+
 from __future__ import annotations
 
 import random
@@ -49,9 +50,13 @@ def open_rgb(path: str) -> Image.Image:
 
 def _warn_if_huge(path: str, size: tuple[int, int]) -> None:
     if Image.MAX_IMAGE_PIXELS and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
-        warnings.warn(f"{path}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels is over Pillow's "
-                      f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}; decoding it anyway "
-                      "(over twice the limit it would be refused)", Image.DecompressionBombWarning, stacklevel=3)
+        warnings.warn(
+            f"{path}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels is over Pillow's "
+            f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}; decoding it anyway "
+            "(over twice the limit it would be refused)",
+            Image.DecompressionBombWarning,
+            stacklevel=3,
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -144,9 +149,13 @@ def shm_bytes(nbytes: int, workers: int) -> int:
 
 def _loader(dataset: Dataset, batches: object, workers: int, pin: bool, nbytes: int) -> DataLoader:
     return DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin,
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        pin_memory=pin,
         worker_init_fn=_worker_init if workers else None,
-        persistent_workers=workers > 0, prefetch_factor=prefetch_factor(nbytes, workers),
+        persistent_workers=workers > 0,
+        prefetch_factor=prefetch_factor(nbytes, workers),
     )
 
 
@@ -160,12 +169,27 @@ def _to(device: torch.device, loader: DataLoader) -> Iterator[tuple[torch.Tensor
 class PilTrainInput:
     """Micro-batches for one rank and epoch, from a given optimizer step, already on `device`."""
 
-    def __init__(self, split: Split, transform: Callable, plan: StepPlan, rank: int, seed: int,
-                 device: torch.device, workers: int, pin_memory: bool, image_size: int = 224):
+    def __init__(
+        self,
+        split: Split,
+        transform: Callable,
+        plan: StepPlan,
+        rank: int,
+        seed: int,
+        device: torch.device,
+        workers: int,
+        pin_memory: bool,
+        image_size: int = 224,
+    ):
         dataset = ImageDataset(split, transform)
         self.sampler = _RankBatches(len(dataset), plan, rank, seed)
-        self.loader = _loader(dataset, self.sampler, workers, pin_memory and device.type == "cuda",
-                              batch_bytes(plan.micro_batch, image_size))
+        self.loader = _loader(
+            dataset,
+            self.sampler,
+            workers,
+            pin_memory and device.type == "cuda",
+            batch_bytes(plan.micro_batch, image_size),
+        )
         self.device = device
         self.steps_per_epoch = steps_per_epoch(len(dataset), plan.batch_size)
         self.accum_steps = plan.accum_steps
@@ -178,13 +202,24 @@ class PilTrainInput:
 class PilEvalInput:
     """This rank's exact shard of a split, in fixed order."""
 
-    def __init__(self, split: Split, transform: Callable, rank: int, world_size: int, batch_size: int,
-                 device: torch.device, workers: int, pin_memory: bool, image_size: int = 224):
+    def __init__(
+        self,
+        split: Split,
+        transform: Callable,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        device: torch.device,
+        workers: int,
+        pin_memory: bool,
+        image_size: int = 224,
+    ):
         dataset = ImageDataset(split, transform)
         shard = list(eval_shard(len(dataset), rank, world_size))
         plan = [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
-        self.loader = _loader(dataset, plan, workers, pin_memory and device.type == "cuda",
-                              batch_bytes(batch_size, image_size))
+        self.loader = _loader(
+            dataset, plan, workers, pin_memory and device.type == "cuda", batch_bytes(batch_size, image_size)
+        )
         self.device = device
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

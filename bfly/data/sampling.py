@@ -5,6 +5,7 @@ defined per *global* batch so that a run can stop mid-epoch and resume at a step
 different world size: global batch k of an epoch is the same set of samples whatever the world
 size; each rank takes its slices of it, one per micro-step.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

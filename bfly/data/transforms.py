@@ -50,15 +50,17 @@ def build_train_transform(
     """
     _check_size(image_size)
     if preset == "course":
-        return transforms.Compose([
-            ToRGB(),
-            transforms.Resize((image_size, image_size)),
-            transforms.RandomHorizontalFlip(),
-            transforms.RandomRotation(30),
-            transforms.ColorJitter(0.2, 0.2, 0.2, 0.1),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        return transforms.Compose(
+            [
+                ToRGB(),
+                transforms.Resize((image_size, image_size)),
+                transforms.RandomHorizontalFlip(),
+                transforms.RandomRotation(30),
+                transforms.ColorJitter(0.2, 0.2, 0.2, 0.1),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
     if preset == "timm":
         if not 0.0 <= reprob <= 1.0:
             raise ValueError(f"reprob must be in [0, 1], got {reprob}")
@@ -81,12 +83,14 @@ def build_train_transform(
 
 def build_eval_transform(image_size: int) -> Callable:
     _check_size(image_size)
-    return transforms.Compose([
-        ToRGB(),
-        transforms.Resize((image_size, image_size)),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            ToRGB(),
+            transforms.Resize((image_size, image_size)),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def build_mixup(mixup_alpha: float, cutmix_alpha: float, label_smoothing: float, num_classes: int) -> Mixup | None:

@@ -1,6 +1,7 @@
 """Our hand-written models. The registry below is the one list of model names: the config's
 model.name choices, bfly.bench and bfly.evaluate read it. It imports no torch, so that the config
 (read on a login node by launch.submit) can list the names; a model's module is imported when built."""
+
 from __future__ import annotations
 
 import importlib

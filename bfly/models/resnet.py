@@ -1,4 +1,5 @@
 """ResNet-50 (v1.5: stride on the 3x3 conv), module names matching torchvision's."""
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_channels: int, width: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(self, in_channels: int, width: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
         super().__init__()
         out_channels = width * self.expansion
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
@@ -32,8 +32,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, layers: list[int], num_classes: int = 100,
-                 zero_init_residual: bool = False) -> None:
+    def __init__(self, layers: list[int], num_classes: int = 100, zero_init_residual: bool = False) -> None:
         super().__init__()
         self.in_channels = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)

@@ -1,12 +1,34 @@
 """VGG-19 with optional batch norm, module names matching torchvision's."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 # Output channels of each 3x3 conv; "M" is a 2x2 max pool (configuration "E" of the VGG paper).
-VGG19_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-                              512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+VGG19_CFG: list[int | str] = [
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+]
 
 
 def make_features(cfg: list[int | str], batch_norm: bool) -> nn.Sequential:

@@ -3,6 +3,7 @@
 Used by the tests to show that evaluation is exact whatever the world size.
     torchrun --nproc_per_node=3 tests/probes/eval_probe.py CKPT SPLIT
 """
+
 import json
 import sys
 
@@ -28,6 +29,16 @@ model.load_state_dict(state["model"])
 batches = build_eval_input(cfg, meta, split, env.rank, env.world_size, 7, device).batches()
 m = evaluate(model, batches, meta.num_classes, device, None)
 if env.is_main:
-    print(json.dumps({"count": m["count"], "top1": m["top1"], "top5": m["top5"], "loss": m["loss"],
-                      "per_class": m["per_class"], "confusion": m["confusion"].tolist()}))
+    print(
+        json.dumps(
+            {
+                "count": m["count"],
+                "top1": m["top1"],
+                "top5": m["top5"],
+                "loss": m["loss"],
+                "per_class": m["per_class"],
+                "confusion": m["confusion"].tolist(),
+            }
+        )
+    )
 distributed.shutdown()

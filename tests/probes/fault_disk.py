@@ -5,6 +5,7 @@ tmpfs (read-only, full, too small for a checkpoint), runs `bfly.train.main` on e
 JSON line per case. Prints "mount failed" and exits 0 where mounting is not allowed.
     unshare --mount --propagation private python tests/probes/fault_disk.py WORKDIR OVERRIDES...
 """
+
 import contextlib
 import io
 import json
@@ -18,8 +19,9 @@ from bfly.train import main
 
 def mount(where: Path, options: str) -> None:
     where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True,
-                   capture_output=True, text=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True, capture_output=True, text=True
+    )
 
 
 def fill(where: Path) -> None:
@@ -44,8 +46,19 @@ def main_probe() -> None:
         t0 = time.monotonic()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             rc = main([*overrides, f"run.dir={run_dir}"])
-        print(json.dumps({"case": case, "run_dir": str(run_dir), "rc": rc, "stdout": out.getvalue(),
-                          "stderr": err.getvalue(), "seconds": time.monotonic() - t0}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "case": case,
+                    "run_dir": str(run_dir),
+                    "rc": rc,
+                    "stdout": out.getvalue(),
+                    "stderr": err.getvalue(),
+                    "seconds": time.monotonic() - t0,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ and the test fails with the output's tail. Linux only (/proc).
 Reference runs (uninterrupted, same config) are cached per session: every test that compares its
 final weights with an uninterrupted run of the same config reuses one.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -55,8 +56,19 @@ RESTARTABLE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def torchrun_cmd(nproc: int, args: list[str], max_restarts: int = 0) -> list[str]:
-    return ["env", *[f"{k}={v}" for k, v in RESTARTABLE.items()], PYTHON, "-m", "torch.distributed.run",
-            "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", "-m", "bfly.train", *args]
+    return [
+        "env",
+        *[f"{k}={v}" for k, v in RESTARTABLE.items()],
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        "bfly.train",
+        *args,
+    ]
 
 
 def _children(pid: int) -> list[int]:
@@ -97,21 +109,38 @@ class Launch:
     pseudo-terminal as the foreground job, so `ctrl_c` is a real Ctrl-C (the terminal sends SIGINT to
     the foreground process group)."""
 
-    def __init__(self, cmd: list[str], timeout: float, group: bool = False, tty: bool = False,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self, cmd: list[str], timeout: float, group: bool = False, tty: bool = False, env: dict[str, str] | None = None
+    ):
         self.t0 = time.monotonic()
         self.deadline = self.t0 + timeout
         self.lines: list[tuple[float, str]] = []
         self.master = None
         if tty:
             self.master, slave = pty.openpty()
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(TERM="xterm", **(env or {})), stdin=slave, stdout=slave,
-                                         stderr=slave, start_new_session=True, preexec_fn=_take_terminal)
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=subprocess_env(TERM="xterm", **(env or {})),
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                start_new_session=True,
+                preexec_fn=_take_terminal,
+            )
             os.close(slave)
             self._reader = threading.Thread(target=self._read_tty, daemon=True)
         else:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(**(env or {})), stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=group)
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=subprocess_env(**(env or {})),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                start_new_session=group,
+            )
             self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         atexit.register(self.kill_all)  # a test that fails half-way leaves no process behind
@@ -263,6 +292,7 @@ def reference_run(base: Path, nproc: int, args: list[str]) -> Path:
 
 
 # --- editable copies of a dataset --------------------------------------------------------------------
+
 
 def read_rows(csv_path: Path) -> tuple[list[str], list[list[str]]]:
     with open(csv_path, newline="") as f:

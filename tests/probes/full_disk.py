@@ -8,6 +8,7 @@ next checkpoint cannot be written. Then the filler is removed and the run resume
 object; copies the final last.pt and metrics.jsonl to WORKDIR/out (the tmpfs goes with the namespace).
 Prints "mount failed" and exits 0 where mounting is not allowed.
 """
+
 import contextlib
 import json
 import os
@@ -37,8 +38,9 @@ def main() -> None:
     disk = work / "disk"
     disk.mkdir(parents=True)
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=800m", "tmpfs", str(disk)], check=True,
-                       capture_output=True, text=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=800m", "tmpfs", str(disk)], check=True, capture_output=True, text=True
+        )
     except (subprocess.CalledProcessError, OSError) as e:
         print(f"mount failed: {getattr(e, 'stderr', '') or e}")
         return
@@ -74,8 +76,20 @@ def main() -> None:
     (work / "out").mkdir()
     for name in ("last.pt", "metrics.jsonl"):
         shutil.copy(run / name, work / "out" / name)
-    print(json.dumps({"rc": rc, "output": out, "seconds": seconds, "filled": filled, "files": leftovers,
-                      "intact_step": intact_step, "resume_rc": rc2, "resume_output": out2}))
+    print(
+        json.dumps(
+            {
+                "rc": rc,
+                "output": out,
+                "seconds": seconds,
+                "filled": filled,
+                "files": leftovers,
+                "intact_step": intact_step,
+                "resume_rc": rc2,
+                "resume_output": out2,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
