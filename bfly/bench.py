@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 import torch
 
@@ -35,7 +36,6 @@ from bfly.throughput import (
     guarded,
     write_json,
 )
-
 
 # --- command line -----------------------------------------------------------------------------------
 
@@ -116,15 +116,15 @@ def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     for mode in modes_of(args.mode, device):
         if mode == "host":
-            rows += guarded("host", "host CPU per image", s.tag(), lambda: bench_host(s, device, args.host_images))
+            rows += guarded("host", "host CPU per image", s.tag(), partial(bench_host, s, device, args.host_images))
         elif mode == "input":
-            rows += guarded("input", "input only", s.tag(), lambda: bench_input(s, device))
+            rows += guarded("input", "input only", s.tag(), partial(bench_input, s, device))
         for name in args.models.split(",") if mode in ("model", "e2e") else []:
             if mode == "model":
-                rows += guarded("model", name, s.tag(), lambda: bench_model(name, s, device, args.reference))
+                rows += guarded("model", name, s.tag(), partial(bench_model, name, s, device, args.reference))
             else:
                 inputs = ("cached", "pil") if args.e2e_pil else ("cached",)
-                rows += guarded("e2e", name, s.tag(), lambda: bench_model(name, s, device, False, inputs))
+                rows += guarded("e2e", name, s.tag(), partial(bench_model, name, s, device, False, inputs))
     return rows
 
 

@@ -102,7 +102,7 @@ def run_cells(
         try:
             out.rows = cell.run()
             out.status = "ok"
-        except Exception as e:  # noqa: BLE001 - one failing cell must not cost the others' figures
+        except Exception as e:
             out.status = "failed"
             out.error = f"{type(e).__name__}: {str(e).strip()[:500]}"
             print(f"bfly: cell {cell.key} failed, traceback:", file=sys.stderr, flush=True)

@@ -43,12 +43,12 @@ from pathlib import Path
 import torch
 
 from bfly import throughput
-from bfly.stack import pick_device
-from bfly.throughput import Row, Settings
 from bfly.cells import Cell, Check, Outcome, check, format_verdict, plan_lines, run_cells
 from bfly.data.decode_cache import available_cores
 from bfly.data.metadata import DataError, load_metadata
 from bfly.runlog import read_metrics
+from bfly.stack import pick_device
+from bfly.throughput import Row, Settings
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = "data/compact"  # the compact copy that travels with the working tree (README: GPU loan)
@@ -122,7 +122,7 @@ class Child:
         self._pump = threading.Thread(target=self._read, daemon=True)
         self._pump.start()
 
-    def __enter__(self) -> "Child":
+    def __enter__(self) -> Child:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -148,7 +148,9 @@ class Child:
                 line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 self.kill()
-                raise TimeoutError(f"no line matching {pattern.pattern!r} within {timeout:.0f}s; see {self.log}")
+                raise TimeoutError(
+                    f"no line matching {pattern.pattern!r} within {timeout:.0f}s; see {self.log}"
+                ) from None
             if line is None:
                 raise RuntimeError(
                     f"exited with code {self.proc.wait()} before a line matching {pattern.pattern!r}; see {self.log}"

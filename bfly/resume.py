@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bfly import checkpoint as ckpt
-from bfly import distributed
+from bfly import checkpoint as ckpt, distributed
 from bfly.config import Config, ConfigError, changed_keys, dump_yaml, flat, to_dict
 from bfly.data.metadata import DatasetMeta
 from bfly.data.sampling import StepPlan

@@ -10,8 +10,8 @@ import importlib
 import json
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from bfly.config import ConfigError

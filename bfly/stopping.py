@@ -35,6 +35,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 # "try again later"): a script tells it apart from a crash (1) and a user error (2). Run it again to resume.
 EXIT_STOPPED = 75
 
+# The exit status of a job ended because a rank stopped making progress (a hang): not a user error (2), so
+# a launcher may retry it from the last checkpoint, and told apart from a crash (1) in the job's log.
+EXIT_HANG = 76
+
 # Why a rank stopped that got no signal itself: another rank did (ranks agree at log points).
 OTHER_RANK = "a signal on another rank"
 
@@ -91,7 +95,7 @@ class StopRequest:
         self.caught: list[str] = []  # every stop signal received, oldest first
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -17,6 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -279,14 +280,14 @@ def bench_model(
             "e2e",
             f"{name} (ours), real data via {kind}",
             s.tag(),
-            lambda: [_real_data_row(name, kind, trainers["ours"], flops["ours"], rows[0].img_s, s, device, store)],
+            partial(_real_data_rows, name, kind, trainers["ours"], flops["ours"], rows[0].img_s, s, device, store),
         )
     trainers.clear()
     free_memory(device)
     return rows
 
 
-def _real_data_row(
+def _real_data_rows(
     name: str,
     kind: str,
     trainer: Trainer,
@@ -295,22 +296,25 @@ def _real_data_row(
     s: Settings,
     device: torch.device,
     store: ResidentSplit | None,
-) -> Row:
+) -> list[Row]:
+    """One row: our model trained on the real data through input path `kind` (a list, for `guarded`)."""
     train_input = cached_train_input(s, device, store) if kind == "cached" else pil_train_input(s, device)
     timing = time_training(trainer, endless(train_input.batches), s.steps, s.warmup)
     del train_input  # PIL workers end here
     settings = s.tag() + (f" w{s.workers}" if kind == "pil" else "")
-    return Row(
-        "e2e",
-        f"{name} (ours), real data via {kind}",
-        settings,
-        timing.img_s,
-        mfu(flops, timing, s.batch_size, peak_flops(device, s)),
-        timing.peak_gb,
-        timing.wait,
-        timing.img_s / synthetic_img_s,
-        "synthetic",
-    )
+    return [
+        Row(
+            "e2e",
+            f"{name} (ours), real data via {kind}",
+            settings,
+            timing.img_s,
+            mfu(flops, timing, s.batch_size, peak_flops(device, s)),
+            timing.peak_gb,
+            timing.wait,
+            timing.img_s / synthetic_img_s,
+            "synthetic",
+        )
+    ]
 
 
 def _median_row(label: str, timings: list[Timing], flops: float, s: Settings, device: torch.device) -> Row:
@@ -505,7 +509,7 @@ def guarded(mode: str, case: str, settings: str, fn: Callable[[], list[Row]]) ->
     """Run one cell; a failure becomes a row of the table instead of ending the run."""
     try:
         return fn()
-    except Exception as e:  # noqa: BLE001 - any failure of one cell is reported, the others still run
+    except Exception as e:
         traceback.print_exc(file=sys.stderr)
         message = str(e).strip().splitlines()
         free_memory(stack.pick_device())

@@ -26,8 +26,7 @@ from typing import Any
 
 import torch
 
-from bfly import checkpoint as ckpt
-from bfly import distributed
+from bfly import checkpoint as ckpt, distributed
 from bfly.config import Config, ConfigError, dump_yaml, help_text, load_config, run_dir_of
 from bfly.data.metadata import DataError, load_metadata
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
@@ -222,7 +221,7 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
     finally:
         try:
             writer.wait()
-        except Exception as e:  # noqa: BLE001 - already failing; say what else went wrong
+        except Exception as e:
             print(f"bfly.train{_rank_tag(env)}: error: {one_line(e)}", file=sys.stderr, flush=True)
         if lock is not None:
             lock.release()

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bfly import checkpoint as ckpt
-from bfly import stack
+from bfly import checkpoint as ckpt, stack
 from bfly.config import Config, ConfigError, from_dict, replace
 from bfly.data.inputs import build_eval_input
 from bfly.data.metadata import DataError, load_metadata

@@ -82,7 +82,7 @@ class WandbSink:
     @classmethod
     def open(
         cls, cfg: Config, run_dir: Path, job: dict[str, Any], resume_id: str | None, warn: Callable[[str], None]
-    ) -> "WandbSink":
+    ) -> WandbSink:
         """resume_id: the wandb run id a resumed checkpoint carries (None: a new wandb run)."""
         wb = _init(cfg, run_dir, job, resume_id, warn)
         wb.define_metric("epoch")
@@ -182,18 +182,18 @@ class WandbSink:
 def _init(cfg: Config, run_dir: Path, job: dict[str, Any], resume_id: str | None, warn: Callable[[str], None]) -> Any:
     c = cfg.wandb
     mode = resolve_mode(c.mode)
-    kwargs = dict(
-        dir=run_dir,
-        entity=c.entity or None,
-        project=c.project or None,
-        group=c.group or None,
-        name=c.name or run_dir.resolve().name,
-        tags=c.tags or None,
-        notes=c.notes or None,
-        id=resume_id,
-        resume="allow" if resume_id else None,
-        config={**to_dict(cfg), "job": job},
-    )
+    kwargs = {
+        "dir": run_dir,
+        "entity": c.entity or None,
+        "project": c.project or None,
+        "group": c.group or None,
+        "name": c.name or run_dir.resolve().name,
+        "tags": c.tags or None,
+        "notes": c.notes or None,
+        "id": resume_id,
+        "resume": "allow" if resume_id else None,
+        "config": {**to_dict(cfg), "job": job},
+    }
     try:
         return wandb.init(mode=mode, **kwargs)
     except wandb.Error as e:

@@ -38,7 +38,7 @@ def preflight(args: argparse.Namespace, specs: list[TrainSpec]) -> bool:
 
     world = args.nodes * args.tasks_per_node
     # A list, not a generator: every run is checked, so every problem is listed at once.
-    return all([train_main(["--check", "--nproc", str(world), *spec.train_args]) == 0 for spec in specs])
+    return all(train_main(["--check", "--nproc", str(world), *spec.train_args]) == 0 for spec in specs)
 
 
 def make_job(args: argparse.Namespace, spec: TrainSpec) -> TrainJob:

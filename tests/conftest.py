@@ -1,5 +1,9 @@
-# --- data metadata / transforms fixtures (suffix _meta / _tf) ---
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,12 +36,6 @@ def mini_copy_meta(tmp_path: Path) -> Path:
 # --- end of data metadata / transforms fixtures ---
 
 # --- training fixtures (lead) ---
-import json
-import os
-import socket
-import subprocess
-import sys
-
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
@@ -85,6 +83,22 @@ def tiny_dataset(root: Path, per_class: dict[str, int], drop_class: int | None =
 def tiny_data(tmp_path_factory) -> Path:
     """60 train / 20 valid / 20 test images of the 10 mini species: fast CPU training runs."""
     return write_subset(MINI_ROOT, tmp_path_factory.mktemp("tiny") / "data", {"train": 6, "valid": 2, "test": 2})
+
+
+@pytest.fixture(scope="session")
+def ref1(tiny_data, tmp_path_factory) -> Path:
+    """The fault config's uninterrupted single-process run: what a faulted run must end identical to."""
+    from probes.fault_launch import fault_args, reference_run
+
+    return reference_run(tmp_path_factory.getbasetemp(), 1, fault_args(tiny_data, Path("ref")))
+
+
+@pytest.fixture(scope="session")
+def ref2(tiny_data, tmp_path_factory) -> Path:
+    """The same on 2 processes (torchrun)."""
+    from probes.fault_launch import fault_args, reference_run
+
+    return reference_run(tmp_path_factory.getbasetemp(), 2, fault_args(tiny_data, Path("ref")))
 
 
 def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:

@@ -10,9 +10,9 @@ Default tier: the whole table in-process (one process), and two rows under torch
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -23,6 +23,7 @@ from bfly.data.pil_input import open_rgb
 from bfly.data.sampling import epoch_permutation
 from bfly.models import build_model
 from bfly.train import main
+
 from conftest import data_copy, read_jsonl, tiny_overrides
 from probes.fault_launch import Launch, read_rows, replace_image, torchrun_cmd, write_rows
 

@@ -16,17 +16,17 @@ MINI = Path(__file__).resolve().parent.parent / "data" / "butterfly-mini"
 
 
 def tiny(tmp_path: Path, **kw) -> Settings:
-    base = dict(
-        batch_size=4,
-        image_size=32,
-        amp="off",
-        steps=1,
-        warmup=1,
-        rounds=1,
-        data=str(MINI),
-        cache_dir=str(tmp_path / "cache"),
-        workers=0,
-    )
+    base = {
+        "batch_size": 4,
+        "image_size": 32,
+        "amp": "off",
+        "steps": 1,
+        "warmup": 1,
+        "rounds": 1,
+        "data": str(MINI),
+        "cache_dir": str(tmp_path / "cache"),
+        "workers": 0,
+    }
     return Settings(**(base | kw))
 
 

@@ -188,7 +188,7 @@ def test_a_broken_image_is_named_and_leaves_no_cache(tiny_root, tmp_path):
 def test_an_unusable_cache_dir_is_named(tiny_root, tmp_path):
     (tmp_path / "file").write_text("")
     split = load_metadata(tiny_root).splits["valid"]
-    with pytest.raises(DataError, match="data.cache_dir .*file/sub: cannot create"):
+    with pytest.raises(DataError, match=r"data\.cache_dir .*file/sub: cannot create"):
         open_cache(split, 16, tmp_path / "file" / "sub", progress=False)
 
 

@@ -2,9 +2,7 @@
 is in flight, a failed write is reported (naming the intact checkpoint) and leaves no temp file."""
 
 import errno
-import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +101,7 @@ def test_checkpoint_every_epochs_must_be_positive():
 
 def test_checkpoint_every_epochs_thins_the_epoch_checkpoints_and_the_stall_is_recorded(tiny_data, tmp_path):
     from bfly.train import main
+
     from conftest import read_jsonl, tiny_overrides
 
     run = tmp_path / "run"

@@ -6,6 +6,7 @@ import warnings
 import pytest
 
 from bfly.config import ConfigError, changed_keys, dump_yaml, flat, from_dict, load_config, replace, to_dict
+
 from conftest import PYTHON, REPO, subprocess_env
 
 
@@ -70,7 +71,7 @@ def test_wrong_type_in_yaml_names_file_and_key(tmp_path):
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read config file .*nope.yaml"):
+    with pytest.raises(ConfigError, match=r"cannot read config file .*nope\.yaml"):
         load_config(tmp_path / "nope.yaml")
 
 
@@ -127,7 +128,7 @@ def test_replace_changes_a_config_through_the_override_checks():
     cfg = load_config(None, [])
     new = replace(cfg, {"data.workers": 0, "data.root": "/elsewhere"})
     assert (new.data.workers, new.data.root) == (0, "/elsewhere") and cfg.data.workers == 4
-    with pytest.raises(ConfigError, match="data.workers: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"data\.workers: must be >= 0"):
         replace(cfg, {"data.workers": -1})
-    with pytest.raises(ConfigError, match="unknown config key 'data.wrokers'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.wrokers'"):
         replace(cfg, {"data.wrokers": 0})

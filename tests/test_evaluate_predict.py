@@ -22,8 +22,7 @@ from bfly import evaluate, predict, trained
 from bfly.checkpoint import load
 from bfly.data.transforms import build_eval_transform
 
-from conftest import MINI_ROOT as MINI
-from conftest import REPO, tiny_dataset
+from conftest import MINI_ROOT as MINI, REPO, tiny_dataset
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +68,7 @@ def test_evaluate_reproduces_the_training_metrics_and_saves_json(trained_run, ca
 def test_evaluate_any_split_in_the_kaggle_layout(trained_run, tmp_path, capsys):
     kaggle = tiny_dataset(tmp_path / "kaggle", {"train": 2, "valid": 3, "test": 3}, layout="kaggle")
     out_file = tmp_path / "test-result.json"
-    rc, out, _ = run_cli(
+    rc, _out, _ = run_cli(
         evaluate,
         [
             "--checkpoint",

@@ -30,6 +30,7 @@ from bfly import checkpoint as ckpt
 from bfly.data.sampling import StepPlan, rank_micro_batches
 from bfly.stopping import EXIT_STOPPED
 from bfly.train import main
+
 from conftest import PYTHON, REPO, data_copy, read_jsonl, subprocess_env, tiny_overrides
 from probes.fault_launch import (
     CKPT_EVERY,
@@ -37,7 +38,6 @@ from probes.fault_launch import (
     Launch,
     assert_same_weights,
     fault_args,
-    reference_run,
     replace_image,
     run_to_end,
     torchrun_cmd,
@@ -45,16 +45,6 @@ from probes.fault_launch import (
 )
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers through /proc")
-
-
-@pytest.fixture(scope="module")
-def ref1(tiny_data, tmp_path_factory) -> Path:
-    return reference_run(tmp_path_factory.getbasetemp(), 1, fault_args(tiny_data, Path("ref")))
-
-
-@pytest.fixture(scope="module")
-def ref2(tiny_data, tmp_path_factory) -> Path:
-    return reference_run(tmp_path_factory.getbasetemp(), 2, fault_args(tiny_data, Path("ref")))
 
 
 def assert_nothing_lost(run: Path, ref: Path) -> None:
@@ -254,7 +244,7 @@ def ddp_signal_and_resume(data: Path, run: Path, ref: Path, sig: int, targets: s
     # torchrun itself was signalled it exits through its SignalException instead.
     assert rc != 0, launch.output[-4000:]
     if targets != "agent":
-        assert torchrun_exit_codes(launch.output) == {r: EXIT_STOPPED for r in range(2)}, launch.output[-4000:]
+        assert torchrun_exit_codes(launch.output) == dict.fromkeys(range(2), EXIT_STOPPED), launch.output[-4000:]
     name = signal.Signals(sig).name
     m = launch.wait_for(rf"^stopped by ({name}|a signal on another rank): checkpoint at epoch 1 step (\d+) written")
     step = int(m[2])

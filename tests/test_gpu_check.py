@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from bfly import gpu_check
-from bfly.throughput import Row
 from bfly.cells import Cell, Outcome, run_cells
+from bfly.throughput import Row
+
 from conftest import REPO, subprocess_env
 
 H200_CELLS_IN_DEFAULT_BUDGET = ["trainer", "fp16", "resnet50-compiled", "accuracy", "resnet50-eager"]

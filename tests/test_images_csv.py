@@ -31,10 +31,11 @@ from bfly.data.metadata import load_metadata
 from bfly.data.pil_input import open_rgb
 from bfly.data.transforms import build_eval_transform
 from bfly.train import main as train_main
-from conftest import MINI_ROOT, PYTHON, REPO, subprocess_env
-from probes.fault_launch import read_rows, replace_image, write_rows
 from test_bad_input import FIRST_READ, Bad, Workspace, is_the_error, run_bad_case_under_torchrun
 from test_evaluate_predict import parse_predictions
+
+from conftest import MINI_ROOT, PYTHON, REPO, subprocess_env
+from probes.fault_launch import read_rows, replace_image, write_rows
 
 PHOTO = MINI_ROOT / "valid/ADONIS/1.jpg"
 BOMB_ERROR = r"too large to decode safely \(Image size \(196000000 pixels\) exceeds limit of 178956970 pixels"

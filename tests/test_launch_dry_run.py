@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("submitit")  # the launcher's extra (`pip install -e '.[cluster]'`); a GPU box may lack it
 
-from launch.cluster_args import UsageError, parse, parse_time  # noqa: E402
-from launch.submit import main  # noqa: E402
+from launch.cluster_args import UsageError, parse, parse_time
+from launch.submit import main
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"

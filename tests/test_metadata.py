@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bfly.data.metadata import KAGGLE_FILE, DataError, DatasetMeta, Split, load_metadata
+
 from conftest import MINI_ROOT as MINI, folder_copy
 
 # The full Kaggle dataset, for the two tests that need it: BFLY_FULL_DATA=<its folder> (else they skip).

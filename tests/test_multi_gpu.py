@@ -20,6 +20,7 @@ from bfly.ema import ModelEma
 from bfly.engine import device_clock, evaluate
 from bfly.models import build_model
 from bfly.stack import check_ddp_plan, compile_sync_bn_warning
+
 from conftest import read_jsonl, tiny_overrides, torchrun
 
 CPU = torch.device("cpu")

@@ -26,9 +26,10 @@ from bfly import checkpoint as ckpt
 from bfly.rundir import LOCK, Holder, RunDirBusy, RunDirLock, this_process
 from bfly.stopping import EXIT_STOPPED
 from bfly.train import main
-from conftest import read_jsonl, tiny_overrides
-from probes.fault_launch import STEPS, Launch, assert_same_weights, fault_args, run_to_end, torchrun_cmd, train_cmd
-from test_faults import assert_nothing_lost, ref1, ref2, torchrun_exit_codes  # noqa: F401 (fixtures)
+
+from conftest import read_jsonl
+from probes.fault_launch import STEPS, Launch, fault_args, run_to_end, torchrun_cmd, train_cmd
+from test_faults import assert_nothing_lost, torchrun_exit_codes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signals and /proc")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bfly.train import main
+
 from conftest import PYTHON, REPO, subprocess_env, tiny_overrides
 
 

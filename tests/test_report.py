@@ -16,6 +16,7 @@ from PIL import Image
 
 from bfly import report
 from bfly.checkpoint import load
+
 from conftest import REPO
 
 pytest.importorskip("matplotlib")
@@ -99,7 +100,7 @@ def test_vgg19_versus_resnet50_curves_and_best_accuracy_table(tmp_path, capsys):
     assert md.splitlines()[2] in capsys.readouterr().out  # the table is printed too
 
 
-def test_confusion_matrix_of_best_pt_is_evaluated_and_saved_when_missing(trained_run, tmp_path, capsys):  # noqa: F811
+def test_confusion_matrix_of_best_pt_is_evaluated_and_saved_when_missing(trained_run, tmp_path, capsys):
     run_dir = tmp_path / "resnet50"
     run_dir.mkdir()
     for name in ("metrics.jsonl", "config.yaml"):

@@ -1,5 +1,6 @@
 """LR schedule (pure function of the step) and optimizer parameter groups."""
 
+import itertools
 import math
 
 import pytest
@@ -16,7 +17,9 @@ def test_linear_warmup_reaches_the_peak_on_the_last_warmup_step():
 
 
 def test_cosine_after_warmup():
-    f = lambda s: lr_at(s, total_steps=110, warmup_steps=10, base_lr=0.4, min_lr=0.0)
+    def f(s):
+        return lr_at(s, total_steps=110, warmup_steps=10, base_lr=0.4, min_lr=0.0)
+
     assert f(10) == pytest.approx(0.4)
     assert f(60) == pytest.approx(0.2)  # half way through the cosine
     assert f(35) == pytest.approx(0.2 * (1 + math.cos(math.pi / 4)))
@@ -31,7 +34,7 @@ def test_min_lr_floor_and_no_warmup():
 
 def test_schedule_is_monotonic_after_warmup():
     lrs = [lr_at(s, 200, 20, 0.1, 0.0) for s in range(20, 201)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
 def test_no_weight_decay_on_norm_layers_and_biases():

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-
-submitit = pytest.importorskip("submitit")  # the launcher's extra; a GPU box may lack it
 import torch
 
 from conftest import PYTHON, REPO, read_jsonl, subprocess_env, tiny_overrides
+
+submitit = pytest.importorskip("submitit")  # the launcher's extra; a GPU box may lack it
 
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 SINGLE_NODE = REPO / "slurm" / "train_single_node.sbatch"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bfly.runlog import RunLog
+
 from conftest import PYTHON, REPO, folder_copy, subprocess_env, tiny_overrides
 
 PROGRESS = re.compile(

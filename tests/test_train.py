@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bfly.train import main
+
 from conftest import PYTHON, REPO, free_port, read_jsonl, subprocess_env, tiny_overrides, torchrun
 
 

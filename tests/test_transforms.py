@@ -9,8 +9,7 @@ import PIL
 import pytest
 import torch
 from PIL import Image, ImageOps
-from timm.data import Mixup, create_transform
-from timm.data import auto_augment as timm_aa
+from timm.data import Mixup, auto_augment as timm_aa, create_transform
 from torchvision import transforms
 
 from bfly.data.transforms import (
@@ -197,7 +196,7 @@ def test_with_the_fix_the_same_transform_runs_and_matches_pillow_12(butterfly_tf
     # Same settings and seed for both: they draw the same random numbers image by image, so they
     # agree up to the first zero-bit posterize, where plain timm raises on Pillow 13 (and gives
     # black on Pillow 12, which the fixed transform must match).
-    settings = dict(auto_augment=ZERO_BIT_RANDAUGMENT, re_prob=0.0, re_mode="pixel", interpolation="bicubic")
+    settings = {"auto_augment": ZERO_BIT_RANDAUGMENT, "re_prob": 0.0, "re_mode": "pixel", "interpolation": "bicubic"}
     plain = create_transform(32, is_training=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, **settings)
     fixed = build_train_transform("timm", 32, randaugment=ZERO_BIT_RANDAUGMENT, reprob=0.0)
     seed_everything(0)

@@ -26,6 +26,7 @@ import yaml
 from bfly.checkpoint import load
 from bfly.config import ConfigError
 from bfly.stopping import EXIT_STOPPED
+
 from conftest import REPO, one_epoch_overrides, tiny_dataset
 
 wandb = pytest.importorskip("wandb")
@@ -82,7 +83,7 @@ class WandbRun:
     exit_code: int | None = None
 
     @classmethod
-    def read(cls, run_dir: Path) -> "WandbRun":
+    def read(cls, run_dir: Path) -> WandbRun:
         (log,) = run_dir.glob("run-*.wandb")
         out = cls(run_dir)
         for r in read_records(log):
@@ -379,7 +380,7 @@ def test_a_two_process_job_is_one_run_and_its_resume_continues_it(tmp_path):
         ),
         env,
     )
-    first_again, second = wandb_runs(run_dir)
+    _first_again, second = wandb_runs(run_dir)
     assert second.run_id == first.run_id == load(run_dir / "last.pt")["wandb_run_id"]
     assert second.steps == [3, 4]
     assert [h["epoch"] for j in (first, second) for h in j.history if "epoch" in h] == [1, 2]

@@ -13,6 +13,7 @@ import torch
 
 from bfly import checkpoint as ckpt
 from bfly.optim import lr_at
+
 from conftest import read_jsonl
 from probes.fault_launch import STEPS, fault_args, progress_step, reference_run, run_to_end, torchrun_cmd, train_cmd
 

@@ -20,9 +20,10 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -96,16 +97,10 @@ def build(split: Split, size: int, path: Path, workers: int, progress: bool) -> 
     _reserve(tmp)
     report = _progress(f"bfly: decoding split {split.name!r} ({n} images at {size}px) into {path}", n, progress)
 
-    def fill(lo: int) -> int:
-        hi = min(lo + _CHUNK, n)
-        for i in range(lo, hi):
-            out[i] = decode_resized(split.paths[i], size)
-        return hi - lo
-
     pool = ThreadPoolExecutor(workers)
     try:
         done = 0
-        for count in pool.map(fill, range(0, n, _CHUNK)):
+        for count in pool.map(partial(_fill, out, split.paths, size), range(0, n, _CHUNK)):
             done += count
             report(done)
         pool.shutdown()
@@ -116,6 +111,14 @@ def build(split: Split, size: int, path: Path, workers: int, progress: bool) -> 
         pool.shutdown(cancel_futures=True)  # a bad image stops the build now, not after the rest
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _fill(out: np.ndarray, paths: Sequence[str], size: int, lo: int) -> int:
+    """Decode the chunk of images that starts at `lo` into `out`; returns how many."""
+    hi = min(lo + _CHUNK, len(paths))
+    for i in range(lo, hi):
+        out[i] = decode_resized(paths[i], size)
+    return hi - lo
 
 
 def _reserve(tmp: Path) -> None:

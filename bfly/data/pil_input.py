@@ -15,7 +15,6 @@ from bfly.data.metadata import DataError, Split
 from bfly.data.sampling import Sample, StepPlan, eval_shard, rank_micro_batches, steps_per_epoch
 from bfly.stopping import ignore_stop_signals, signals_blocked
 
-
 # Pillow's decompression-bomb warning does not say which file it is about: open_rgb gives its own,
 # naming the file. Pillow's message starts with "Image size", ours with the path.
 warnings.filterwarnings("ignore", message="Image size", category=Image.DecompressionBombWarning)

@@ -35,7 +35,7 @@ class StepPlan:
         return self.batch_size // (self.world_size * self.accum_steps)
 
     @staticmethod
-    def make(batch_size: int, world_size: int, micro_batch_size: int) -> "StepPlan":
+    def make(batch_size: int, world_size: int, micro_batch_size: int) -> StepPlan:
         """The plan of train.batch_size and train.micro_batch_size on `world_size` processes; ConfigError
         when they do not divide (a user's config meeting this launch's world size)."""
         per_rank, rest = divmod(batch_size, world_size)
