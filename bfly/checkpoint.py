@@ -376,7 +376,9 @@ def ensure_space(run_dir: Path, need_bytes: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: ("MT19937", keys, pos, has_gauss, cached_gaussian)
+
     return {
         "python": random.getstate(),
         "numpy": {

@@ -28,7 +28,7 @@ def _convert(job: tuple[str, str, int, int]) -> int:
     src, dst, size, quality = job
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     # optimize: Huffman tables fitted to each image, about 10% fewer bytes for the same pixels.
-    open_rgb(src).resize((size, size), Image.BICUBIC).save(dst, "JPEG", quality=quality, optimize=True)
+    open_rgb(src).resize((size, size), Image.Resampling.BICUBIC).save(dst, "JPEG", quality=quality, optimize=True)
     return Path(dst).stat().st_size
 
 

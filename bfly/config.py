@@ -11,13 +11,17 @@ import copy
 import dataclasses
 import typing
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from bfly.models import MODEL_NAMES
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 class ConfigError(ValueError):
@@ -195,7 +199,7 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _sections() -> dict[str, type]:
+def _sections() -> dict[str, type[DataclassInstance]]:
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
@@ -260,7 +264,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), "" if value is None else value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -317,6 +321,8 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg)
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got {cfg.optim.label_smoothing}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: must be two values in [0, 1), got {cfg.optim.betas}")
     for split in cfg.train.eval_splits:
         if split not in ("train", "valid", "test"):
             raise ConfigError(f"train.eval_splits: unknown split {split!r} (train, valid, test)")
@@ -374,7 +380,8 @@ def help_text() -> str:
     lines = ["config keys (set in YAML or as section.key=value):"]
     for section, cls in _sections().items():
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            default = f.default_factory() if callable(f.default_factory) else f.default
+
             choices = f.metadata.get("choices")
             extra = f" [{'|'.join(choices)}]" if choices else ""
             lines.append(f"  {section}.{f.name:<24} {default!r:<26} {f.metadata['help']}{extra}")

@@ -21,14 +21,14 @@ def init(env: DistEnv, device: torch.device, backend: str, timeout_s: int) -> No
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise RuntimeError("dist.backend=nccl needs CUDA; use gloo (or auto) on CPU")
-    kwargs = {"device_id": device} if backend == "nccl" else {}
+    # device_id binds NCCL's communicator to this rank's GPU at once (eager init); gloo takes none.
     dist.init_process_group(
         backend,
         init_method=env.init_method,
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
-        **kwargs,
+        device_id=device if backend == "nccl" else None,
     )
 
 

@@ -15,7 +15,8 @@ class ModelEma:
         for p in self.module.parameters():
             p.requires_grad_(False)
         # Fixed for the module's lifetime: built once, not per step.
-        self._params = list(self.module.parameters())
+        self._params: list[torch.Tensor] = list(self.module.parameters())
+
         self._buffers = list(self.module.buffers())
 
     @torch.no_grad()
@@ -23,6 +24,7 @@ class ModelEma:
         # Two fused multi-tensor ops instead of ~160 (ResNet50) per-tensor kernels: the float
         # parameters are averaged, the buffers (BN running stats and integer counters) copied.
         torch._foreach_lerp_(self._params, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+
         torch._foreach_copy_(self._buffers, list(model.buffers()))
 
     def state_dict(self) -> dict:

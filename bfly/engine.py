@@ -196,7 +196,7 @@ def evaluate(
         top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
     for t in (confusion, loss_sum, top5):
         distributed.all_reduce_sum(t)
-    return summarize(confusion.view(num_classes, num_classes).cpu(), loss_sum.item(), top5.item())
+    return summarize(confusion.view(num_classes, num_classes).cpu(), loss_sum.item(), int(top5.item()))
 
 
 def summarize(confusion: torch.Tensor, loss_sum: float, top5_correct: int) -> dict[str, Any]:

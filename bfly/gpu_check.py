@@ -105,7 +105,9 @@ class Child:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         env.update(PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
         log.parent.mkdir(parents=True, exist_ok=True)
-        self.log, self.lines, self._queue = log, [], queue.Queue()
+        self.log = log
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
         print(f"   $ {' '.join(cmd)}", flush=True)
         # Own process group (same session, so whatever ends our session ends it too): a signal goes to
         # torchrun and its workers together, as `timeout` or a user's ^C does.
@@ -131,6 +133,7 @@ class Child:
             self.proc.wait()
 
     def _read(self) -> None:
+        assert self.proc.stdout is not None  # stdout=PIPE
         with open(self.log, "w") as f:
             for line in self.proc.stdout:
                 f.write(line)
@@ -447,7 +450,7 @@ def verdict(outcomes: list[Outcome], image_size: int) -> list[Check]:
         checks.append(
             check(
                 f"{key} ours/torchvision >= {RATIO_VS_TORCHVISION:.2f}",
-                ours and ours.ratio,
+                ours.ratio if ours else None,
                 lambda v: v >= RATIO_VS_TORCHVISION,
                 ".2f",
                 missing(key),
@@ -456,7 +459,7 @@ def verdict(outcomes: list[Outcome], image_size: int) -> list[Check]:
         checks.append(
             check(
                 f"{key} end-to-end/synthetic >= {E2E_VS_SYNTHETIC:.2f}",
-                cached and cached.ratio,
+                cached.ratio if cached else None,
                 lambda v: v >= E2E_VS_SYNTHETIC,
                 ".2f",
                 why(key, cached),
@@ -467,7 +470,7 @@ def verdict(outcomes: list[Outcome], image_size: int) -> list[Check]:
         check(
             f"resnet50 compiled end to end >= {RESNET50_COMPILED_IMG_S:,} img/s at 224 px"
             + ("" if image_size == 224 else f" (measured at {image_size} px)"),
-            cached and cached.img_s,
+            cached.img_s if cached else None,
             lambda v: v >= RESNET50_COMPILED_IMG_S,
             ",.0f",
             why("resnet50-compiled", cached),
@@ -477,7 +480,7 @@ def verdict(outcomes: list[Outcome], image_size: int) -> list[Check]:
     checks.append(
         check(
             f"resnet50 test top-1 >= {TEST_TOP1:.1%}",
-            acc and acc.extra["test_top1"],
+            acc.extra["test_top1"] if acc else None,
             lambda v: v >= TEST_TOP1,
             ".2%",
             missing("accuracy"),
@@ -486,7 +489,7 @@ def verdict(outcomes: list[Outcome], image_size: int) -> list[Check]:
     checks.append(
         check(
             f"resnet50 training <= {TRAIN_S} s",
-            acc and acc.extra["train_s"],
+            acc.extra["train_s"] if acc else None,
             lambda v: v <= TRAIN_S,
             ".0f",
             missing("accuracy"),

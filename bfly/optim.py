@@ -12,7 +12,8 @@ from bfly.config import OptimConfig
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on conv/linear weights only: decaying BN scales and biases only hurts accuracy."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
@@ -27,7 +28,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        beta1, beta2 = cfg.betas  # two values: config.validate checks
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(beta1, beta2))
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")
 
 

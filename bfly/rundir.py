@@ -132,6 +132,8 @@ class RunDirLock:
             holder = None
         why = "it was unreadable" if holder is None else stale_reason(holder, self.me, age)
         if why is None:
+            assert holder is not None  # an unreadable lock always has a reason
+
             raise RunDirBusy(
                 f"run directory {self.path.parent} is in use by another run ({holder.describe()}); "
                 f"wait for it to end, stop it, or pick another run.dir"

@@ -12,13 +12,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from bfly.config import ConfigError
 from bfly.env import stdout_is_tty, wandb_mode_override
 
 
 class Sink(Protocol):
+    # The dashboard's id of this run: kept in checkpoints so that a resume continues the same run.
+    @property
+    def run_id(self) -> str: ...
     def log_step(self, record: dict[str, Any], step: int) -> None: ...
     def log_epoch(self, record: dict[str, Any], step: int) -> None: ...
     def log_config_change(self, changes: dict[str, dict[str, Any]], step: int) -> None: ...
@@ -42,7 +45,7 @@ class RunLog:
         self.run_dir, self.is_main = run_dir, is_main
         self.sinks = sinks or []
         self.tty = stdout_is_tty()
-        self._log = None
+        self._log: TextIO | None = None
         self._pending: list[str] = []
         self._metrics_from_epoch: int | None = None  # drop metrics.jsonl records from here on, at the first write
 

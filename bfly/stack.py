@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -165,7 +166,8 @@ def wrap_model(
 
             model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     if cfg.model.compile:
-        model = torch.compile(model, backend=compile_backend)
+        # compile of a module returns a module (OptimizedModule); torch types it as any callable
+        model = cast(nn.Module, torch.compile(model, backend=compile_backend))
     return model
 
 

@@ -25,11 +25,16 @@ import functools
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+# What signal.signal() takes and returns: a function, SIG_DFL / SIG_IGN, or None (set from C).
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 # The exit status of a trainer stopped by a signal after writing its checkpoint (sysexits.h EX_TEMPFAIL:
 # "try again later"): a script tells it apart from a crash (1) and a user error (2). Run it again to resume.
@@ -93,7 +98,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.caught: list[str] = []  # every stop signal received, oldest first
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, SignalHandler] = {}
 
     def install(self) -> StopRequest:
         for sig in STOP_SIGNALS:

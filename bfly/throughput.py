@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -273,14 +273,16 @@ def bench_model(
         for who, trainer in trainers.items():
             timings[who].append(time_training(trainer, synthetic_batches(device, s), s.steps, 0))
     rows = [_median_row(f"{name} ({who}), synthetic", timings[who], flops[who], s, device) for who in builders]
+    ours_img_s = rows[0].img_s
+    assert ours_img_s is not None  # a timed row always has img/s
     if reference:
-        rows[0].ratio, rows[0].ratio_of = rows[0].img_s / rows[1].img_s, "torchvision"
+        rows[0].ratio, rows[0].ratio_of = ours_img_s / cast(float, rows[1].img_s), "torchvision"
     for kind in inputs:  # one input path failing (e.g. /dev/shm too small for PIL workers) keeps the others
         rows += guarded(
             "e2e",
             f"{name} (ours), real data via {kind}",
             s.tag(),
-            partial(_real_data_rows, name, kind, trainers["ours"], flops["ours"], rows[0].img_s, s, device, store),
+            partial(_real_data_rows, name, kind, trainers["ours"], flops["ours"], ours_img_s, s, device, store),
         )
     trainers.clear()
     free_memory(device)

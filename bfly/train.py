@@ -124,7 +124,7 @@ def finish_epoch(
     record["time"] = time.time()
     key = "valid" if "valid" in metrics else next(iter(metrics), None)
     is_best = key is not None and metrics[key]["top1"] > state.best_top1
-    if is_best:
+    if key is not None and is_best:
         state.best_top1 = metrics[key]["top1"]
     state.epoch += 1
     state.step_in_epoch = 0
@@ -163,7 +163,8 @@ def _stopped(run: Run, checkpoints: RunCheckpoints, state: TrainState, budget: J
 def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tuple[Outcome, dict[str, Any]]:
     """Trains from `state` to the end of the schedule or a stop; returns how it ended and the latest
     evaluation (split -> metrics)."""
-    cfg, last_eval = run.cfg, {}
+    cfg = run.cfg
+    last_eval: dict[str, Any] = {}
     budget = JobBudget(state.global_step, state.epoch, cfg.run.stop_after_steps, cfg.run.stop_after_epochs)
     hooks = epoch_hooks(run, checkpoints, budget)
     while state.epoch < cfg.train.epochs:

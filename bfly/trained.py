@@ -94,7 +94,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Collective under torchrun (the process group must be up). Returns the result on every rank."""
     saved, cfg, model = load_trained(path)
-    changes = {"data.root": data_root} if data_root else {}
+    changes: dict[str, Any] = {"data.root": data_root} if data_root else {}
     if workers is not None:
         changes["data.workers"] = workers
     cfg = replace(cfg, changes)

@@ -26,7 +26,7 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 import wandb
@@ -39,10 +39,11 @@ from bfly.env import wandb_api_key_configured, wandb_mode_override
 
 RESUME_FILE = "wandb_resume.json"
 MODES = ("online", "offline", "disabled")
+Mode = Literal["online", "offline", "disabled"]
 THUMBNAIL = 256  # px: sample images are for a glance, not for archiving the dataset
 
 
-def resolve_mode(config_mode: str) -> str:
+def resolve_mode(config_mode: str) -> Mode:
     """WANDB_MODE wins over wandb.mode; auto = online when an API key is configured, else offline."""
     override = wandb_mode_override()
     mode = {"dryrun": "offline", "run": "online"}.get(override or config_mode, override or config_mode)
@@ -50,7 +51,7 @@ def resolve_mode(config_mode: str) -> str:
         return "online" if wandb_api_key_configured() else "offline"
     if mode not in MODES:
         raise ConfigError(f"WANDB_MODE={override!r} is not one of {', '.join(MODES)}")
-    return mode
+    return cast(Mode, mode)
 
 
 def job_info(world_size: int, meta: DatasetMeta, device_type: str, run_dir: Path) -> dict[str, Any]:
@@ -171,9 +172,9 @@ class WandbSink:
         for split, m in (last_eval or {}).items():
             data[f"per_class/{split}"] = per_class_table(m, names)
             data[f"confusion/{split}"] = confusion_chart(m["confusion"], names, split)
-        split = "valid" if "valid" in meta.splits else next(iter(last_eval or {}), None)
-        if split and samples > 0:
-            data[f"samples/{split}"] = sample_images(meta.splits[split], names, samples, probabilities)
+        shown = "valid" if "valid" in meta.splits else next(iter(last_eval or {}), None)
+        if shown and samples > 0:
+            data[f"samples/{shown}"] = sample_images(meta.splits[shown], names, samples, probabilities)
         if data:
             self._log(data, max(self.step, self.floor + 1))
         self._call("finishing", self.wb.finish)
@@ -182,7 +183,7 @@ class WandbSink:
 def _init(cfg: Config, run_dir: Path, job: dict[str, Any], resume_id: str | None, warn: Callable[[str], None]) -> Any:
     c = cfg.wandb
     mode = resolve_mode(c.mode)
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "dir": run_dir,
         "entity": c.entity or None,
         "project": c.project or None,

@@ -165,10 +165,11 @@ def parse_time(text: str) -> int:
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if not m:
         raise UsageError(f"--time {text!r}: expected minutes or [D-]HH:MM[:SS]")
-    days, a, b, c = (int(x) if x else None for x in m.groups())
+    days, b, c = (int(x) if x else None for x in m.group(1, 3, 4))
+    a = int(m.group(2))  # the one group the pattern requires
     if days is not None:  # D-H[:M[:S]]
         seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
-    elif c is not None:  # H:M:S
+    elif b is not None and c is not None:  # H:M:S
         seconds = a * 3600 + b * 60 + c
     elif b is not None:  # M:S
         seconds = a * 60 + b

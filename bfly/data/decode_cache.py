@@ -40,7 +40,7 @@ def decode_resized(path: str, size: int) -> np.ndarray:
     """(size, size, 3) uint8, the same pixels as transforms.Resize((size, size)) on the PIL image."""
     image = open_rgb(path)
     if image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR)
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
 
 

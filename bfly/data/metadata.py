@@ -180,7 +180,8 @@ def _class_folders(split_dir: Path) -> list[str]:
 
 
 def _images_of(class_dir: Path) -> list[str]:
-    images, others = [], []
+    images: list[str] = []
+    others: list[str] = []
     for entry in os.scandir(class_dir):
         if entry.name.startswith("."):
             continue
@@ -206,9 +207,9 @@ def _read_folders(root: Path, splits: tuple[str, ...]) -> DatasetMeta:
     for split in splits:
         split_dir = _split_folder(root, split)
         if split_dir is None:
-            names = " or ".join(f"{name}/" for name in SPLIT_FOLDERS[split])
+            expected = " or ".join(f"{name}/" for name in SPLIT_FOLDERS[split])
             raise DataError(
-                f"{root}: split folder {names} missing (the folder layout has train/, valid/ "
+                f"{root}: split folder {expected} missing (the folder layout has train/, valid/ "
                 "or val/, and test/, each with one folder per class)"
             )
         split_dirs[split] = split_dir

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -104,6 +104,7 @@ def _seeded(seed: int, transform: Callable, image: Image.Image) -> torch.Tensor:
 def _worker_init(worker_id: int) -> None:
     ignore_stop_signals()  # a signal to the process group is the trainer's to handle (bfly.stopping)
     info = torch.utils.data.get_worker_info()
+    assert info is not None  # called in a loader worker
     np.random.seed(info.seed % 2**32)
     random.seed(info.seed)
 
@@ -146,7 +147,9 @@ def shm_bytes(nbytes: int, workers: int) -> int:
     return workers * (prefetch_factor(nbytes, workers) or 0) * nbytes
 
 
-def _loader(dataset: Dataset, batches: object, workers: int, pin: bool, nbytes: int) -> DataLoader:
+def _loader(
+    dataset: Dataset, batches: Iterable[list[Sample]] | Iterable[list[int]], workers: int, pin: bool, nbytes: int
+) -> DataLoader:
     return DataLoader(
         dataset,
         batch_sampler=batches,

@@ -155,6 +155,6 @@ def _augment_ops(transform: Callable) -> Iterator[AugmentOp]:
             yield from sub_policy
 
 
-def _check_size(image_size: int) -> None:
+def _check_size(image_size: object) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
