@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -38,6 +39,27 @@ def mini_copy_meta(tmp_path: Path) -> Path:
 # --- training fixtures (lead) ---
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+
+
+def _package_dirs() -> tuple[str, ...]:
+    """Where our packages' source files are, as frames may name them (as imported and resolved)."""
+    import bfly
+    import launch
+
+    dirs = set()
+    for package in (bfly, launch):
+        here = Path(package.__file__).parent
+        dirs |= {str(here), str(here.resolve())}
+    return tuple(sorted(dirs))
+
+
+def our_frames(output: str) -> list[str]:
+    """The traceback frames of `output` that lie in bfly's or launch's own source files.
+
+    Matched by the packages' real directories, not by a name: a clone may itself be called `bfly`,
+    and its .venv (torch's frames) then lives under `.../bfly/` too."""
+    frames = re.findall(r'^\s*File "([^"]+)", line \d+', output, re.M)
+    return [f for f in frames if any(f.startswith(d + os.sep) for d in _package_dirs())]
 
 
 def free_port() -> int:

@@ -31,7 +31,7 @@ from bfly.data.sampling import StepPlan, rank_micro_batches
 from bfly.stopping import EXIT_STOPPED
 from bfly.train import main
 
-from conftest import PYTHON, REPO, data_copy, read_jsonl, subprocess_env, tiny_overrides
+from conftest import PYTHON, REPO, data_copy, our_frames, read_jsonl, subprocess_env, tiny_overrides
 from probes.fault_launch import (
     CKPT_EVERY,
     STEPS,
@@ -251,7 +251,7 @@ def ddp_signal_and_resume(data: Path, run: Path, ref: Path, sig: int, targets: s
     assert 1 <= step < 5 and step % log_every == 0 and took < 30, (step, took)  # ranks agree at log points
     assert "collective failed" not in launch.output
     # No trainer's traceback; torchrun shows its own (SignalException or ChildFailedError).
-    assert not re.search(r'File ".*/bfly/', launch.output), launch.output[-4000:]
+    assert not our_frames(launch.output), launch.output[-4000:]
     saved = torch.load(run / ckpt.LAST, weights_only=True)
     assert (saved["epoch"], saved["step_in_epoch"]) == (0, step)
     resumed = run_to_end(torchrun_cmd(2, fault_args(data, run)))
