@@ -19,6 +19,8 @@ import yaml
 
 from bfly.models import MODEL_NAMES
 
+SEED_KEY = "train.seed"  # what tells the runs of one setting apart in a grid
+
 
 class ConfigError(ValueError):
     pass

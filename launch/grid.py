@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-SEED_KEY = "train.seed"
+from bfly.config import SEED_KEY
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+-]+")  # what a file name keeps; the rest becomes "_"
 
 
