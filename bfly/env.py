@@ -98,7 +98,7 @@ def slurm_ids() -> dict[str, str]:
 def proxy_for(url: str) -> str | None:
     """The proxy an HTTP client takes to `url` (https_proxy / http_proxy, unless no_proxy covers its host)."""
     parsed = urllib.parse.urlsplit(url)
-    if parsed.hostname and urllib.request.proxy_bypass_environment(parsed.hostname):
+    if parsed.hostname and urllib.request.proxy_bypass(parsed.hostname):
         return None
     return urllib.request.getproxies_environment().get(parsed.scheme)
 

@@ -219,7 +219,7 @@ def _init(cfg: Config, run_dir: Path, job: dict[str, Any], resume_id: str | None
     mode = resolve_mode(c.mode)
     auto = (wandb_mode_override() or c.mode) == "auto"
     values = flat(to_dict(cfg))
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "dir": run_dir,
         "entity": c.entity or None,
         "project": c.project or None,
