@@ -264,6 +264,42 @@ def test_report_gives_mean_and_std_over_seeds_of_the_group(local_grid, tmp_path)
     assert report_rows((by_dirs / "summary.md").read_text()) == rows
 
 
+def local_slurm_is_up() -> bool:
+    status = subprocess.run(
+        ["bash", str(REPO / "slurm" / "local_cluster.sh"), "status"], capture_output=True, timeout=60
+    )
+    return status.returncode == 0
+
+
+@pytest.mark.slurm
+def test_a_job_array_on_slurm_puts_its_ids_in_each_run(tmp_path):
+    """Two seeds as one job array on the local SLURM test cluster (used when it is up, never started here)."""
+    from test_wandb import wandb_runs
+
+    if not local_slurm_is_up():
+        pytest.skip("the local SLURM cluster is not up (bash slurm/local_cluster.sh up)")
+    data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1})
+    wandb_dirs = {name: tmp_path / name.lower() for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR")}
+    for path in wandb_dirs.values():
+        path.mkdir()
+    env = subprocess_env(WANDB_MODE="offline", WANDB_SILENT="true", **{k: str(v) for k, v in wandb_dirs.items()})
+    overrides = [o for o in tiny_overrides(data, tmp_path / "unused") if not o.startswith("run.dir=")]
+    cmd = [PYTHON, "-m", "launch.submit", *CPU, "--cpus-per-task", "1", "--time", "10", "--array", "--wait"]
+    cmd += ["--group", "seeds", "--seeds", "0,1", *overrides, "train.epochs=1", "train.batch_size=10"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    jobs = re.findall(r"^submitted job (\d+)_(\d+): (\S+)$", out.stdout, re.M)
+    if jobs and out.returncode != 0:
+        subprocess.run(["scancel", jobs[0][0]], capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert [(task, name) for _, task, name in jobs] == [("0", "seed-0"), ("1", "seed-1")]
+    array = jobs[0][0]
+    for _, task, name in jobs:
+        (job,) = wandb_runs(tmp_path / "runs" / "seeds" / name)
+        assert job.config["job"]["slurm_array_job_id"] == array
+        assert job.config["job"]["slurm_array_task_id"] == task
+        assert job.config["job"]["slurm_job_id"].isdigit()
+
+
 def test_report_of_an_unknown_group_names_it(tmp_path, capsys):
     from bfly.report import main as report
 
