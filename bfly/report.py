@@ -89,11 +89,19 @@ def run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def group_runs(root: Path, group: str) -> list[Path]:
-    """The run directories under `root` whose config.yaml names wandb group `group`, sorted."""
-    found = sorted(p.parent for p in root.rglob("config.yaml") if run_config(p.parent).get("wandb.group") == group)
-    if not found:
+    """The run directories under `root` whose config.yaml names wandb group `group` and that finished an
+    epoch, sorted; the others of the group are named in a warning."""
+    # A run directory has train.log next to config.yaml (wandb keeps config.yaml files of its own).
+    runs = sorted(p.parent for p in root.rglob("config.yaml") if (p.parent / "train.log").is_file())
+    members = [d for d in runs if run_config(d).get("wandb.group") == group]
+    if not members:
         raise ReportError(f"no run of wandb group {group!r} under {root} (a config.yaml with wandb.group: {group})")
-    return found
+    started = [d for d in members if not (d / "metrics.jsonl").is_file()]
+    if started:
+        print(f"bfly.report: warning: no epoch finished yet, left out: {', '.join(map(str, started))}", file=sys.stderr)
+    if len(started) == len(members):
+        raise ReportError(f"no run of wandb group {group!r} under {root} has finished an epoch yet")
+    return [d for d in members if d not in started]
 
 
 # --- over seeds ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ input of the report's mean ± std over seeds.
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("submitit")
 
@@ -298,6 +300,42 @@ def test_a_job_array_on_slurm_puts_its_ids_in_each_run(tmp_path):
         assert job.config["job"]["slurm_array_job_id"] == array
         assert job.config["job"]["slurm_array_task_id"] == task
         assert job.config["job"]["slurm_job_id"].isdigit()
+
+
+def seed_run(path: Path, lr: float, seed: int, valid: list[float], group: str = "g") -> None:
+    """A run directory as the trainer leaves it, with known valid accuracies per epoch."""
+    path.mkdir(parents=True)
+    config = {
+        "model": {"name": "resnet50"},
+        "optim": {"lr": lr},
+        "train": {"seed": seed},
+        "wandb": {"group": group},
+        "run": {"dir": str(path)},
+    }
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    (path / "train.log").write_text("")
+    records = [{"epoch": e, "train_top1": v, "valid_top1": v, "train_loss": 1 - v} for e, v in enumerate(valid)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_settings_come_from_the_training_keys_that_differ(tmp_path, capsys):
+    """Runs without wandb.varies (trained one by one): a setting is the training keys that differ."""
+    from bfly.report import main as report
+
+    runs = tmp_path / "runs"
+    seed_run(runs / "a0", 0.1, 0, [0.2, 0.5])
+    seed_run(runs / "a1", 0.1, 1, [0.7, 0.4])
+    seed_run(runs / "a2", 0.1, 2, [0.1, 0.3])
+    seed_run(runs / "b0", 0.2, 0, [0.6, 0.7])
+    seed_run(runs / "other", 0.2, 1, [0.9, 0.9], group="h")  # another group
+    (runs / "b1").mkdir()
+    (runs / "b1" / "config.yaml").write_text(yaml.safe_dump({"wandb": {"group": "g"}}))
+    (runs / "b1" / "train.log").write_text("")  # started, no epoch finished
+    assert report(["--group", "g", "--root", str(runs), "--out", str(tmp_path / "r"), "--confusion", "none"]) == 0
+    out = capsys.readouterr()
+    assert f"no epoch finished yet, left out: {runs / 'b1'}" in out.err
+    assert "| optim.lr=0.1 | 0,1,2 | 2 | 50.00 ± 20.00% | 40.00 ± 10.00% | – |" in out.out
+    assert "| optim.lr=0.2 | 0 | 2 | 70.00% | 70.00% | – |" in out.out  # one seed: no spread to show
 
 
 def test_report_of_an_unknown_group_names_it(tmp_path, capsys):
