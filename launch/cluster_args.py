@@ -216,6 +216,9 @@ def train_specs(args: argparse.Namespace, cwd: Path) -> list[TrainSpec]:
         grid = axes(args.sweep, args.seeds)
     except GridError as e:
         raise UsageError(str(e)) from None
+    both = [o.partition("=")[0] for o in args.overrides if o.partition("=")[0] in grid]
+    if both:
+        raise UsageError(f"{both[0]} is both set ({both[0]}=...) and swept: keep one")
     configs = args.config or [None]
     group = args.group
     if group is None and (len(configs) > 1 or grid):

@@ -125,9 +125,14 @@ def run_overrides(run: GridRun, group: str, tags: list[str]) -> list[str]:
         f"wandb.group={group}",
         f"wandb.job_type={run.setting}",
         # JSON is YAML: values with commas or brackets stay one tag each.
-        f"wandb.tags={_json(tags + [f'{k}={v}' for k, v in run.values.items()])}",
+        f"wandb.tags={_json(tags + [tag(f'{k}={v}') for k, v in run.values.items()])}",
         f"wandb.varies={_json(list(run.values))}",
     ]
+
+
+def tag(text: str) -> str:
+    """wandb refuses tags over 64 characters: a longer one is cut, and says so."""
+    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def _json(values: list[str]) -> str:

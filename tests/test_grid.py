@@ -92,7 +92,10 @@ def test_names_are_predictable_and_safe_and_never_shared(capsys, monkeypatch, tm
     # Two values that differ only in characters a file name cannot hold are refused, not merged.
     assert submit(["--dry-run", *CPU, "--sweep", "wandb.notes=a/b,a b"]) == 2
     assert "wandb.notes=a/b and wandb.notes=a b would both train into" in capsys.readouterr().err
-    # A run without a grid keeps its own directory, and a group is generated for a grid.
+    # wandb takes tags of at most 64 characters.
+    out = dry_run([*CPU, "--sweep", f"wandb.notes={'n' * 70},short"], capsys)
+    assert f"'wandb.notes={'n' * 49}...'" in listed(out, "wandb")[0]
+    # A group is generated for a grid.
     out = dry_run([*CPU, "--seeds", "3"], capsys)
     assert re.fullmatch(rf"{tmp_path}/runs/sweep-\d{{8}}-\d{{6}}/seed-3", listed(out, "run directory")[0])
 
@@ -120,6 +123,7 @@ def test_several_configs_are_one_more_dimension(capsys, monkeypatch):
         (["--seeds", "0", "--sweep", "train.seed=1,2"], "--seeds and --sweep train.seed both set the seed"),
         (["--sweep", "optim.lrr=0.1,0.2"], "unknown config key 'optim.lrr'"),
         (["--sweep", "optim.lr=0.1,-1"], "optim.lr: must be > 0, got -1"),
+        (["--sweep", "optim.lr=0.1,0.2", "optim.lr=0.3"], "optim.lr is both set (optim.lr=...) and swept"),
     ],
 )
 def test_bad_grids_are_refused_before_anything_is_queued(flags, message, capsys, monkeypatch, tmp_path):
@@ -144,7 +148,7 @@ def test_check_decodes_each_distinct_data_config_once(tiny_data, tmp_path, capsy
         f"data.root={tiny_data},{other}",
         "--seeds",
         "0,1",
-        *tiny_overrides(tiny_data, tmp_path / "grid"),
+        *[o for o in tiny_overrides(tiny_data, tmp_path / "grid") if not o.startswith("data.root=")],
     ]
     assert submit(argv) == 0
     out = capsys.readouterr().out
