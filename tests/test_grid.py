@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import statistics
 import subprocess
 import time
@@ -181,11 +182,13 @@ def local_grid(tmp_path_factory) -> dict:
     overrides.append("train.batch_size=10")
     cmd = [PYTHON, "-m", "launch.submit", "--cluster", "local", *CPU, "--cpus-per-task", "1", "--time", "10"]
     cmd += ["--group", "lr-grid", "--sweep", "optim.lr=0.05,0.2", "--seeds", "0,1", *overrides, "wandb.samples=0"]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, cwd=base, env=env, capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return {"base": base, "out": out.stdout, "wall_s": wall}
+    used = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
+    return {"base": base, "out": out.stdout, "wall_s": wall, "cpu_s": used}
 
 
 NAMES = ["lr-0.05_seed-0", "lr-0.05_seed-1", "lr-0.2_seed-0", "lr-0.2_seed-1"]
@@ -193,7 +196,7 @@ NAMES = ["lr-0.05_seed-0", "lr-0.05_seed-1", "lr-0.2_seed-0", "lr-0.2_seed-1"]
 
 def test_a_grid_of_4_runs_trains_on_this_machine(local_grid):
     runs = local_grid["base"] / "runs" / "lr-grid"
-    print(f"4-run local grid: {local_grid['wall_s']:.0f} s")
+    print(f"4-run local grid: {local_grid['wall_s']:.0f} s wall, {local_grid['cpu_s']:.0f} s CPU")
     for name in NAMES:
         assert re.search(
             rf"job \d+ \({name}\) done: 2 epoch\(s\), valid top1 [\d.]+%; run directory {runs / name}",
