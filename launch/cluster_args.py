@@ -27,7 +27,7 @@ EXAMPLES = """examples:
   # the same as one job array
   python -m launch.submit --gpus-per-node 4 --array --config configs/vgg19_bn.yaml --config configs/resnet50.yaml
   # a grid: 2 learning rates x 2 models x 3 seeds = 12 runs in one job array, then mean +- std over seeds
-  python -m launch.submit --gpus-per-node 4 --array --group lr-model --sweep optim.lr=0.05,0.1 \
+  python -m launch.submit --gpus-per-node 4 --array --group lr-model --sweep optim.lr=0.05,0.1 \\
       --sweep model.name=resnet50,vgg19_bn --seeds 0,1,2 --config configs/resnet50.yaml
   python -m bfly.report --group lr-model
   # what would be submitted
