@@ -59,10 +59,10 @@ def resolve_mode(config_mode: str) -> str:
     return mode
 
 
-def no_route(url: str, timeout_s: float = ROUTE_TIMEOUT_S) -> str | None:
-    """Why the server of `url` (or the proxy an HTTP client would take to it) takes no TCP connection
-    within timeout_s; None when it does. In a thread: name resolution has no timeout of its own."""
-    proxy = proxy_for(url)
+def no_route(url: str, proxy: str | None = None, timeout_s: float = ROUTE_TIMEOUT_S) -> str | None:
+    """Why the server of `url` (or the proxy to it: `proxy`, else the environment's) takes no TCP
+    connection within timeout_s; None when it does. In a thread: name resolution has no timeout of its own."""
+    proxy = proxy or proxy_for(url)
     target = urllib.parse.urlsplit(proxy or url)
     host = target.hostname or ""
     port = target.port or (443 if target.scheme == "https" else 80)
@@ -234,8 +234,9 @@ def _init(cfg: Config, run_dir: Path, job: dict[str, Any], resume_id: str | None
         "config": {**to_dict(cfg), "varies": {k: values[k] for k in c.varies}, "job": job},
     }
     if mode == "online" and auto:
-        server = wandb.setup().settings.base_url  # WANDB_BASE_URL, `wandb login --host`, or wandb's own
-        why = no_route(server)
+        settings = wandb.setup().settings  # WANDB_BASE_URL, `wandb login --host`, or wandb's own server
+        server = settings.base_url
+        why = no_route(server, settings.https_proxy if server.startswith("https:") else settings.http_proxy)
         if why:
             warn(
                 f"wandb.mode=auto: no route to {server} ({why}): logging offline to {run_dir / 'wandb'}; "

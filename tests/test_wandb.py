@@ -506,6 +506,11 @@ def test_a_proxy_is_what_must_answer(monkeypatch):
     assert wandb_log.no_route("https://api.wandb.ai") == (
         f"127.0.0.1:{proxy} (the proxy to https://api.wandb.ai): Connection refused"
     )
+    # wandb's own proxy setting (WANDB_HTTPS_PROXY) wins, as in wandb.
+    own = closed_port()
+    assert wandb_log.no_route("https://api.wandb.ai", f"http://127.0.0.1:{own}") == (
+        f"127.0.0.1:{own} (the proxy to https://api.wandb.ai): Connection refused"
+    )
 
 
 def test_auto_mode_goes_offline_in_seconds_when_the_server_cannot_be_reached(tmp_path, capsys):
