@@ -23,6 +23,8 @@ from bfly.models import MODEL_NAMES
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
+SEED_KEY = "train.seed"  # what tells the runs of one setting apart in a grid
+
 
 class ConfigError(ValueError):
     pass
@@ -139,6 +141,12 @@ class WandbConfig:
     group: str = _opt("", "group (e.g. a sweep)", operational=True)
     name: str = _opt("", "run name (default: the run directory's name)", operational=True)
     tags: list[str] = _opt([], "tags", operational=True)
+    job_type: str = _opt("", "job type (launch.submit's grids: the setting, shared by its seeds)", operational=True)
+    varies: list[str] = _opt(
+        [],
+        "config keys that vary across the group's runs (launch.submit's grids; wandb config `varies`)",
+        operational=True,
+    )
     notes: str = _opt("", "notes", operational=True)
     samples: int = _opt(16, "sample predictions logged at the end", operational=True)
 
@@ -318,6 +326,9 @@ def validate(cfg: Config) -> None:
     for key in cfg.run.allow_changes:
         if key not in known:
             raise ConfigError(f"run.allow_changes: unknown key {key!r}")
+    for key in cfg.wandb.varies:
+        if key not in known:
+            raise ConfigError(f"wandb.varies: unknown key {key!r}")
     _validate_data(cfg)
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got {cfg.optim.label_smoothing}")

@@ -8,6 +8,8 @@ the trainer directly (`srun python -m bfly.train`), one task per process.
 from __future__ import annotations
 
 import os
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,24 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def slurm_ids() -> dict[str, str]:
+    """The SLURM ids of this job as SLURM sets them: job, array job and array task (those that are set)."""
+    names = {
+        "slurm_job_id": "SLURM_JOB_ID",
+        "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
+        "slurm_array_task_id": "SLURM_ARRAY_TASK_ID",
+    }
+    return {key: os.environ[name] for key, name in names.items() if os.environ.get(name)}
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy an HTTP client takes to `url` (https_proxy / http_proxy, unless no_proxy covers its host)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.hostname and urllib.request.proxy_bypass(parsed.hostname):
+        return None
+    return urllib.request.getproxies_environment().get(parsed.scheme)
+
+
 def wandb_api_key_configured() -> bool:
     """True when wandb could log online: a key in the environment or in ~/.netrc."""
     if os.environ.get("WANDB_API_KEY"):
@@ -97,6 +117,12 @@ def wandb_api_key_configured() -> bool:
 def wandb_mode_override() -> str | None:
     """WANDB_MODE set by the user wins over the config's mode, as wandb itself does."""
     return os.environ.get("WANDB_MODE") or None
+
+
+def wandb_mode_setting(config_mode: str) -> str:
+    """Where the wandb mode comes from, as the user wrote it: `WANDB_MODE=x` or `wandb.mode=x`."""
+    override = wandb_mode_override()
+    return f"WANDB_MODE={override}" if override else f"wandb.mode={config_mode}"
 
 
 def checkpoint_pause_file() -> Path | None:

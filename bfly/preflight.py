@@ -35,8 +35,11 @@ from bfly.env import dist_env, slurm_job_id, world_size_hint
 _CHUNK = 32  # images per pool task: small enough for a smooth progress line
 
 
-def preflight(config: str | None, overrides: list[str], nproc: int | None = None) -> int:
-    """Prints the plan on stdout, progress and problems on stderr; returns 0 or 2."""
+def preflight(
+    config: str | None, overrides: list[str], nproc: int | None = None, images_checked_by: str | None = None
+) -> int:
+    """Prints the plan on stdout, progress and problems on stderr; returns 0 or 2. images_checked_by:
+    the run whose check already decoded the same images (a grid's runs share their data)."""
     start = time.perf_counter()
     problems: list[str] = []
     try:
@@ -57,7 +60,9 @@ def preflight(config: str | None, overrides: list[str], nproc: int | None = None
     say("world size", f"{world} process(es) ({source})")
 
     meta = _metadata(cfg, problems, say)
-    if meta is not None:
+    if meta is not None and images_checked_by:
+        say("images", f"the same data as {images_checked_by}: checked there")
+    elif meta is not None:
         reads = list(meta.splits)  # the splits training reads: train and train.eval_splits
         paths = [p for s in reads for p in meta.splits[s].paths]
         workers = available_cores()  # SLURM's or taskset's CPU set, not the node's

@@ -2,12 +2,17 @@
 
     python -m bfly.report runs/vgg19 runs/resnet50                 # into report/
     python -m bfly.report runs/vgg19 runs/resnet50 --out cmp --confusion test
+    python -m bfly.report --group lr-model --confusion none         # a wandb group's runs, found under runs/
 
 Writes, from each run's metrics.jsonl:
   accuracy.png   per-epoch train and valid (and test, when logged) top-1 accuracy of every run
   loss.png       the same for the loss
   summary.md     the highest train / valid / test top-1 accuracy of each run, and the figures
-and, unless --confusion none, confusion-<run>-<split>.png: the confusion matrix of the run's best.pt
+and, when runs differ only by train.seed (a launch.submit grid, or --group): the mean ± std over
+the seeds of each setting, as a table in summary.md and seeds.png (valid top-1 per epoch, the mean
+with a band of ± one standard deviation). A setting is the values of the keys the runs' wandb.varies
+names (launch.submit sets it), else of the training keys that differ between the runs.
+And, unless --confusion none, confusion-<run>-<split>.png: the confusion matrix of the run's best.pt
 on that split. It comes from <run>/best-eval-<split>.json (what `python -m bfly.evaluate` saves);
 when that file is missing, best.pt is evaluated here (one process) and the file written.
 """
@@ -16,14 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from bfly.checkpoint import BEST
+from bfly.config import SEED_KEY, flat, is_operational
 from bfly.data.metadata import SPLIT_NAMES
 from bfly.runlog import read_metrics
 
@@ -41,6 +48,7 @@ class RunMetrics:
     model: str
     run_dir: Path
     records: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)  # flat keys of config.yaml ({} without one)
 
     def curve(self, key: str) -> tuple[list[int], list[float]]:
         points = [(r["epoch"] + 1, r[key]) for r in self.records if key in r]
@@ -65,11 +73,122 @@ def load_run(run_dir: Path) -> RunMetrics:
         raise ReportError(f"{path}: not valid JSON lines ({e})") from None
     if not records:
         raise ReportError(f"{path}: empty (no epoch finished yet)")
-    model = "?"
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        model = (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("name", "?")
-    return RunMetrics(run_dir.resolve().name, model, run_dir, records)
+    config = run_config(run_dir)
+    return RunMetrics(run_dir.resolve().name, str(config.get("model.name", "?")), run_dir, records, config)
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ReportError(f"{path}: invalid YAML ({e})") from None
+    return flat(tree) if isinstance(tree, dict) else {}
+
+
+def group_runs(root: Path, group: str) -> list[Path]:
+    """The run directories under `root` whose config.yaml names wandb group `group` and that finished an
+    epoch, sorted; the others of the group are named in a warning."""
+    # A run directory has train.log next to config.yaml (wandb keeps config.yaml files of its own).
+    runs = sorted(p.parent for p in root.rglob("config.yaml") if (p.parent / "train.log").is_file())
+    members = [d for d in runs if run_config(d).get("wandb.group") == group]
+    if not members:
+        raise ReportError(f"no run of wandb group {group!r} under {root} (a config.yaml with wandb.group: {group})")
+    started = [d for d in members if not (d / "metrics.jsonl").is_file()]
+    if started:
+        print(f"bfly.report: warning: no epoch finished yet, left out: {', '.join(map(str, started))}", file=sys.stderr)
+    if len(started) == len(members):
+        raise ReportError(f"no run of wandb group {group!r} under {root} has finished an epoch yet")
+    return [d for d in members if d not in started]
+
+
+# --- over seeds ----------------------------------------------------------------------------------------
+
+
+def setting_keys(runs: list[RunMetrics]) -> list[str]:
+    """What makes a setting: the keys the runs' wandb.varies names, else the training keys that differ."""
+    keys: list[str] = []
+    for r in runs:
+        keys += [k for k in r.config.get("wandb.varies") or [] if k not in keys]
+    if not keys:
+        every = sorted({k for r in runs for k in r.config})
+        keys = [k for k in every if not is_operational(k) and len({repr(r.config.get(k)) for r in runs}) > 1]
+    return [k for k in keys if k != SEED_KEY]
+
+
+def settings(runs: list[RunMetrics]) -> dict[str, list[RunMetrics]]:
+    """setting label -> its runs (one per seed), in the order the runs come."""
+    keys = setting_keys(runs)
+    out: dict[str, list[RunMetrics]] = {}
+    for r in runs:
+        label = " ".join(f"{k}={r.config.get(k)}" for k in keys) or "all runs"
+        out.setdefault(label, []).append(r)
+    return out
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}%"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}%"
+
+
+def _last(run: RunMetrics, key: str) -> list[float]:
+    return [run.records[-1][key]] if key in run.records[-1] else []
+
+
+def seeds_table(groups: dict[str, list[RunMetrics]]) -> str:
+    """Mean ± sample standard deviation over each setting's runs (seeds)."""
+    lines = [
+        "| setting | seeds | epochs | best valid top-1 | last valid top-1 | last test top-1 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for label, runs in groups.items():
+        seeds = ",".join(str(r.config.get(SEED_KEY, "?")) for r in runs)
+        fewest, most = min(len(r.records) for r in runs), max(len(r.records) for r in runs)
+        best = [b[0] for r in runs if (b := r.best("valid"))]
+        last_valid = [v for r in runs for v in _last(r, "valid_top1")]
+        last_test = [v for r in runs for v in _last(r, "test_top1")]
+        lines.append(
+            f"| {label} | {seeds} | {fewest if fewest == most else f'{fewest}-{most}'} | {_mean_std(best)} | "
+            f"{_mean_std(last_valid)} | {_mean_std(last_test)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_seeds(groups: dict[str, list[RunMetrics]], out: Path) -> Path:
+    """Valid top-1 per epoch of each setting: the mean over its seeds, a band of ± one standard deviation."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    for i, (label, runs) in enumerate(groups.items()):
+        by_epoch: dict[int, list[float]] = {}
+        for r in runs:
+            for epoch, value in zip(*r.curve("valid_top1")):
+                by_epoch.setdefault(epoch, []).append(100 * value)
+        if not by_epoch:
+            continue
+        epochs = sorted(by_epoch)
+        mean = [statistics.fmean(by_epoch[e]) for e in epochs]
+        std = [statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else 0.0 for e in epochs]
+        colour = f"C{i % 10}"
+        ax.plot(epochs, mean, "-", color=colour, marker="o", markersize=3, label=f"{label} (n={len(runs)})")
+        ax.fill_between(
+            epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=colour, alpha=0.2
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("valid top-1 accuracy (%)")
+    ax.set_title("Valid top-1 per epoch: mean ± std over seeds")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
 
 
 # --- figures ---------------------------------------------------------------------------------------
@@ -220,7 +339,10 @@ def summary_table(runs: list[RunMetrics]) -> str:
     return "\n".join(lines)
 
 
-def write_report(runs: list[RunMetrics], out: Path, confusion_split: str, data_root: str | None) -> list[Path]:
+def write_report(
+    runs: list[RunMetrics], out: Path, confusion_split: str, data_root: str | None, over_seeds: bool = False
+) -> list[Path]:
+    """over_seeds: the mean ± std section even when no setting has more than one run."""
     labels = [r.label for r in runs]
     for r in runs:  # two runs/<x> folders from different places: tell them apart
         if labels.count(r.label) > 1:
@@ -239,6 +361,19 @@ def write_report(runs: list[RunMetrics], out: Path, confusion_split: str, data_r
         "![loss per epoch](loss.png)",
         "",
     ]
+    groups = settings(runs)
+    if over_seeds or any(len(g) > 1 for g in groups.values()):
+        written.append(plot_seeds(groups, out / "seeds.png"))
+        md += [
+            "## Over seeds",
+            "",
+            seeds_table(groups),
+            "",
+            "Mean ± sample standard deviation over the runs of each setting (its seeds).",
+            "",
+            "![valid top-1 per epoch, mean and std over seeds](seeds.png)",
+            "",
+        ]
     if confusion_split != "none":
         for r in runs:
             result = eval_result(r, confusion_split, data_root)
@@ -258,7 +393,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=Path)
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", type=Path)
+    p.add_argument("--group", help="the runs of this wandb group (launch.submit's --group), found under --root")
+    p.add_argument("--root", type=Path, default=Path("runs"), help="where --group looks for runs (default: runs)")
     p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report)")
     p.add_argument(
         "--confusion",
@@ -273,12 +410,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        runs = [load_run(d) for d in args.run_dirs]
-        written = write_report(runs, args.out, args.confusion, args.data_root)
+        if not args.run_dirs and not args.group:
+            raise ReportError("give run directories or --group")
+        dirs = list(args.run_dirs) + (group_runs(args.root, args.group) if args.group else [])
+        runs = [load_run(d) for d in dict.fromkeys(dirs)]
+        written = write_report(runs, args.out, args.confusion, args.data_root, over_seeds=bool(args.group))
     except ReportError as e:
         print(f"bfly.report: error: {e}", file=sys.stderr)
         return 2
     print(summary_table(runs))
+    if args.out / "seeds.png" in written:
+        print(seeds_table(settings(runs)))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

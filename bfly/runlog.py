@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from bfly.config import ConfigError
-from bfly.env import stdout_is_tty, wandb_mode_override
+from bfly.env import stdout_is_tty, wandb_mode_override, wandb_mode_setting
 
 
 class Sink(Protocol):
@@ -134,6 +134,7 @@ class RunLog:
 def open_wandb(log: RunLog, mode: str, start: Callable[[], Sink]) -> Sink | None:
     """Rank 0: adds the wandb sink (`start` opens it) to `log`, or says why not. mode: wandb.mode.
     wandb is imported lazily: training without logging must not need it installed."""
+    setting = wandb_mode_setting(mode)  # what the user set, to name it
     mode = wandb_mode_override() or mode  # WANDB_MODE wins, as in wandb itself
     if mode == "disabled":
         return None
@@ -141,7 +142,7 @@ def open_wandb(log: RunLog, mode: str, start: Callable[[], Sink]) -> Sink | None
         importlib.import_module("bfly.wandb_log")  # imports wandb
     except ImportError as e:
         if mode != "auto":
-            raise ConfigError(f"wandb.mode={mode} but wandb cannot be imported ({e}); pip install wandb") from None
+            raise ConfigError(f"{setting} but wandb cannot be imported ({e}); pip install wandb") from None
         log.warn("wandb is not installed: logging to metrics.jsonl only (wandb.mode=disabled silences this)")
         return None
     sink = start()

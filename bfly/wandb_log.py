@@ -24,6 +24,9 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import threading
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -32,15 +35,18 @@ import torch
 import wandb
 
 from bfly import checkpoint as ckpt
-from bfly.config import Config, ConfigError, to_dict
+from bfly.config import Config, ConfigError, flat, to_dict
 from bfly.data.metadata import DatasetMeta, Split
 from bfly.data.pil_input import open_rgb
-from bfly.env import wandb_api_key_configured, wandb_mode_override
+from bfly.env import proxy_for, slurm_ids, wandb_api_key_configured, wandb_mode_override, wandb_mode_setting
 
 RESUME_FILE = "wandb_resume.json"
 MODES = ("online", "offline", "disabled")
 Mode = Literal["online", "offline", "disabled"]
 THUMBNAIL = 256  # px: sample images are for a glance, not for archiving the dataset
+# A server that can be reached answers a TCP connect in well under a second, even across the world;
+# without a route the connect hangs, and wandb would retry for 90 s at every start and requeue.
+ROUTE_TIMEOUT_S = 5.0
 
 
 def resolve_mode(config_mode: str) -> Mode:
@@ -54,7 +60,35 @@ def resolve_mode(config_mode: str) -> Mode:
     return cast(Mode, mode)
 
 
+def no_route(url: str, proxy: str | None = None, timeout_s: float = ROUTE_TIMEOUT_S) -> str | None:
+    """Why the server of `url` (or the proxy to it: `proxy`, else the environment's) takes no TCP
+    connection within timeout_s; None when it does. In a thread: name resolution has no timeout of its own."""
+    proxy = proxy or proxy_for(url)
+    target = urllib.parse.urlsplit(proxy or url)
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    where = f"{host}:{port}" + (f" (the proxy to {url})" if proxy else "")
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                outcome.append(None)
+        except socket.gaierror as e:
+            outcome.append(f"cannot resolve {host} ({e.strerror})")
+        except TimeoutError:
+            outcome.append(f"no answer from {where} within {timeout_s:g} s")
+        except OSError as e:
+            outcome.append(f"{where}: {e.strerror or e}")
+
+    thread = threading.Thread(target=connect, name="wandb-route", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else f"no answer from {where} within {timeout_s:g} s"
+
+
 def job_info(world_size: int, meta: DatasetMeta, device_type: str, run_dir: Path) -> dict[str, Any]:
+    """The `job` section of the run's wandb config; a requeued job updates it (its SLURM ids)."""
     return {
         "world_size": world_size,
         "num_classes": meta.num_classes,
@@ -62,6 +96,7 @@ def job_info(world_size: int, meta: DatasetMeta, device_type: str, run_dir: Path
         "layout": meta.layout,
         "device": device_type,
         "run_dir": str(run_dir.resolve()),
+        **slurm_ids(),
     }
 
 
@@ -183,28 +218,42 @@ class WandbSink:
 def _init(cfg: Config, run_dir: Path, job: dict[str, Any], resume_id: str | None, warn: Callable[[str], None]) -> Any:
     c = cfg.wandb
     mode = resolve_mode(c.mode)
+    auto = (wandb_mode_override() or c.mode) == "auto"
+    values = flat(to_dict(cfg))
     kwargs: dict[str, Any] = {
         "dir": run_dir,
         "entity": c.entity or None,
         "project": c.project or None,
         "group": c.group or None,
+        "job_type": c.job_type or None,
         "name": c.name or run_dir.resolve().name,
         "tags": c.tags or None,
         "notes": c.notes or None,
         "id": resume_id,
         "resume": "allow" if resume_id else None,
-        "config": {**to_dict(cfg), "job": job},
+        # `varies`: what sets this run apart in its group (a grid's keys), to filter and group by.
+        "config": {**to_dict(cfg), "varies": {k: values[k] for k in c.varies}, "job": job},
     }
+    if mode == "online" and auto:
+        settings = wandb.setup().settings  # WANDB_BASE_URL, `wandb login --host`, or wandb's own server
+        server = settings.base_url
+        why = no_route(server, settings.https_proxy if server.startswith("https:") else settings.http_proxy)
+        if why:
+            warn(
+                f"wandb.mode=auto: no route to {server} ({why}): logging offline to {run_dir / 'wandb'}; "
+                "upload later with `wandb sync`"
+            )
+            return wandb.init(mode="offline", **kwargs)
     try:
         return wandb.init(mode=mode, **kwargs)
     except wandb.Error as e:
         if mode != "online":
             raise
         reason = str(e).strip().splitlines()[0]
-        if (wandb_mode_override() or c.mode) != "auto":
+        if not auto:
             raise ConfigError(
-                f"wandb cannot log online ({reason}); set wandb.mode=offline or auto (or "
-                "WANDB_MODE=offline) and upload the run later with `wandb sync`"
+                f"wandb cannot log online with {wandb_mode_setting(c.mode)} ({reason}); set wandb.mode=offline "
+                "or auto (or WANDB_MODE=offline) and upload the run later with `wandb sync`"
             ) from None
         # A key is configured but this node has no way out (common on clusters): keep the run offline.
         warn(

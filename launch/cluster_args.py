@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bfly.config import ConfigError, load_config, run_dir_of
+from bfly.config import Config, ConfigError, load_config, parse_override, run_dir_of
+from launch.grid import GridError, axes, expand, run_overrides, safe
 
 CLUSTERS = ("slurm", "local", "debug")
 
@@ -25,6 +26,10 @@ EXAMPLES = """examples:
   python -m launch.submit --gpus-per-node 4 --config configs/vgg19_bn.yaml --config configs/resnet50.yaml
   # the same as one job array
   python -m launch.submit --gpus-per-node 4 --array --config configs/vgg19_bn.yaml --config configs/resnet50.yaml
+  # a grid: 2 learning rates x 2 models x 3 seeds = 12 runs in one job array, then mean +- std over seeds
+  python -m launch.submit --gpus-per-node 4 --array --group lr-model --sweep optim.lr=0.05,0.1 \\
+      --sweep model.name=resnet50,vgg19_bn --seeds 0,1,2 --config configs/resnet50.yaml
+  python -m bfly.report --group lr-model
   # what would be submitted
   python -m launch.submit --dry-run --gpus-per-node 4 --config configs/resnet50.yaml
   # check config and data (every image decoded) here, then submit
@@ -40,11 +45,18 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """One training run: the arguments bfly.train gets, and its run directory."""
+    """One training run: what bfly.train gets (config file and overrides, run.dir included), its run
+    directory and the resolved config."""
 
     name: str
-    train_args: list[str]
+    config: str | None  # absolute path
+    overrides: list[str]
     run_dir: Path
+    cfg: Config
+
+    @property
+    def train_args(self) -> list[str]:
+        return (["--config", self.config] if self.config else []) + self.overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     size.add_argument("--job-name", help="SLURM job name (default: bfly-<run directory name>)")
     sweep = p.add_argument_group("several runs")
-    sweep.add_argument("--array", action="store_true", help="submit several configs as one SLURM job array")
-    sweep.add_argument("--group", help="wandb group of the runs (default for several configs: sweep-<time>)")
+    sweep.add_argument("--array", action="store_true", help="submit several runs as one SLURM job array")
+    sweep.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="train every value of a config key (repeat it for a grid: every combination is one run)",
+    )
+    sweep.add_argument("--seeds", metavar="0,1,2", help="train every run with each of these train.seed values (or 0-4)")
+    sweep.add_argument(
+        "--group",
+        help="wandb group of the runs; a grid's runs train in runs/<group>/ (default for several runs: sweep-<time>)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--dry-run", action="store_true", help="print the sbatch file and run directories; submit nothing")
     out.add_argument(
@@ -180,29 +203,54 @@ def parse_time(text: str) -> int:
     return -(-seconds // 60)
 
 
-def train_specs(args: argparse.Namespace, cwd: Path) -> list[TrainSpec]:
-    """One spec per --config (or one without a config file), validated, with an absolute run.dir."""
+def _load(config: str | None, overrides: list[str]) -> Config:
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
 
+
+def train_specs(args: argparse.Namespace, cwd: Path) -> list[TrainSpec]:
+    """One spec per --config (or one without a config file), or per run of a --sweep/--seeds grid,
+    validated, with an absolute run.dir."""
+    try:
+        grid = axes(args.sweep, args.seeds)
+    except GridError as e:
+        raise UsageError(str(e)) from None
+    both = [o.partition("=")[0] for o in args.overrides if o.partition("=")[0] in grid]
+    if both:
+        raise UsageError(f"{both[0]} is both set ({both[0]}=...) and swept: keep one")
     configs = args.config or [None]
     group = args.group
-    if group is None and len(configs) > 1 and not any(o.startswith("wandb.group=") for o in args.overrides):
-        group = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    overrides = list(args.overrides) + ([f"wandb.group={group}"] if group else [])
-    specs = []
-    for config in configs:
-        try:
-            cfg = load_config(config, overrides)
-        except ConfigError as e:
-            raise UsageError(str(e)) from None
-        run_dir = (cwd / run_dir_of(cfg)).resolve()
-        config_args = ["--config", str((cwd / config).resolve())] if config else []
-        specs.append(TrainSpec(run_dir.name, config_args + overrides + [f"run.dir={run_dir}"], run_dir))
-    seen: dict[Path, str] = {}
-    for spec, config in zip(specs, configs):
-        if spec.run_dir in seen:
-            raise UsageError(
-                f"{seen[spec.run_dir]} and {config} would both train into {spec.run_dir}: "
-                "give each config its own run.dir"
+    if group is None and (len(configs) > 1 or grid):
+        given = [parse_override(o)[1] for o in args.overrides if o.startswith("wandb.group=")]
+        group = str(given[-1]) if given else f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    specs, labels = [], []  # labels: how the command line names each run
+    if grid:
+        for run in expand(configs, grid):
+            base = _load(run.config, args.overrides)
+            root = base.run.dir if any(o.startswith("run.dir=") for o in args.overrides) else ""
+            run_dir = (cwd / (root or f"runs/{safe(str(group))}") / run.name).resolve()
+            overrides = [*args.overrides, *run_overrides(run, str(group), base.wandb.tags), f"run.dir={run_dir}"]
+            specs.append(_spec(run.name, run.config, overrides, run_dir, cwd))
+            labels.append(
+                " ".join([*([run.config] if run.config else []), *(f"{k}={v}" for k, v in run.values.items())])
             )
-        seen[spec.run_dir] = config
+    else:
+        for config in configs:
+            overrides = list(args.overrides) + ([f"wandb.group={group}"] if group else [])
+            run_dir = (cwd / run_dir_of(_load(config, overrides))).resolve()
+            specs.append(_spec(run_dir.name, config, overrides + [f"run.dir={run_dir}"], run_dir, cwd))
+            labels.append(str(config))
+    hint = "run directory names keep letters, digits and . + - only" if grid else "give each config its own run.dir"
+    seen: dict[Path, str] = {}
+    for spec, label in zip(specs, labels):
+        if spec.run_dir in seen:
+            raise UsageError(f"{seen[spec.run_dir]} and {label} would both train into {spec.run_dir}: {hint}")
+        seen[spec.run_dir] = label
     return specs
+
+
+def _spec(name: str, config: str | None, overrides: list[str], run_dir: Path, cwd: Path) -> TrainSpec:
+    path = str((cwd / config).resolve()) if config else None
+    return TrainSpec(name, path, overrides, run_dir, _load(path, overrides))

@@ -13,12 +13,15 @@ its run directory. submitit's files (sbatch script, pickles, one log per task) a
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
 
 import submitit
 
+from bfly.config import flat, to_dict
 from launch.cluster_args import TrainSpec, UsageError, parse, train_specs
 from launch.executor import make_executor, sbatch_text
 from launch.job import TrainJob
@@ -32,26 +35,60 @@ def submission_groups(args: argparse.Namespace, specs: list[TrainSpec]) -> list[
     return [(s.run_dir / "submitit", args.job_name or f"bfly-{s.name}", [s]) for s in specs]
 
 
+def data_key(spec: TrainSpec) -> str:
+    """What the preflight's image check depends on: the data config and the splits training reads."""
+    return json.dumps([dataclasses.asdict(spec.cfg.data), sorted({"train", *spec.cfg.train.eval_splits})])
+
+
 def preflight(args: argparse.Namespace, specs: list[TrainSpec]) -> bool:
-    """bfly.train --check for each run, at the world size the job will have; True if all pass."""
-    from bfly.train import main as train_main
+    """bfly.train --check for each run, at the world size the job will have; the images of each
+    distinct data config are decoded once. True if all pass."""
+    from bfly.preflight import preflight as check
 
     world = args.nodes * args.tasks_per_node
-    # A list, not a generator: every run is checked, so every problem is listed at once.
-    return all(train_main(["--check", "--nproc", str(world), *spec.train_args]) == 0 for spec in specs)
+    checked: dict[str, str] = {}  # data key -> the run whose check decoded its images
+    ok = True  # every run is checked, so every problem is listed at once
+    for spec in specs:
+        if len(specs) > 1:
+            print(f"# preflight of {spec.name}", flush=True)
+        key = data_key(spec)
+        ok = check(spec.config, spec.overrides, world, images_checked_by=checked.get(key)) == 0 and ok
+        checked.setdefault(key, spec.name)
+    return ok
 
 
 def make_job(args: argparse.Namespace, spec: TrainSpec) -> TrainJob:
     return TrainJob(spec.train_args, str(spec.run_dir), str(Path.cwd()), threads=args.cpus_per_task)
 
 
+def grid_listing(specs: list[TrainSpec]) -> list[str]:
+    """A grid's runs, one line each: run directory name and the values it sets."""
+    w = max(len(s.name) for s in specs)
+    values = [flat(to_dict(s.cfg)) for s in specs]
+    return [f"# {len(specs)} runs, wandb group {specs[0].cfg.wandb.group}:"] + [
+        f"#   {s.name:<{w}}  {' '.join(f'{k}={v[k]}' for k in s.cfg.wandb.varies)}" for s, v in zip(specs, values)
+    ]
+
+
+def wandb_line(spec: TrainSpec) -> str:
+    c = spec.cfg.wandb
+    values = flat(to_dict(spec.cfg))
+    varies = ", ".join(f"{k}={values[k]!r}" for k in c.varies)
+    return f"group={c.group} job_type={c.job_type} tags={c.tags} varies: {varies}"
+
+
 def dry_run(args: argparse.Namespace, groups: list[tuple[Path, str, list[TrainSpec]]]) -> None:
+    every = [spec for _, _, specs in groups for spec in specs]
+    if every[0].cfg.wandb.varies:
+        print("\n".join(grid_listing(every)))
     for folder, name, specs in groups:
         print(f"# submitit folder: {folder}")
         for i, spec in enumerate(specs):
             where = f" (array task {i})" if len(specs) > 1 else ""
             print(f"# run directory{where}: {spec.run_dir}")
             print(f"# bfly.train arguments{where}: {' '.join(spec.train_args)}")
+            if spec.cfg.wandb.varies:
+                print(f"# wandb{where}: {wandb_line(spec)}")
         if args.cluster == "slurm":
             print(sbatch_text(args, folder, name, array_size=len(specs)))
         else:
@@ -113,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         dry_run(args, groups)
         return 0
     submitted = submit(args, groups)
-    if args.wait or args.cluster != "slurm":
-        return wait(submitted)
-    return 0
+    group = specs[0].cfg.wandb.group
+    status = wait(submitted) if args.wait or args.cluster != "slurm" else 0
+    if len(specs) > 1 and group:
+        root = os.path.commonpath([s.run_dir for s in specs])
+        print(f"report (mean ± std over seeds): python -m bfly.report --group {group} --root {root}")
+    return status
 
 
 if __name__ == "__main__":

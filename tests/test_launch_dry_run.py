@@ -61,6 +61,26 @@ CASES = {
         "configs/resnet50.yaml",
         "wandb.mode=offline",
     ],
+    "dry_run_grid_2x2x3_array_cpu.txt": [
+        "--dry-run",
+        "--array",
+        "--group",
+        "lr-model",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "2",
+        "--time",
+        "90",
+        "--sweep",
+        "optim.lr=0.05,0.1",
+        "--sweep",
+        "model.name=resnet50,vgg19_bn",
+        "--seeds",
+        "0,1,2",
+        "--config",
+        "configs/resnet50.yaml",
+    ],
 }
 
 

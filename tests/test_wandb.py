@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -443,6 +444,12 @@ def test_training_without_wandb_installed(without_wandb, tmp_path, capsys, monke
     assert train_main(one_epoch_overrides(data, tmp_path / "offline", **{"wandb.mode": "offline"})) == 2
     assert "wandb.mode=offline but wandb cannot be imported" in capsys.readouterr().err
 
+    # The variable decided, not the config (which says auto): the error names the variable.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert train_main(one_epoch_overrides(data, tmp_path / "env", **{"wandb.mode": "auto"})) == 2
+    err = capsys.readouterr().err
+    assert "WANDB_MODE=offline but wandb cannot be imported" in err and "wandb.mode" not in err
+
 
 def test_wandb_mode_variable_disables_logging(tmp_path, monkeypatch):
     from bfly.train import main as train_main
@@ -455,13 +462,98 @@ def test_wandb_mode_variable_disables_logging(tmp_path, monkeypatch):
     assert load(tmp_path / "run" / "last.pt")["wandb_run_id"] is None
 
 
-def test_auto_mode_falls_back_to_offline_when_wandb_cannot_reach_its_server(tmp_path, capsys):
-    """A key is configured (shared home on a cluster) but the compute node has no internet."""
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that never answers, like a server behind a firewall that drops packets: a
+    listener that accepts nothing, its queue full (Linux then drops new connection requests)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):  # fills the queue
+            yield port
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens
+
+
+def test_no_route_is_decided_in_seconds():
+    start = time.perf_counter()
+    port = closed_port()
+    assert wandb_log.no_route(f"http://127.0.0.1:{port}") == f"127.0.0.1:{port}: Connection refused"
+    assert time.perf_counter() - start < 1
+    with silent_port() as port:
+        start = time.perf_counter()
+        assert (
+            wandb_log.no_route(f"http://127.0.0.1:{port}", timeout_s=2) == f"no answer from 127.0.0.1:{port} within 2 s"
+        )
+        assert 1.9 < time.perf_counter() - start < 3
+    with socket.socket() as server:  # a server that answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        assert wandb_log.no_route(f"http://127.0.0.1:{server.getsockname()[1]}/graphql") is None
+
+
+def test_a_proxy_is_what_must_answer(monkeypatch):
+    """Behind an HTTP proxy the node reaches the server through it: the proxy is probed."""
+    proxy = closed_port()
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{proxy}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert wandb_log.no_route("https://api.wandb.ai") == (
+        f"127.0.0.1:{proxy} (the proxy to https://api.wandb.ai): Connection refused"
+    )
+    # wandb's own proxy setting (WANDB_HTTPS_PROXY) wins, as in wandb.
+    own = closed_port()
+    assert wandb_log.no_route("https://api.wandb.ai", f"http://127.0.0.1:{own}") == (
+        f"127.0.0.1:{own} (the proxy to https://api.wandb.ai): Connection refused"
+    )
+
+
+def test_auto_mode_goes_offline_in_seconds_when_the_server_cannot_be_reached(tmp_path, capsys):
+    """A key is configured (shared home on a cluster) but the compute node has no route out: wandb alone
+    would retry for 90 s at every start and requeue."""
     from bfly.train import main as train_main
 
     data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1, "test": 1})
-    with fresh_wandb(tmp_path / "home") as (mp, _):
-        mp.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    real_init, seconds = wandb_log._init, []
+
+    def timed_init(*args, **kwargs):  # the real one, timed: from the decision to a run that logs
+        start = time.perf_counter()
+        try:
+            return real_init(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    with fresh_wandb(tmp_path / "home") as (mp, _), silent_port() as port:
+        mp.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+        mp.setattr(wandb_log, "_init", timed_init)
+        assert train_main(one_epoch_overrides(data, tmp_path / "auto", **{"wandb.mode": "auto"})) == 0
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if "no route" in ln]
+    assert line == (
+        f"warning: wandb.mode=auto: no route to http://127.0.0.1:{port} (no answer from 127.0.0.1:{port} "
+        f"within 5 s): logging offline to {tmp_path / 'auto' / 'wandb'}; upload later with `wandb sync`"
+    )
+    print(f"wandb.mode=auto without a route: {seconds[0]:.1f} s to an offline run")
+    assert seconds[0] < 20  # wandb alone: 90 s
+    (job,) = wandb_runs(tmp_path / "auto")
+    assert job.exit_code == 0 and job.rows_with("epoch")
+    assert list((tmp_path / "auto" / "wandb").glob("run-*")) == []  # wandb never tried online
+
+
+def test_auto_mode_falls_back_to_offline_when_wandb_cannot_reach_its_server(tmp_path, capsys):
+    """The server answers, but wandb still cannot log online (here: it is not a wandb server)."""
+    from bfly.train import main as train_main
+
+    data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1, "test": 1})
+    with fresh_wandb(tmp_path / "home") as (mp, _), socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)  # takes connections and never answers a request
+        mp.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
         mp.setenv("WANDB_INIT_TIMEOUT", "3")
         assert train_main(one_epoch_overrides(data, tmp_path / "auto", **{"wandb.mode": "auto"})) == 0
         assert "wandb cannot log online (" in capsys.readouterr().out
@@ -469,4 +561,22 @@ def test_auto_mode_falls_back_to_offline_when_wandb_cannot_reach_its_server(tmp_
     (job,) = wandb_runs(tmp_path / "auto")
     assert job.exit_code == 0 and job.rows_with("epoch")
     err = capsys.readouterr().err.strip()
-    assert err.startswith("bfly.train: error: wandb cannot log online (") and err.endswith("`wandb sync`")
+    assert err.startswith("bfly.train: error: wandb cannot log online with wandb.mode=online (")
+    assert err.endswith("`wandb sync`")
+
+
+def test_the_slurm_ids_of_the_job_are_in_the_run(tmp_path):
+    """A task of SLURM job array 4240 (task 2, job id 4242): the ids are in the run's `job` config."""
+    from bfly.train import main as train_main
+
+    data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1, "test": 1})
+    with fresh_wandb(tmp_path / "home") as (mp, _):
+        for name in [n for n in os.environ if n.startswith("SLURM_")]:
+            mp.delenv(name)
+        mp.setenv("SLURM_JOB_ID", "4242")
+        mp.setenv("SLURM_ARRAY_JOB_ID", "4240")
+        mp.setenv("SLURM_ARRAY_TASK_ID", "2")
+        assert train_main(one_epoch_overrides(data, tmp_path / "run", **{"wandb.mode": "offline"})) == 0
+    (job,) = wandb_runs(tmp_path / "run")
+    ids = {k: v for k, v in job.config["job"].items() if k.startswith("slurm_")}
+    assert ids == {"slurm_job_id": "4242", "slurm_array_job_id": "4240", "slurm_array_task_id": "2"}
