@@ -32,7 +32,7 @@ from bfly.data.metadata import DataError, load_metadata
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
 from bfly.env import DistEnv, dist_env
 from bfly.errors import one_line
-from bfly.resume import RunCheckpoints, load_start_state, record_changes, write_config
+from bfly.resume import RunCheckpoints, load_start_state, record_changes, space_needed, write_config
 from bfly.rundir import RunDirBusy, StartupRefused, lock_run_dir
 from bfly.runlog import RunLog, epoch_line, epoch_record, open_wandb, step_record
 from bfly.stack import Run, build_run, evaluated_model, pick_device, seed_all
@@ -129,7 +129,11 @@ def finish_epoch(
     state.epoch += 1
     state.step_in_epoch = 0
     state.sums = new_sums(run.device)
-    last_due = state.epoch % run.cfg.train.checkpoint_every_epochs == 0 or state.epoch >= run.cfg.train.epochs
+    last_due = (
+        state.epoch % run.cfg.train.checkpoint_every_epochs == 0
+        or state.epoch >= run.cfg.train.epochs
+        or checkpoints.snapshot_due(state)
+    )
     if last_due:
         checkpoints.save(state, dict(record) if is_best else None)
     elif is_best:
@@ -201,7 +205,7 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
         state, changes, wandb_id = load_start_state(run, writer)
         if env.is_main:
             sizes = ckpt.sizes(run.raw_model, cfg.optim.name, cfg.optim.momentum, run.trainer.ema is not None)
-            ckpt.ensure_space(run_dir, ckpt.space_needed(run_dir, *sizes))
+            ckpt.ensure_space(run_dir, space_needed(run_dir, cfg, *sizes))
         if distributed.any_rank(stop.requested, device):
             why = stop.signal_name or OTHER_RANK
             log.info(f"stopped by {why} during start-up: nothing trained, nothing written")
