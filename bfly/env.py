@@ -83,6 +83,20 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def launch_ids() -> dict[str, str | None]:
+    """What identifies this start of a job: SLURM's job, array and restart ids (SLURM_RESTART_COUNT grows
+    with each requeue) and torchrun's restart count (TORCHELASTIC_RESTART_COUNT grows with each restart
+    of the workers under --max-restarts). None where unset."""
+    names = {
+        "slurm_job_id": "SLURM_JOB_ID",
+        "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
+        "slurm_array_task_id": "SLURM_ARRAY_TASK_ID",
+        "slurm_restart_count": "SLURM_RESTART_COUNT",
+        "torchrun_restart_count": "TORCHELASTIC_RESTART_COUNT",
+    }
+    return {key: os.environ.get(name) for key, name in names.items()}
+
+
 def wandb_api_key_configured() -> bool:
     """True when wandb could log online: a key in the environment or in ~/.netrc."""
     if os.environ.get("WANDB_API_KEY"):

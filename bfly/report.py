@@ -8,7 +8,8 @@ Writes, from each run's metrics.jsonl:
   loss.png       the same for the loss
   summary.md     the highest train / valid / test top-1 accuracy of each run, and the figures
 and, unless --confusion none, confusion-<run>-<split>.png: the confusion matrix of the run's best.pt
-on that split. It comes from <run>/best-eval-<split>.json (what `python -m bfly.evaluate` saves);
+on that split. summary.md also holds each run's attempt history (attempts.jsonl: every start, where it
+ran, with which code and libraries, how it ended); `--attempts` only prints those tables. It comes from <run>/best-eval-<split>.json (what `python -m bfly.evaluate` saves);
 when that file is missing, best.pt is evaluated here (one process) and the file written.
 """
 
@@ -247,8 +248,42 @@ def write_report(runs: list[RunMetrics], out: Path, confusion_split: str, data_r
             png = plot_confusion(result, r.label, out / f"confusion-{r.label.replace('/', '-')}-{confusion_split}.png")
             written.append(png)
             md += [f"![{r.label} confusion matrix ({confusion_split})]({png.name})", ""]
+    md += attempts_section(runs)
     (out / "summary.md").write_text("\n".join(md))
     return [*written, out / "summary.md"]
+
+
+# --- attempt history ---------------------------------------------------------------------------------
+
+
+def attempts_section(runs: list[RunMetrics]) -> list[str]:
+    """Markdown lines: each run's attempt history (bfly.attempts), for the runs that have one."""
+    from bfly.attempts import history_table
+
+    md = []
+    for r in runs:
+        table = history_table(r.run_dir)
+        if table:
+            md += [f"## Attempts of {r.label}", "", table, ""]
+    return md
+
+
+def print_attempts(run_dirs: list[Path]) -> int:
+    """`--attempts`: each run's attempt history table; exit 2 when a run has none."""
+    from bfly.attempts import FILE, history_table
+
+    missing = 0
+    for run_dir in run_dirs:
+        table = history_table(run_dir)
+        if table is None:
+            print(
+                f"bfly.report: error: {run_dir / FILE} not found (runs started before it existed have none)",
+                file=sys.stderr,
+            )
+            missing += 1
+            continue
+        print(f"attempts of {run_dir}:\n{table}\n")
+    return 2 if missing else 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -267,11 +302,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="split of the confusion matrices (default: valid)",
     )
     p.add_argument("--data-root", help="dataset folder for evaluating best.pt (default: the run's own)")
+    p.add_argument("--attempts", action="store_true", help="only print each run's attempt history (attempts.jsonl)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.attempts:
+        return print_attempts(args.run_dirs)
     try:
         runs = [load_run(d) for d in args.run_dirs]
         written = write_report(runs, args.out, args.confusion, args.data_root)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bfly import checkpoint as ckpt, distributed
+from bfly import attempts, checkpoint as ckpt, distributed
 from bfly.config import Config, ConfigError, dump_yaml, help_text, load_config, run_dir_of
 from bfly.data.metadata import DataError, load_metadata
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
@@ -213,11 +213,13 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
         # Every start-up check passed: from here on the run directory changes.
         log.attach(state.epoch)
         config_written = env.is_main and not (run_dir / "config.yaml").exists() and write_config(run_dir, cfg)
-        if env.is_main and state.epoch < cfg.train.epochs:  # finished: nothing to log
-            sink = open_wandb(log, cfg.wandb.mode, lambda: _wandb_sink(run, wandb_id))
-            wandb_id = sink.run_id if sink else wandb_id
-        record_changes(run, state, changes)
-        return _train_and_report(run, RunCheckpoints(run, writer, wandb_id, config_written), state)
+        with attempts.recorded(run_dir, env, device, state, USER_ERRORS) as attempt:  # attempts.jsonl
+            if env.is_main and state.epoch < cfg.train.epochs:  # finished: nothing to log
+                sink = open_wandb(log, cfg.wandb.mode, lambda: _wandb_sink(run, wandb_id))
+                wandb_id = sink.run_id if sink else wandb_id
+            record_changes(run, state, changes)
+            attempt.outcome = _train_and_report(run, RunCheckpoints(run, writer, wandb_id, config_written), state)
+            return attempt.outcome
     except (*USER_ERRORS, RuntimeError) as e:
         if log.attached:  # met after start-up: also in train.log
             log.to_file(f"error{_rank_tag(env)}: {one_line(e)}")
