@@ -32,6 +32,7 @@ from bfly.data.metadata import DataError, load_metadata
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
 from bfly.env import DistEnv, dist_env
 from bfly.errors import one_line
+from bfly.profile import StepProfiler
 from bfly.resume import RunCheckpoints, load_start_state, record_changes, space_needed, write_config
 from bfly.rundir import RunDirBusy, StartupRefused, lock_run_dir
 from bfly.runlog import RunLog, epoch_line, epoch_record, open_wandb, step_record
@@ -69,7 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> StepHooks:
+def epoch_hooks(
+    run: Run, checkpoints: RunCheckpoints, budget: JobBudget, profiler: StepProfiler | None = None
+) -> StepHooks:
     cfg, steps = run.cfg, run.train_input.steps_per_epoch
     total = steps * cfg.train.epochs
 
@@ -92,6 +95,8 @@ def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> Ste
         every = cfg.train.checkpoint_every_steps
         if every and st.global_step % every == 0 and st.step_in_epoch < steps:
             checkpoints.save(st)
+        if profiler is not None:  # train.profile_steps
+            profiler.at_step(st.global_step)
 
     def should_stop(st: TrainState, at_log: bool) -> bool:
         if budget.steps_done(st.global_step):
@@ -169,25 +174,32 @@ def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tupl
     evaluation (split -> metrics)."""
     cfg, last_eval = run.cfg, {}
     budget = JobBudget(state.global_step, state.epoch, cfg.run.stop_after_steps, cfg.run.stop_after_epochs)
-    hooks = epoch_hooks(run, checkpoints, budget)
-    while state.epoch < cfg.train.epochs:
-        if state.step_in_epoch == 0:
-            seed_all(cfg.train.seed, run.env.rank, state.epoch)
-        t0 = device_clock(run.device)
-        images_before = int(distributed.all_reduce_sum(state.sums["count"].clone()).item())
-        batches = run.train_input.batches(state.epoch, state.step_in_epoch)
-        if not train_one_epoch(run.trainer, state, batches, hooks):
-            checkpoints.save(state)
-            return _stopped(run, checkpoints, state, budget), last_eval
-        saved, last_eval = finish_epoch(run, checkpoints, state, device_clock(run.device) - t0, images_before)
-        if state.epoch < cfg.train.epochs and (
-            budget.epochs_done(state.epoch) or distributed.any_rank(run.stop.requested, run.device)
-        ):
-            if not saved:
+    profiler = StepProfiler.for_run(cfg.train.profile_steps, run.run_dir, run.device, run.env.is_main, run.log.info)
+    hooks = epoch_hooks(run, checkpoints, budget, profiler)
+    try:
+        if profiler is not None:
+            profiler.at_step(state.global_step)
+        while state.epoch < cfg.train.epochs:
+            if state.step_in_epoch == 0:
+                seed_all(cfg.train.seed, run.env.rank, state.epoch)
+            t0 = device_clock(run.device)
+            images_before = int(distributed.all_reduce_sum(state.sums["count"].clone()).item())
+            batches = run.train_input.batches(state.epoch, state.step_in_epoch)
+            if not train_one_epoch(run.trainer, state, batches, hooks):
                 checkpoints.save(state)
-            return _stopped(run, checkpoints, state, budget), last_eval
-    checkpoints.writer.wait()
-    return Outcome(), last_eval
+                return _stopped(run, checkpoints, state, budget), last_eval
+            saved, last_eval = finish_epoch(run, checkpoints, state, device_clock(run.device) - t0, images_before)
+            if state.epoch < cfg.train.epochs and (
+                budget.epochs_done(state.epoch) or distributed.any_rank(run.stop.requested, run.device)
+            ):
+                if not saved:
+                    checkpoints.save(state)
+                return _stopped(run, checkpoints, state, budget), last_eval
+        checkpoints.writer.wait()
+        return Outcome(), last_eval
+    finally:
+        if profiler is not None:  # a stop inside the window: what was recorded is written
+            profiler.close()
 
 
 def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
