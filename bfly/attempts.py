@@ -106,7 +106,7 @@ def library_versions(device: torch.device) -> dict[str, str | None]:
     nccl = None
     if cuda and hasattr(torch.cuda, "nccl"):
         with contextlib.suppress(Exception):  # a build without NCCL
-            nccl = ".".join(map(str, torch.cuda.nccl.version()))  # type: ignore[no-untyped-call]
+            nccl = ".".join(map(str, torch.cuda.nccl.version()))
     cudnn = torch.backends.cudnn.version() if cuda and torch.backends.cudnn.is_available() else None
     return {
         "python": platform.python_version(),

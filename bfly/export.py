@@ -93,7 +93,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Callable
     )
     if importlib.util.find_spec("onnxruntime") is None:
         return None
-    import onnxruntime
+    import onnxruntime  # type: ignore[import-not-found]
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
@@ -138,7 +138,8 @@ def export(checkpoint: Path, out: Path, data_root: str | None, split: str, count
     if importlib.util.find_spec("onnx") is not None:
         forms[f"{ONNX} (onnxruntime)"] = export_onnx(model, images[:2], out / ONNX)
     tol = tolerance(reference)
-    checks, ok = {}, True
+    checks: dict[str, float | None] = {}
+    ok = True
     for name, run in forms.items():
         if run is None:
             checks[name] = None  # written, not checked: onnxruntime is not installed
