@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=4 -m bfly.train --config configs/resnet50.yaml train.epochs=60
     python -m bfly.train --help                                             # every config key
 
-A run directory (run.dir) holds config.yaml, metrics.jsonl, train.log, last.pt and best.pt.
+A run directory (run.dir) holds config.yaml, metrics.jsonl, train.log, attempts.jsonl, last.pt and best.pt.
 With run.resume=auto (the default) a run restarted on the same directory continues where its
 last checkpoint left off, mid-epoch included. SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 (to a trainer, to
 torchrun's agent or to the whole process group) stop the run with a checkpoint at the current step.
