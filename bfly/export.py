@@ -129,14 +129,15 @@ def export(checkpoint: Path, out: Path, data_root: str | None, split: str, count
     _readable(out / WEIGHTS)
     with torch.no_grad():
         reference = model(images)
+    example = images[:1].repeat(2, 1, 1, 1)  # a batch of 2: a batch of 1 would fix the program's batch size
     forms: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
         f"{WEIGHTS} in torchvision.models.{saved['arch']} (strict load)": torchvision_model(
             saved["arch"], saved["num_classes"], out / WEIGHTS
         ),
-        f"{PROGRAM} (torch.export)": export_program(model, images[:2], out / PROGRAM),
+        f"{PROGRAM} (torch.export)": export_program(model, example, out / PROGRAM),
     }
     if importlib.util.find_spec("onnx") is not None:
-        forms[f"{ONNX} (onnxruntime)"] = export_onnx(model, images[:2], out / ONNX)
+        forms[f"{ONNX} (onnxruntime)"] = export_onnx(model, example, out / ONNX)
     tol = tolerance(reference)
     checks: dict[str, float | None] = {}
     ok = True
