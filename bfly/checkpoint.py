@@ -9,6 +9,12 @@ evaluated (the EMA's when there is one) and the metrics that made it the best.
 `last.pt` is replaced by write-to-temp, fsync, rename; the one it replaces is kept as
 `last.prev.pt`, so a crash at any point leaves at least one complete checkpoint, and a corrupt
 `last.pt` falls back to the previous one with a warning.
+
+What is kept (train.keep_last_n, train.snapshot_every_epochs): the newest N full checkpoints roll
+through `last.pt` -> `last.prev.pt` -> `step-<global step>.pt` by renames (never rewritten); older
+`step-*.pt` files are deleted only after the new `last.pt` is in place, and `last.pt`, `last.prev.pt`
+(what a resume picks, `find_start`), the temp file of a write, `best.pt` and the `epoch-<E>.pt`
+snapshots are never deleted.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import errno
 import os
 import pickle
 import random
+import re
 import shutil
 import threading
 import time
@@ -33,6 +40,16 @@ from bfly.env import checkpoint_pause_file
 from bfly.errors import one_line
 
 LAST, PREV, BEST = "last.pt", "last.prev.pt", "best.pt"
+ROLLED = re.compile(r"step-(\d+)\.pt")  # older full checkpoints kept by train.keep_last_n
+SNAPSHOT = re.compile(r"epoch-(\d+)\.pt")  # train.snapshot_every_epochs: kept forever
+
+
+def rolled_name(global_step: int) -> str:
+    return f"step-{global_step:07d}.pt"
+
+
+def snapshot_name(epoch: int) -> str:
+    return f"epoch-{epoch:03d}.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -53,9 +70,11 @@ class DiskFullError(CheckpointError):
         super().__init__(f"no space left on device while writing {path.name} in {path.parent}")
 
 
-def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
+def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False, roll_to: Path | None = None) -> None:
     """Write-to-temp, fsync, rename. On a full disk the temp file is removed and the file it would have
-    replaced is untouched."""
+    replaced is untouched. keep_previous: the replaced file becomes last.prev.pt; roll_to: the replaced
+    last.prev.pt is renamed there first (else it is replaced). Renames only, each atomic, and only once
+    the temp file is complete: a kill at any point leaves every earlier complete checkpoint under a name."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -71,9 +90,51 @@ def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False) 
             raise DiskFullError(path) from None
         raise
     if keep_previous and path.exists():
-        os.replace(path, path.with_name(PREV))
+        prev = path.with_name(PREV)
+        if roll_to is not None and prev.exists():
+            os.replace(prev, roll_to)
+        os.replace(path, prev)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def saved_step(path: Path) -> int | None:
+    """The global step a checkpoint file holds, read without loading its tensors (mmap); None if unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # a damaged file: it is not rolled, only replaced
+        return None
+
+
+def prune(run_dir: Path, keep_last_n: int) -> list[Path]:
+    """Deletes the full checkpoints beyond the newest `keep_last_n` (last.pt and last.prev.pt count first;
+    step-*.pt newest first by write time). Called only once the new last.pt is in place. Returns what
+    was deleted."""
+    gone = []
+    if keep_last_n < 2 and (run_dir / PREV).exists():
+        gone.append(run_dir / PREV)
+    rolled = [(p.stat().st_mtime_ns, int(m[1]), p) for p in run_dir.iterdir() if (m := ROLLED.fullmatch(p.name))]
+    # Newest write first (a rename keeps the time of the write), then the step: a file left by an
+    # abandoned branch (run.resume=<older checkpoint>) goes before what this run wrote.
+    rolled.sort(reverse=True)
+    gone += [p for _, _, p in rolled[max(0, keep_last_n - 2) :]]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
+def link_snapshot(src: Path, snapshot: Path, payload: dict[str, Any]) -> None:
+    """`snapshot` holds the same checkpoint as the complete file `src`: a hard link (no copy, no extra space
+    while `src` is kept), or a write of `payload` where the file system has no hard links."""
+    tmp = snapshot.with_name(f".{snapshot.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        save_atomic(payload, snapshot)
+        return
+    os.replace(tmp, snapshot)
+    _fsync_dir(snapshot.parent)
 
 
 def _pause_for_test(tmp: Path) -> None:
@@ -112,8 +173,10 @@ def to_host(obj: Any) -> Any:
 class Write:
     payload: dict[str, Any]  # already on the host (to_host)
     path: Path
-    keep_previous: bool = False
+    keep_previous: bool = False  # last.pt: the rolling file (keep_last_n says how many are kept)
     step: int = 0
+    keep_last_n: int = 2  # with keep_previous: full checkpoints kept (last.pt, last.prev.pt, step-*.pt)
+    snapshot: Path | None = None  # also kept under this name, forever (epoch-<E>.pt)
 
 
 class CheckpointWriter:
@@ -153,17 +216,41 @@ class CheckpointWriter:
         if isinstance(error, DiskFullError):
             name = error.path.name
             step = self.intact.get(name)
-            kept = f"{name} (step {step}) is intact" if step is not None else f"no earlier {name} exists"
+            if step is not None:
+                kept = f"{name} (step {step}) is intact"
+            else:
+                kept = f"{name} is intact" if error.path.exists() else f"no earlier {name} exists"
             raise CheckpointError(f"{error}; {kept}") from None
         raise error
 
     def _write_all(self, writes: list[Write]) -> None:
         try:
             for w in writes:
-                save_atomic(w.payload, w.path, w.keep_previous)
+                if not w.keep_previous:
+                    save_atomic(w.payload, w.path)
+                else:
+                    self._write_rolling(w)
                 self.intact[w.path.name] = w.step
+                if w.snapshot is not None:
+                    link_snapshot(w.path, w.snapshot, w.payload)
+                if w.keep_previous:  # the new file is in place: now older ones may go
+                    prune(w.path.parent, w.keep_last_n)
         except BaseException as e:  # raised in the training thread by the next submit/wait
             self._error = e
+
+    def _write_rolling(self, w: Write) -> None:
+        prev = w.path.with_name(PREV)
+        keep_prev = w.keep_last_n >= 2 and w.path.exists()
+        roll_to = None
+        if keep_prev and w.keep_last_n > 2 and prev.exists():
+            step = self.intact.get(PREV)
+            step = saved_step(prev) if step is None else step  # a file of an earlier job
+            roll_to = None if step is None else w.path.with_name(rolled_name(step))
+        save_atomic(w.payload, w.path, keep_prev, roll_to)
+        if keep_prev and LAST in self.intact:
+            self.intact[PREV] = self.intact[LAST]
+        else:
+            self.intact.pop(PREV, None)
 
 
 def _check_crc(path: Path) -> None:
@@ -194,12 +281,16 @@ def load(path: str | Path) -> dict[str, Any]:
 
 def find_start(run_dir: Path, resume: str, warn) -> tuple[dict[str, Any], Path] | None:
     """The checkpoint a run starts from, as run.resume says: `auto` the run directory's newest complete
-    one (None for a fresh run), `never` none, else the file it names."""
+    one (None for a fresh run), `never` none, else the file it names (a snapshot, a step-*.pt), as a path
+    or as a name in the run directory."""
     if resume == "never":
         return None
     if resume == "auto":
         return load_resumable(run_dir, warn)
-    return load(resume), Path(resume)
+    path = Path(resume)
+    if not path.exists() and (run_dir / path).is_file():  # run.resume=epoch-030.pt: a file of the run directory
+        path = run_dir / path
+    return load(path), path
 
 
 def load_resumable(run_dir: Path, warn) -> tuple[dict[str, Any], Path] | None:
@@ -357,14 +448,22 @@ def state_bytes(state: Any) -> int:
     return 0
 
 
-def space_needed(run_dir: Path, last_bytes: int, best_bytes: int) -> int:
-    """Free bytes a run still needs: at the peak of a write, last.pt, last.prev.pt, best.pt and the
-    temp file of the next last.pt exist together. Files already there count as room already taken."""
-    existing = sum((run_dir / name).stat().st_size for name in (LAST, PREV, BEST) if (run_dir / name).exists())
+def space_needed(run_dir: Path, last_bytes: int, best_bytes: int, keep_last_n: int = 2, snapshots: int = 0) -> int:
+    """Free bytes a run still needs as its policy keeps files: at the peak of a write, the `keep_last_n`
+    full checkpoints (last.pt, last.prev.pt, step-*.pt), best.pt, the temp file of the next last.pt and
+    the run's `snapshots` epoch-*.pt exist together. Files already there count as room already taken
+    (a hard-linked snapshot once)."""
+    seen, existing = set(), 0
+    for p in run_dir.iterdir() if run_dir.is_dir() else ():
+        if p.name in (LAST, PREV, BEST) or ROLLED.fullmatch(p.name) or SNAPSHOT.fullmatch(p.name):
+            st = p.stat()
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                existing += st.st_size
     if (run_dir / LAST).exists():
         last_bytes = max(last_bytes, (run_dir / LAST).stat().st_size)  # the real size beats the estimate
     margin = 16 * 2**20 + last_bytes // 50  # zip headers, metadata, the pickled config
-    return max(0, 3 * last_bytes + best_bytes - existing) + margin
+    return max(0, (keep_last_n + 1 + snapshots) * last_bytes + best_bytes - existing) + margin
 
 
 def ensure_space(run_dir: Path, need_bytes: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 import warnings
 from collections.abc import Sequence
@@ -28,6 +29,23 @@ SEED_KEY = "train.seed"  # what tells the runs of one setting apart in a grid
 
 class ConfigError(ValueError):
     pass
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that `10:13` is the string it looks like (train.profile_steps), not
+    the YAML 1.1 base-60 integer 613."""
+
+
+_INT = "tag:yaml.org,2002:int"
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _INT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    _INT,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, operational: bool = False) -> Any:
@@ -111,6 +129,19 @@ class TrainConfig:
         True,
         "write checkpoint files in the background (the state is copied "
         "off the device at the step; at most one write in flight)",
+        operational=True,
+    )
+    keep_last_n: int = _opt(
+        2,
+        "full checkpoints kept: last.pt, last.prev.pt, then step-<N>.pt (rolling; 1 = last.pt only)",
+        operational=True,
+    )
+    snapshot_every_epochs: int = _opt(
+        0, "also keep epoch-<E>.pt every N epochs, never deleted (0 = off)", operational=True
+    )
+    profile_steps: str = _opt(
+        "",
+        "START:END: torch.profiler trace of global steps START+1..END on rank 0 into <run.dir>/profile/ ('' = off)",
         operational=True,
     )
     eval_splits: list[str] = _opt(["valid"], "splits evaluated each epoch", operational=True)
@@ -266,7 +297,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = yaml.load(raw, Loader=YamlLoader) if raw else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
     return key.strip(), "" if value is None else value
@@ -277,7 +308,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         path = Path(path)
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.load(path.read_text(), Loader=YamlLoader) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
@@ -318,6 +349,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    if cfg.train.keep_last_n < 1:
+        raise ConfigError(f"train.keep_last_n: must be >= 1 (last.pt), got {cfg.train.keep_last_n}")
+    if cfg.train.snapshot_every_epochs < 0:
+        raise ConfigError(f"train.snapshot_every_epochs: must be >= 0, got {cfg.train.snapshot_every_epochs}")
+    profile_window(cfg.train.profile_steps)
     if cfg.train.checkpoint_every_epochs < 1:
         raise ConfigError(f"train.checkpoint_every_epochs: must be >= 1, got {cfg.train.checkpoint_every_epochs}")
     if not 0 <= cfg.run.stopped_exit_code <= 255:
@@ -353,6 +389,20 @@ def _validate_data(cfg: Config) -> None:
             f"data.randaugment={d.randaugment!r}: RandAugment runs on the PIL path only; with "
             "data.input=cached set data.randaugment='' (random erasing, data.reprob, still applies)"
         )
+
+
+def profile_window(text: str) -> tuple[int, int] | None:
+    """train.profile_steps "START:END" -> (START, END): the steps after global step START up to END; None when off."""
+    if not text:
+        return None
+    start, sep, end = text.partition(":")
+    try:
+        window = int(start), int(end)
+    except ValueError:
+        window = (-1, -1)
+    if not sep or not 0 <= window[0] < window[1]:
+        raise ConfigError(f"train.profile_steps: expected START:END with 0 <= START < END (e.g. 10:13), got {text!r}")
+    return window
 
 
 def replace(cfg: Config, changes: dict[str, Any]) -> Config:

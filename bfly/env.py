@@ -85,14 +85,26 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+# What identifies this start of a job: SLURM's job, array and restart ids (SLURM_RESTART_COUNT grows with each
+# requeue) and torchrun's restart count (TORCHELASTIC_RESTART_COUNT grows with each restart under --max-restarts).
+_LAUNCH_ID_VARS = {
+    "slurm_job_id": "SLURM_JOB_ID",
+    "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
+    "slurm_array_task_id": "SLURM_ARRAY_TASK_ID",
+    "slurm_restart_count": "SLURM_RESTART_COUNT",
+    "torchrun_restart_count": "TORCHELASTIC_RESTART_COUNT",
+}
+
+
 def slurm_ids() -> dict[str, str]:
     """The SLURM ids of this job as SLURM sets them: job, array job and array task (those that are set)."""
-    names = {
-        "slurm_job_id": "SLURM_JOB_ID",
-        "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
-        "slurm_array_task_id": "SLURM_ARRAY_TASK_ID",
-    }
-    return {key: os.environ[name] for key, name in names.items() if os.environ.get(name)}
+    keys = ("slurm_job_id", "slurm_array_job_id", "slurm_array_task_id")
+    return {key: os.environ[_LAUNCH_ID_VARS[key]] for key in keys if os.environ.get(_LAUNCH_ID_VARS[key])}
+
+
+def launch_ids() -> dict[str, str | None]:
+    """Every id of this start of a job (see _LAUNCH_ID_VARS); None where unset."""
+    return {key: os.environ.get(name) for key, name in _LAUNCH_ID_VARS.items()}
 
 
 def proxy_for(url: str) -> str | None:

@@ -182,7 +182,7 @@ def _packages(cfg: Config, plan: StepPlan | None, problems: list[str]) -> None:
 
 
 def checkpoint_estimate(cfg: Config, num_classes: int) -> tuple[int, int]:
-    """(bytes of last.pt, bytes of last.pt + last.prev.pt + best.pt), from the model's exact size."""
+    """(bytes of last.pt, bytes of best.pt), from the model's exact size."""
     import torch
 
     from bfly.models import build_model
@@ -190,7 +190,21 @@ def checkpoint_estimate(cfg: Config, num_classes: int) -> tuple[int, int]:
     with torch.device("meta"):  # shapes only: no memory, no initialization cost
         model = build_model(cfg.model.name, num_classes)
     last, best = ckpt.sizes(model, cfg.optim.name, cfg.optim.momentum, cfg.train.ema_decay > 0)  # as training asks
-    return last, 2 * last + best
+    return last, best
+
+
+def _kept_count(cfg: Config) -> int:
+    """Full checkpoints the policy keeps over the run: train.keep_last_n plus the epoch snapshots."""
+    every = cfg.train.snapshot_every_epochs
+    return cfg.train.keep_last_n + (cfg.train.epochs // every if every else 0)
+
+
+def _kept(cfg: Config) -> str:
+    n, every = cfg.train.keep_last_n, cfg.train.snapshot_every_epochs
+    kept = "last.pt" + (", last.prev.pt" if n >= 2 else "") + (f", {n - 2} step-*.pt" if n > 2 else "")
+    if every:
+        kept += f", {cfg.train.epochs // every} epoch-*.pt snapshot(s)"
+    return kept
 
 
 def _run_dir(cfg: Config, meta: DatasetMeta | None, problems: list[str], say: Callable[[str, str], None]) -> None:
@@ -208,9 +222,12 @@ def _run_dir(cfg: Config, meta: DatasetMeta | None, problems: list[str], say: Ca
     if meta is None:
         say("run dir", f"{run_dir} ({state}); {_size(free)} free")
     else:
-        last, total = checkpoint_estimate(cfg, meta.num_classes)
-        # What training asks for at start-up (bfly.checkpoint.space_needed: files already there count).
-        need = ckpt.space_needed(run_dir if run_dir.is_dir() else existing, last, total - 2 * last)
+        last, best = checkpoint_estimate(cfg, meta.num_classes)
+        # What training asks for at start-up (bfly.resume.space_needed: the retention policy; files already
+        # there count).
+        from bfly.resume import space_needed
+
+        need = space_needed(run_dir if run_dir.is_dir() else existing, cfg, last, best)
         if free < need:
             problems.append(
                 f"run directory {run_dir}: {free / 2**20:.0f} MiB free, checkpoints need about {need / 2**20:.0f} MiB"
@@ -219,7 +236,7 @@ def _run_dir(cfg: Config, meta: DatasetMeta | None, problems: list[str], say: Ca
         say(
             "checkpoints",
             f"last.pt ~{_size(last)} (weights, optimizer state{', EMA' if cfg.train.ema_decay else ''}); "
-            f"with last.prev.pt and best.pt ~{_size(total)}",
+            f"kept: {_kept(cfg)} and best.pt ~{_size(_kept_count(cfg) * last + best)}",
         )
     holder = _lock_holder(run_dir)
     if holder:

@@ -12,6 +12,8 @@ and, when runs differ only by train.seed (a launch.submit grid, or --group): the
 the seeds of each setting, as a table in summary.md and seeds.png (valid top-1 per epoch, the mean
 with a band of ± one standard deviation). A setting is the values of the keys the runs' wandb.varies
 names (launch.submit sets it), else of the training keys that differ between the runs.
+summary.md also holds each run's attempt history (attempts.jsonl: every start, where it ran, with which
+code and libraries, how it ended); `--attempts` only prints those tables.
 And, unless --confusion none, confusion-<run>-<split>.png: the confusion matrix of the run's best.pt
 on that split. It comes from <run>/best-eval-<split>.json (what `python -m bfly.evaluate` saves);
 when that file is missing, best.pt is evaluated here (one process) and the file written.
@@ -382,8 +384,42 @@ def write_report(
             png = plot_confusion(result, r.label, out / f"confusion-{r.label.replace('/', '-')}-{confusion_split}.png")
             written.append(png)
             md += [f"![{r.label} confusion matrix ({confusion_split})]({png.name})", ""]
+    md += attempts_section(runs)
     (out / "summary.md").write_text("\n".join(md))
     return [*written, out / "summary.md"]
+
+
+# --- attempt history ---------------------------------------------------------------------------------
+
+
+def attempts_section(runs: list[RunMetrics]) -> list[str]:
+    """Markdown lines: each run's attempt history (bfly.attempts), for the runs that have one."""
+    from bfly.attempts import history_table
+
+    md = []
+    for r in runs:
+        table = history_table(r.run_dir)
+        if table:
+            md += [f"## Attempts of {r.label}", "", table, ""]
+    return md
+
+
+def print_attempts(run_dirs: list[Path]) -> int:
+    """`--attempts`: each run's attempt history table; exit 2 when a run has none."""
+    from bfly.attempts import FILE, history_table
+
+    missing = 0
+    for run_dir in run_dirs:
+        table = history_table(run_dir)
+        if table is None:
+            print(
+                f"bfly.report: error: {run_dir / FILE} not found (runs started before it existed have none)",
+                file=sys.stderr,
+            )
+            missing += 1
+            continue
+        print(f"attempts of {run_dir}:\n{table}\n")
+    return 2 if missing else 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -404,11 +440,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="split of the confusion matrices (default: valid)",
     )
     p.add_argument("--data-root", help="dataset folder for evaluating best.pt (default: the run's own)")
+    p.add_argument("--attempts", action="store_true", help="only print each run's attempt history (attempts.jsonl)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.attempts:
+        return print_attempts(args.run_dirs)
     try:
         if not args.run_dirs and not args.group:
             raise ReportError("give run directories or --group")

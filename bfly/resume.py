@@ -21,17 +21,28 @@ Change = tuple[str, Any, Any]  # (key, old, new)
 
 
 class RunCheckpoints:
-    """Writes a run's last.pt / best.pt (and config.yaml with the first checkpoint of a job). Counts the
+    """Writes a run's last.pt / best.pt (and config.yaml with the first checkpoint of a job), keeping what
+    train.keep_last_n and train.snapshot_every_epochs say (bfly.checkpoint: rolling, pruning). Counts the
     seconds training waited for them (`take_stall`)."""
 
     def __init__(self, run: Run, writer: ckpt.CheckpointWriter, wandb_run_id: str | None, config_written: bool):
         self.run, self.writer, self.wandb_run_id = run, writer, wandb_run_id
         self.config_written = config_written  # config.yaml describes this job's config (rank 0)
         self._stall_s = 0.0
+        self._saved_step = -1  # global step of the newest last.pt of this job
+
+    def snapshot_due(self, state: TrainState) -> bool:
+        """At the end of an epoch that train.snapshot_every_epochs keeps as epoch-<E>.pt."""
+        every = self.run.cfg.train.snapshot_every_epochs
+        return every > 0 and state.step_in_epoch == 0 and state.epoch > 0 and state.epoch % every == 0
 
     def save(self, state: TrainState, best_metrics: dict[str, Any] | None = None) -> None:
         """Collective: every rank contributes its RNG state; rank 0 copies the state to host memory and hands
-        the files to the background writer (best.pt first when `best_metrics` is given, then last.pt)."""
+        the files to the background writer (best.pt first when `best_metrics` is given, then last.pt).
+        A step already saved (a stop right after a step checkpoint) is not written twice."""
+        if best_metrics is None and state.global_step == self._saved_step:
+            return  # the same on every rank: global_step is
+        self._saved_step = state.global_step
         t0 = time.perf_counter()
         run, t = self.run, self.run.trainer
         rngs = distributed.all_gather_objects(ckpt.rng_state())
@@ -51,8 +62,16 @@ class RunCheckpoints:
                 rng=rngs,
                 world_size=run.env.world_size,
             )
+            snapshot = run.run_dir / ckpt.snapshot_name(state.epoch) if self.snapshot_due(state) else None
             writes.append(
-                ckpt.Write(ckpt.to_host(last), run.run_dir / ckpt.LAST, keep_previous=True, step=state.global_step)
+                ckpt.Write(
+                    ckpt.to_host(last),
+                    run.run_dir / ckpt.LAST,
+                    keep_previous=True,
+                    step=state.global_step,
+                    keep_last_n=run.cfg.train.keep_last_n,
+                    snapshot=snapshot,
+                )
             )
             self.writer.submit(writes)
             if not self.config_written:  # config.yaml changes with the first checkpoint of this job
@@ -86,6 +105,14 @@ class RunCheckpoints:
         return ckpt.Write(ckpt.to_host(best), self.run.run_dir / ckpt.BEST, step=state.global_step)
 
 
+def space_needed(run_dir: Path, cfg: Config, last_bytes: int, best_bytes: int) -> int:
+    """Free bytes the run's checkpoints still need as train.keep_last_n and snapshot_every_epochs keep
+    them (training's start-up check and the preflight ask the same)."""
+    every = cfg.train.snapshot_every_epochs
+    snapshots = cfg.train.epochs // every if every else 0
+    return ckpt.space_needed(run_dir, last_bytes, best_bytes, cfg.train.keep_last_n, snapshots)
+
+
 def write_config(run_dir: Path, cfg: Config) -> bool:
     """The run directory's config.yaml describes `cfg` (returns True, for `config_written`)."""
     path = run_dir / "config.yaml"
@@ -107,7 +134,8 @@ def load_start_state(run: Run, writer: ckpt.CheckpointWriter) -> tuple[TrainStat
     saved, source = found
     changes = check_resume(run.cfg, run.meta, run.run_dir, saved, source)
     state = restore(run, saved)
-    writer.intact[ckpt.LAST] = state.global_step
+    if source.name == ckpt.LAST and source.parent.resolve() == run.run_dir.resolve():
+        writer.intact[ckpt.LAST] = state.global_step
     run.log.info(
         f"resumed from {source}: "
         f"epoch {state.epoch + 1}, step {state.step_in_epoch} of the epoch, global step {state.global_step}"

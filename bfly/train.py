@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=4 -m bfly.train --config configs/resnet50.yaml train.epochs=60
     python -m bfly.train --help                                             # every config key
 
-A run directory (run.dir) holds config.yaml, metrics.jsonl, train.log, last.pt and best.pt.
+A run directory (run.dir) holds config.yaml, metrics.jsonl, train.log, attempts.jsonl, last.pt and best.pt.
 With run.resume=auto (the default) a run restarted on the same directory continues where its
 last checkpoint left off, mid-epoch included. SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 (to a trainer, to
 torchrun's agent or to the whole process group) stop the run with a checkpoint at the current step.
@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
-from bfly import checkpoint as ckpt, distributed
+from bfly import attempts, checkpoint as ckpt, distributed
 from bfly.config import Config, ConfigError, dump_yaml, help_text, load_config, run_dir_of
 from bfly.data.metadata import DataError, load_metadata
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
 from bfly.env import DistEnv, dist_env
 from bfly.errors import one_line
-from bfly.resume import RunCheckpoints, load_start_state, record_changes, write_config
+from bfly.profile import StepProfiler
+from bfly.resume import RunCheckpoints, load_start_state, record_changes, space_needed, write_config
 from bfly.rundir import RunDirBusy, StartupRefused, lock_run_dir
 from bfly.runlog import RunLog, epoch_line, epoch_record, open_wandb, step_record
 from bfly.stack import Run, build_run, evaluated_model, pick_device, seed_all
@@ -69,7 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> StepHooks:
+def epoch_hooks(
+    run: Run, checkpoints: RunCheckpoints, budget: JobBudget, profiler: StepProfiler | None = None
+) -> StepHooks:
     cfg, steps = run.cfg, run.train_input.steps_per_epoch
     total = steps * cfg.train.epochs
 
@@ -92,6 +95,8 @@ def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> Ste
         every = cfg.train.checkpoint_every_steps
         if every and st.global_step % every == 0 and st.step_in_epoch < steps:
             checkpoints.save(st)
+        if profiler is not None:  # train.profile_steps
+            profiler.at_step(st.global_step)
 
     def should_stop(st: TrainState, at_log: bool) -> bool:
         if budget.steps_done(st.global_step):
@@ -129,7 +134,11 @@ def finish_epoch(
     state.epoch += 1
     state.step_in_epoch = 0
     state.sums = new_sums(run.device)
-    last_due = state.epoch % run.cfg.train.checkpoint_every_epochs == 0 or state.epoch >= run.cfg.train.epochs
+    last_due = (
+        state.epoch % run.cfg.train.checkpoint_every_epochs == 0
+        or state.epoch >= run.cfg.train.epochs
+        or checkpoints.snapshot_due(state)
+    )
     if last_due:
         checkpoints.save(state, dict(record) if is_best else None)
     elif is_best:
@@ -166,25 +175,32 @@ def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tupl
     cfg = run.cfg
     last_eval: dict[str, Any] = {}
     budget = JobBudget(state.global_step, state.epoch, cfg.run.stop_after_steps, cfg.run.stop_after_epochs)
-    hooks = epoch_hooks(run, checkpoints, budget)
-    while state.epoch < cfg.train.epochs:
-        if state.step_in_epoch == 0:
-            seed_all(cfg.train.seed, run.env.rank, state.epoch)
-        t0 = device_clock(run.device)
-        images_before = int(distributed.all_reduce_sum(state.sums["count"].clone()).item())
-        batches = run.train_input.batches(state.epoch, state.step_in_epoch)
-        if not train_one_epoch(run.trainer, state, batches, hooks):
-            checkpoints.save(state)
-            return _stopped(run, checkpoints, state, budget), last_eval
-        saved, last_eval = finish_epoch(run, checkpoints, state, device_clock(run.device) - t0, images_before)
-        if state.epoch < cfg.train.epochs and (
-            budget.epochs_done(state.epoch) or distributed.any_rank(run.stop.requested, run.device)
-        ):
-            if not saved:
+    profiler = StepProfiler.for_run(cfg.train.profile_steps, run.run_dir, run.device, run.env.is_main, run.log.info)
+    hooks = epoch_hooks(run, checkpoints, budget, profiler)
+    try:
+        if profiler is not None:
+            profiler.at_step(state.global_step)
+        while state.epoch < cfg.train.epochs:
+            if state.step_in_epoch == 0:
+                seed_all(cfg.train.seed, run.env.rank, state.epoch)
+            t0 = device_clock(run.device)
+            images_before = int(distributed.all_reduce_sum(state.sums["count"].clone()).item())
+            batches = run.train_input.batches(state.epoch, state.step_in_epoch)
+            if not train_one_epoch(run.trainer, state, batches, hooks):
                 checkpoints.save(state)
-            return _stopped(run, checkpoints, state, budget), last_eval
-    checkpoints.writer.wait()
-    return Outcome(), last_eval
+                return _stopped(run, checkpoints, state, budget), last_eval
+            saved, last_eval = finish_epoch(run, checkpoints, state, device_clock(run.device) - t0, images_before)
+            if state.epoch < cfg.train.epochs and (
+                budget.epochs_done(state.epoch) or distributed.any_rank(run.stop.requested, run.device)
+            ):
+                if not saved:
+                    checkpoints.save(state)
+                return _stopped(run, checkpoints, state, budget), last_eval
+        checkpoints.writer.wait()
+        return Outcome(), last_eval
+    finally:
+        if profiler is not None:  # a stop inside the window: what was recorded is written
+            profiler.close()
 
 
 def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
@@ -202,7 +218,7 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
         state, changes, wandb_id = load_start_state(run, writer)
         if env.is_main:
             sizes = ckpt.sizes(run.raw_model, cfg.optim.name, cfg.optim.momentum, run.trainer.ema is not None)
-            ckpt.ensure_space(run_dir, ckpt.space_needed(run_dir, *sizes))
+            ckpt.ensure_space(run_dir, space_needed(run_dir, cfg, *sizes))
         if distributed.any_rank(stop.requested, device):
             why = stop.signal_name or OTHER_RANK
             log.info(f"stopped by {why} during start-up: nothing trained, nothing written")
@@ -210,11 +226,13 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
         # Every start-up check passed: from here on the run directory changes.
         log.attach(state.epoch)
         config_written = env.is_main and not (run_dir / "config.yaml").exists() and write_config(run_dir, cfg)
-        if env.is_main and state.epoch < cfg.train.epochs:  # finished: nothing to log
-            sink = open_wandb(log, cfg.wandb.mode, lambda: _wandb_sink(run, wandb_id))
-            wandb_id = sink.run_id if sink else wandb_id
-        record_changes(run, state, changes)
-        return _train_and_report(run, RunCheckpoints(run, writer, wandb_id, config_written), state)
+        with attempts.recorded(run_dir, env, device, state, USER_ERRORS) as attempt:  # attempts.jsonl
+            if env.is_main and state.epoch < cfg.train.epochs:  # finished: nothing to log
+                sink = open_wandb(log, cfg.wandb.mode, lambda: _wandb_sink(run, wandb_id))
+                wandb_id = sink.run_id if sink else wandb_id
+            record_changes(run, state, changes)
+            attempt.outcome = _train_and_report(run, RunCheckpoints(run, writer, wandb_id, config_written), state)
+            return attempt.outcome
     except (*USER_ERRORS, RuntimeError) as e:
         if log.attached:  # met after start-up: also in train.log
             log.to_file(f"error{_rank_tag(env)}: {one_line(e)}")

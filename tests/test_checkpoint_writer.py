@@ -38,11 +38,11 @@ def test_at_most_one_write_is_in_flight(tmp_path, monkeypatch):
     running, most = [], []
     real = ckpt.save_atomic
 
-    def slow_save(payload, path, keep_previous=False):
+    def slow_save(payload, path, *args):
         running.append(path)
         most.append(len(running))
         time.sleep(0.2)
-        real(payload, path, keep_previous)
+        real(payload, path, *args)
         running.remove(path)
 
     monkeypatch.setattr(ckpt, "save_atomic", slow_save)

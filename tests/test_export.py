@@ -1,0 +1,85 @@
+"""python -m bfly.export: weights and a program a teammate loads without bfly, giving the checkpoint's logits."""
+
+import json
+import subprocess
+
+import torch
+import torchvision
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
+from torchvision import transforms
+
+from bfly.data.metadata import load_metadata
+from bfly.trained import load_trained
+
+from conftest import PYTHON, REPO, subprocess_env
+
+
+def load_without_bfly(model_dir):
+    """What the README tells a user to do: torchvision, safetensors and torch.export only."""
+    info = json.loads((model_dir / "model.json").read_text())
+    model = getattr(torchvision.models, info["arch"])(weights=None, num_classes=info["num_classes"])
+    model.load_state_dict(load_file(model_dir / "model.safetensors"), strict=True)
+    t = info["eval_transform"]
+    preprocess = transforms.Compose(
+        [
+            transforms.Resize(tuple(t["size"]), interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(t["mean"], t["std"]),
+        ]
+    )
+    program = torch.export.load(model_dir / "model.pt2").module()
+    return info, model.eval(), program, preprocess
+
+
+def test_export_round_trip_gives_the_checkpoints_logits(trained_run, tmp_path):
+    out = tmp_path / "model"
+    best = trained_run / "best.pt"
+    done = subprocess.run(
+        [PYTHON, "-m", "bfly.export", "--checkpoint", str(best), "--out", str(out), "--split", "test"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    print(done.stdout)
+    assert "model.safetensors in torchvision.models.resnet50 (strict load): max |diff| " in done.stdout
+    assert "model.pt2 (torch.export): max |diff| " in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt2", "model.safetensors"]
+
+    info, model, program, preprocess = load_without_bfly(out)
+    saved, cfg, ours = load_trained(best)
+    assert info["class_names"] == saved["class_names"] and info["num_classes"] == 10
+    assert info["eval_transform"]["size"] == [cfg.data.image_size] * 2
+    # Real photos of another split than the one the command checked, preprocessed from model.json alone.
+    meta = load_metadata(cfg.data.root, splits=["valid"])
+    photos = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in meta.splits["valid"].paths]
+    images = torch.stack([preprocess(im) for im in photos])
+    with torch.no_grad():
+        reference = ours(images)
+        tol = info["check"]["tolerance"]
+        bound = 1e-4 * max(1.0, reference.abs().max().item())
+        for name, form in (("torchvision", model), ("torch.export", program)):
+            diff = (form(images) - reference).abs().max().item()
+            print(f"{name}: max |diff| {diff:.2e} on {len(photos)} valid images (bound {bound:.2e})")
+            assert diff <= bound, name
+    assert all(d is not None and d <= tol for d in info["check"]["max_abs_diff"].values())
+
+
+def test_export_of_a_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path):
+    bad = tmp_path / "best.pt"
+    bad.write_text("not a checkpoint\n")
+    done = subprocess.run(
+        [PYTHON, "-m", "bfly.export", "--checkpoint", str(bad), "--out", str(tmp_path / "m")],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"bfly.export: error: {bad}: truncated or corrupt checkpoint")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
