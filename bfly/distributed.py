@@ -6,12 +6,17 @@ The model never sees any of this: DDP wrapping happens in bfly.stack (the device
 from __future__ import annotations
 
 import datetime
+import socket
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from bfly.env import DistEnv
+from bfly.env import DistEnv, agent_serves_store
+
+# The key a rank sets in the process group's store before it leaves with an error: the other ranks, whose
+# next collective fails, read which rank failed instead of printing a transport error.
+_FAILED = "bfly/failed_rank"
 
 
 def init(env: DistEnv, device: torch.device, backend: str, timeout_s: int) -> None:
@@ -63,3 +68,45 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def announce_failure(rank: int) -> None:
+    """Before this rank leaves with an error (and closes its connections): say so in the store."""
+    if not active():
+        return
+    try:
+        _store().set(_FAILED, str(rank))
+    except dist.DistError:
+        pass  # the store is gone too: the other ranks say less
+
+
+def failed_rank(rank: int) -> int | None:
+    """After a collective failed on `rank`: the rank that announced a failure, or None (none did: a
+    rank killed by a signal, a hang, a network fault)."""
+    if not active():
+        return None
+    store = _store()
+    # Unless torchrun's agent serves it, the store lives in rank 0's process. A store client whose server
+    # is gone prints a C++ stack trace, so first try the port: closed means rank 0 is gone.
+    if rank != 0 and not agent_serves_store() and not _listening(store):
+        return 0
+    try:
+        return int(store.get(_FAILED)) if store.check([_FAILED]) else None
+    except dist.DistError:
+        return None
+
+
+def _store() -> dist.Store:
+    return dist.distributed_c10d._get_default_store()
+
+
+def _listening(store: dist.Store) -> bool:
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    if not isinstance(store, dist.TCPStore):
+        return True  # not a network store: nothing to probe
+    try:
+        socket.create_connection((store.host, store.port), timeout=2).close()
+        return True
+    except OSError:
+        return False
