@@ -75,7 +75,11 @@ def announce_failure(rank: int) -> None:
     if not active():
         return
     try:
-        _store().set(_FAILED, str(rank))
+        store = _store()
+        store.set(_FAILED, str(rank))
+        # set() does not wait for the store's reply: a round trip on the same connection does, so the key
+        # is there before this rank closes its connections (and, on rank 0, before the store goes).
+        store.check([_FAILED])
     except dist.DistError:
         pass  # the store is gone too: the other ranks say less
 
