@@ -323,7 +323,8 @@ def run_job(argv: list[str] | None = None) -> Result:
         # (a bad image) are reported by the rank that met them.
         if env.is_main or distributed.active():
             print(line, file=sys.stderr, flush=True)
-        distributed.announce_failure(env.rank)  # before the process group closes: see below
+        # Before the process group closes: the other ranks' next collective fails, and they read who failed.
+        distributed.announce_failure(env.rank)
         return Result(EXIT_USER_ERROR, None, Failure(line))
     except RuntimeError as e:
         if not distributed.active():
