@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
 from typing import Any
 
 import torch
@@ -15,8 +16,10 @@ import torch.distributed as dist
 from bfly.env import DistEnv, agent_serves_store
 
 # The key a rank sets in the process group's store before it leaves with an error: the other ranks, whose
-# next collective fails, read which rank failed instead of printing a transport error.
+# next collective fails, read which rank failed instead of printing a transport error. _DONE counts the
+# ranks that announced or read it.
 _FAILED = "bfly/failed_rank"
+_DONE = "bfly/failure_known"
 
 
 def init(env: DistEnv, device: torch.device, backend: str, timeout_s: int) -> None:
@@ -70,18 +73,35 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def announce_failure(rank: int) -> None:
-    """Before this rank leaves with an error (and closes its connections): say so in the store."""
+class Announcement:
+    """A failure this rank announced in the store it serves (rank 0, unless torchrun's agent serves the
+    store): the store must outlive the process group until the other ranks have read it."""
+
+    def __init__(self, store: dist.Store, world_size: int):
+        self.store, self.world_size = store, world_size
+
+    def wait_read(self, timeout_s: float = 10.0) -> None:
+        """After shutdown(): until every rank has read (or announced) a failure, at most timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while self.store.add(_DONE, 0) < self.world_size and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except dist.DistError:
+            pass
+
+
+def announce_failure(env: DistEnv) -> Announcement | None:
+    """Before this rank leaves with an error (and closes its connections): say so in the store. The first
+    rank to announce is the one the others name. Returns what rank 0 waits on after shutdown()."""
     if not active():
-        return
+        return None
+    store = _store()
     try:
-        store = _store()
-        store.set(_FAILED, str(rank))
-        # set() does not wait for the store's reply: a round trip on the same connection does, so the key
-        # is there before this rank closes its connections (and, on rank 0, before the store goes).
-        store.check([_FAILED])
+        store.compare_set(_FAILED, "", str(env.rank))  # a round trip: the key is there when it returns
+        store.add(_DONE, 1)
     except dist.DistError:
-        pass  # the store is gone too: the other ranks say less
+        return None  # the store is gone too: the other ranks say less
+    return Announcement(store, env.world_size) if env.rank == 0 and not agent_serves_store() else None
 
 
 def failed_rank(rank: int) -> int | None:
@@ -95,7 +115,11 @@ def failed_rank(rank: int) -> int | None:
     if rank != 0 and not agent_serves_store() and not _listening(store):
         return 0
     try:
-        return int(store.get(_FAILED)) if store.check([_FAILED]) else None
+        if not store.check([_FAILED]):
+            return None
+        failed = int(store.get(_FAILED))
+        store.add(_DONE, 1)  # read: a failed rank 0 that serves the store may now let it go
+        return failed
     except dist.DistError:
         return None
 

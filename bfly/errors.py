@@ -7,7 +7,7 @@ import functools
 import json
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _PREFIXES = ("bfly.", "DataError")
@@ -53,6 +53,7 @@ class Failure:
     line: str  # the one line printed (or, for a bug, its exception)
     traceback: str | None = None  # a bug's: kept in the summary
     follows: bool = False  # this rank stopped because another rank failed first
+    at: float = field(default_factory=time.time)  # when it was met
 
 
 def write_error_file(path: Path, failure: Failure) -> None:
@@ -62,7 +63,7 @@ def write_error_file(path: Path, failure: Failure) -> None:
     the root cause. Without the file the summary says only "To enable traceback see: ..."."""
     # The stamps are whole seconds and a tie goes to the lowest rank: a rank that stopped because another
     # failed is stamped a second later, so that the rank that met the error is named the root cause.
-    stamp = int(time.time()) + (1 if failure.follows else 0)
+    stamp = int(failure.at) + (1 if failure.follows else 0)
     record = {
         "message": {
             "message": failure.line,

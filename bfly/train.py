@@ -197,9 +197,11 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
     meta = load_metadata(cfg.data.root, splits=sorted({"train", *cfg.train.eval_splits}))
     run_dir = run_dir_of(cfg)
     device = pick_device(env.local_rank)
-    if env.is_main:  # before any process-group work: an unwritable directory fails now, not after an epoch
-        ckpt.ensure_writable(run_dir)
     distributed.init(env, device, cfg.dist.backend, cfg.dist.timeout_s)
+    # An unwritable directory fails now, not after an epoch. After the process group is up: the other
+    # ranks, in their next collective, learn that rank 0 failed (before it, they would wait for it).
+    if env.is_main:
+        ckpt.ensure_writable(run_dir)
     lock = lock_run_dir(run_dir, env)
     log = RunLog(run_dir, env.is_main)
     writer = ckpt.CheckpointWriter(cfg.train.checkpoint_async)
@@ -306,6 +308,7 @@ def run_job(argv: list[str] | None = None) -> Result:
     stop = StopRequest().install()
     if env.source == "torchrun":
         stop_when_parent_dies()  # the agent's death (kill -9) becomes a SIGTERM: checkpoint and exit
+    announced = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
@@ -324,7 +327,7 @@ def run_job(argv: list[str] | None = None) -> Result:
         if env.is_main or distributed.active():
             print(line, file=sys.stderr, flush=True)
         # Before the process group closes: the other ranks' next collective fails, and they read who failed.
-        distributed.announce_failure(env.rank)
+        announced = distributed.announce_failure(env)
         return Result(EXIT_USER_ERROR, None, Failure(line))
     except RuntimeError as e:
         if not distributed.active():
@@ -341,10 +344,12 @@ def run_job(argv: list[str] | None = None) -> Result:
         print(line, file=sys.stderr, flush=True)
         return Result(EXIT_CRASH, None, Failure(line, follows=culprit is not None))
     except Exception:
-        distributed.announce_failure(env.rank)  # a bug: the other ranks name this one
+        announced = distributed.announce_failure(env)  # a bug: the other ranks name this one
         raise
     finally:
         distributed.shutdown()
+        if announced:
+            announced.wait_read()
         stop.uninstall()
 
 
