@@ -361,7 +361,7 @@ def test_a_bug_keeps_its_traceback_in_torchruns_summary(tmp_path):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
     error_file = tmp_path / "error.json"
-    env = subprocess_env(TORCHELASTIC_ERROR_FILE=str(error_file), RANK="0", WORLD_SIZE="two")
+    env = {**subprocess_env(TORCHELASTIC_ERROR_FILE=str(error_file)), "RANK": "0", "WORLD_SIZE": "two"}
     proc = subprocess.run([PYTHON, "-m", "bfly.train"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
     failure = ProcessFailure(local_rank=0, pid=0, exitcode=1, error_file=str(error_file))
