@@ -20,6 +20,7 @@ from PIL import Image
 
 from bfly.data.metadata import DataError, load_metadata
 from bfly.data.pil_input import open_rgb
+from bfly.errors import one_line_warnings
 
 CSV_NAME = "butterflies and moths.csv"
 
@@ -67,4 +68,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    one_line_warnings()
     sys.exit(main())

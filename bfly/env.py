@@ -146,5 +146,18 @@ def checkpoint_pause_file() -> Path | None:
     return Path(value) if value else None
 
 
+def elastic_error_file() -> Path | None:
+    """TORCHELASTIC_ERROR_FILE: where torchrun's agent reads a worker's error for its failure summary
+    (set for each worker; empty or unset: no summary to write to)."""
+    value = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    return Path(value) if value else None
+
+
+def agent_serves_store() -> bool:
+    """torchrun's agent serves the workers' TCPStore (its default). Otherwise (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+    SLURM tasks without torchrun) rank 0's process serves it."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
 def stdout_is_tty() -> bool:
     return os.isatty(1) and os.environ.get("TERM", "") != "dumb"

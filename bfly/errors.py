@@ -1,8 +1,17 @@
-"""One line for an error message: what every command prints for a user error."""
+"""One line for an error message: what every command prints for a user error; bfly's warnings as one
+line; a failure recorded for torchrun's summary."""
 
 from __future__ import annotations
 
+import functools
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
 _PREFIXES = ("bfly.", "DataError")
+_PACKAGE = Path(__file__).resolve().parent
 
 
 def one_line(e: BaseException | str, first: bool = False) -> str:
@@ -18,3 +27,50 @@ def one_line(e: BaseException | str, first: bool = False) -> str:
         return lines[0]
     last = lines[-1]
     return last.split("Error: ", 1)[1] if last.startswith(_PREFIXES) and "Error: " in last else last
+
+
+@functools.cache  # once per process: each call would wrap the formatter again
+def one_line_warnings() -> None:
+    """bfly's own warnings print as `warning: <message>`: Python's format adds the file, line number,
+    category and the source line of the warnings.warn call, which tell a user nothing. Warnings of
+    other packages keep Python's format."""
+    python_format = warnings.formatwarning
+
+    def formatwarning(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+    ) -> str:
+        if Path(filename).resolve().is_relative_to(_PACKAGE):
+            return f"warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a process exits with a non-zero status, for the launcher's summary of the job."""
+
+    line: str  # the one line printed (or, for a bug, its exception)
+    traceback: str | None = None  # a bug's: kept in the summary
+    follows: bool = False  # this rank stopped because another rank failed first
+    at: float = field(default_factory=time.time)  # when it was met
+
+
+def write_error_file(path: Path, failure: Failure) -> None:
+    """The elastic error file torchrun's agent reads when a worker fails (the format of
+    torch.distributed.elastic.multiprocessing.errors.ErrorHandler): its failure summary shows
+    `py_callstack` as the worker's "traceback", and calls the failure with the earliest `timestamp`
+    the root cause. Without the file the summary says only "To enable traceback see: ..."."""
+    # The stamps are whole seconds and a tie goes to the lowest rank: a rank that stopped because another
+    # failed is stamped a second later, so that the rank that met the error is named the root cause.
+    stamp = int(failure.at) + (1 if failure.follows else 0)
+    record = {
+        "message": {
+            "message": failure.line,
+            "extraInfo": {"py_callstack": failure.traceback or failure.line, "timestamp": str(stamp)},
+        }
+    }
+    try:
+        path.write_text(json.dumps(record))
+    except OSError:
+        pass  # the summary then says less; the error itself is printed already

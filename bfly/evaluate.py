@@ -20,7 +20,7 @@ from typing import Any
 from bfly import distributed
 from bfly.data.metadata import SPLIT_NAMES
 from bfly.env import dist_env
-from bfly.errors import one_line
+from bfly.errors import one_line, one_line_warnings
 from bfly.stack import pick_device
 from bfly.trained import USER_ERRORS, ImageError, default_out, evaluate_checkpoint
 
@@ -103,4 +103,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    one_line_warnings()
     sys.exit(main())

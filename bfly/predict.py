@@ -18,7 +18,7 @@ import torch
 
 from bfly.data.metadata import DataError
 from bfly.data.pil_input import open_rgb
-from bfly.errors import one_line
+from bfly.errors import one_line, one_line_warnings
 from bfly.stack import pick_device
 from bfly.trained import BATCH, USER_ERRORS, class_probs, load_trained
 
@@ -74,4 +74,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    one_line_warnings()
     sys.exit(main())

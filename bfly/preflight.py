@@ -22,13 +22,14 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from bfly import checkpoint as ckpt
 from bfly.config import Config, ConfigError, load_config, run_dir_of
 from bfly.data.decode_cache import _progress, available_cores
 from bfly.data.metadata import DataError, DatasetMeta, load_metadata
-from bfly.data.pil_input import open_rgb
+from bfly.data.pil_input import open_rgb, small_images_warning, too_small
 from bfly.data.sampling import StepPlan, steps_per_epoch
 from bfly.env import dist_env, slurm_job_id, world_size_hint
 
@@ -67,13 +68,15 @@ def preflight(
         paths = [p for s in reads for p in meta.splits[s].paths]
         workers = available_cores()  # SLURM's or taskset's CPU set, not the node's
         t0 = time.perf_counter()
-        bad = check_images(paths, workers)
+        bad, small = check_images(paths, workers, cfg.data.image_size)
         problems += bad
         say(
             "images",
             f"{len(paths)} of {', '.join(reads)} opened and decoded in {time.perf_counter() - t0:.1f} s "
             f"({workers} process(es)): {len(bad)} unreadable",
         )
+        if small:
+            say("warning", small_images_warning(small, cfg.data.image_size))
 
     if plan is not None:
         say(
@@ -91,36 +94,41 @@ def preflight(
     return _finish(problems, start)
 
 
-def check_images(paths: list[str], workers: int, progress: bool = True) -> list[str]:
-    """One problem line per image that cannot be opened and fully decoded, in `paths` order."""
+def check_images(paths: list[str], workers: int, image_size: int, progress: bool = True) -> tuple[list[str], list[str]]:
+    """One problem line per image that cannot be opened and fully decoded, in `paths` order; and the
+    images too small for `image_size` ("path (WxH)")."""
     report = _progress(
         f"bfly: checking {len(paths)} images ({workers} process(es))", len(paths), progress and bool(paths)
     )
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     problems: list[str] = []
+    small: list[str] = []
     done = 0
     # fork: the workers inherit the imports (spawn would import torch once per worker); they only
     # decode with Pillow, so no CUDA or thread state is shared.
     with ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("fork")) as pool:
-        for chunk, bad in zip(chunks, pool.map(_decode_chunk, chunks)):
+        for chunk, (bad, chunk_small) in zip(chunks, pool.map(partial(_decode_chunk, image_size=image_size), chunks)):
             problems += bad
+            small += chunk_small
             done += len(chunk)
             report(done)
-    return problems
+    return problems, small
 
 
-def _decode_chunk(paths: list[str]) -> list[str]:
-    bad = []
+def _decode_chunk(paths: list[str], image_size: int) -> tuple[list[str], list[str]]:
+    bad, small = [], []
     for path in paths:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. Pillow's DecompressionBombWarning: not a defect
-                open_rgb(path)
+                size = open_rgb(path).size
+            if too_small(size, image_size):
+                small.append(f"{path} ({size[0]}x{size[1]})")
         except DataError as e:
             bad.append(_one_line(str(e)))
         except Exception as e:  # anything else Pillow raises (e.g. DecompressionBombError) also fails training
             bad.append(_one_line(f"{path}: cannot decode image ({type(e).__name__}: {e})"))
-    return bad
+    return bad, small
 
 
 def _metadata(cfg: Config, problems: list[str], say: Callable[[str, str], None]) -> DatasetMeta | None:

@@ -21,6 +21,7 @@ import argparse
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,10 @@ import torch
 from bfly import attempts, checkpoint as ckpt, distributed
 from bfly.config import Config, ConfigError, dump_yaml, help_text, load_config, run_dir_of
 from bfly.data.metadata import DataError, load_metadata
+from bfly.data.pil_input import ImageError
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
-from bfly.env import DistEnv, dist_env
-from bfly.errors import one_line
+from bfly.env import DistEnv, dist_env, elastic_error_file
+from bfly.errors import Failure, one_line, one_line_warnings, write_error_file
 from bfly.profile import StepProfiler
 from bfly.resume import RunCheckpoints, load_start_state, record_changes, space_needed, write_config
 from bfly.rundir import RunDirBusy, StartupRefused, lock_run_dir
@@ -40,6 +42,11 @@ from bfly.stack import Run, build_run, evaluated_model, pick_device, seed_all
 from bfly.stopping import OTHER_RANK, STOP_SIGNALS, JobBudget, Outcome, StopRequest, stop_when_parent_dies
 
 USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, RunDirBusy)
+EXIT_CRASH = 1  # a bug, a failed collective
+EXIT_USER_ERROR = 2  # config, data, run directory, checkpoint: one line names the culprit
+
+# An image that cannot be read or decoded, met while training: --check decodes every image beforehand.
+CHECK_HINT = "; run `python -m bfly.train --check` to find every such file before a long run"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -207,9 +214,11 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
     meta = load_metadata(cfg.data.root, splits=sorted({"train", *cfg.train.eval_splits}))
     run_dir = run_dir_of(cfg)
     device = pick_device(env.local_rank)
-    if env.is_main:  # before any process-group work: an unwritable directory fails now, not after an epoch
-        ckpt.ensure_writable(run_dir)
     distributed.init(env, device, cfg.dist.backend, cfg.dist.timeout_s)
+    # An unwritable directory fails now, not after an epoch. After the process group is up: the other
+    # ranks, in their next collective, learn that rank 0 failed (before it, they would wait for it).
+    if env.is_main:
+        ckpt.ensure_writable(run_dir)
     lock = lock_run_dir(run_dir, env)
     log = RunLog(run_dir, env.is_main)
     writer = ckpt.CheckpointWriter(cfg.train.checkpoint_async)
@@ -235,7 +244,7 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
             return attempt.outcome
     except (*USER_ERRORS, RuntimeError) as e:
         if log.attached:  # met after start-up: also in train.log
-            log.to_file(f"error{_rank_tag(env)}: {one_line(e)}")
+            log.to_file(f"error{_rank_tag(env)}: {user_message(e)}")
         raise
     finally:
         try:
@@ -295,10 +304,15 @@ def _rank_tag(env: DistEnv) -> str:
     return f" [rank {env.rank}]" if env.distributed else ""
 
 
+def user_message(e: BaseException) -> str:
+    return one_line(e) + (CHECK_HINT if isinstance(e, ImageError) else "")
+
+
 @dataclass(frozen=True)
 class Result:
     exit_code: int
     outcome: Outcome | None  # None: the job failed or only printed something
+    failure: Failure | None = None  # why the exit status is not 0, for torchrun's summary
 
 
 def run_job(argv: list[str] | None = None) -> Result:
@@ -313,35 +327,54 @@ def run_job(argv: list[str] | None = None) -> Result:
     stop = StopRequest().install()
     if env.source == "torchrun":
         stop_when_parent_dies()  # the agent's death (kill -9) becomes a SIGTERM: checkpoint and exit
+    announced = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return Result(0, None)
         outcome = train(cfg, env, stop)
-        return Result(cfg.run.stopped_exit_code if outcome.by_signal else 0, outcome)
+        code = cfg.run.stopped_exit_code if outcome.by_signal else 0
+        return Result(code, outcome, Failure(_stopped_line(env, outcome)) if code else None)
     except StartupRefused:
-        return Result(2, None)
+        refused = f"bfly.train{_rank_tag(env)}: stopping: rank 0 refused the start (see its error)"
+        return Result(EXIT_USER_ERROR, None, Failure(refused, follows=True))
     except USER_ERRORS as e:
+        line = f"bfly.train: error{_rank_tag(env)}: {user_message(e)}"
         # Start-up errors are the same on every rank: rank 0 reports them. Errors met while training
         # (a bad image) are reported by the rank that met them.
         if env.is_main or distributed.active():
-            print(f"bfly.train: error{_rank_tag(env)}: {one_line(e)}", file=sys.stderr, flush=True)
-        return Result(2, None)
+            print(line, file=sys.stderr, flush=True)
+        # Before the process group closes: the other ranks' next collective fails, and they read who failed.
+        announced = distributed.announce_failure(env)
+        return Result(EXIT_USER_ERROR, None, Failure(line))
     except RuntimeError as e:
         if not distributed.active():
             raise
-        # A collective failed: almost always another rank died first and printed its own error.
-        print(
-            f"bfly.train{_rank_tag(env)}: stopping, a collective failed ({one_line(e)[:200]}); "
-            "the failing rank's error is printed above",
-            file=sys.stderr,
-            flush=True,
-        )
-        return Result(1, None)
+        # A collective failed: almost always another rank failed first and printed its own error.
+        culprit = distributed.failed_rank(env.rank)
+        if culprit is not None and culprit != env.rank:
+            line = f"bfly.train{_rank_tag(env)}: stopping: rank {culprit} failed (see its error)"
+        else:
+            line = (
+                f"bfly.train{_rank_tag(env)}: stopping, a collective failed ({one_line(e)[:200]}); "
+                "the failing rank's error is printed above"
+            )
+        print(line, file=sys.stderr, flush=True)
+        return Result(EXIT_CRASH, None, Failure(line, follows=culprit is not None))
+    except Exception:
+        announced = distributed.announce_failure(env)  # a bug: the other ranks name this one
+        raise
     finally:
         distributed.shutdown()
+        if announced:
+            announced.wait_read()
         stop.uninstall()
+
+
+def _stopped_line(env: DistEnv, outcome: Outcome) -> str:
+    written = f"checkpoint written to {outcome.checkpoint}" if outcome.checkpoint else "nothing written"
+    return f"bfly.train{_rank_tag(env)}: stopped by {outcome.stopped_by}: {written}; run again to continue"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +382,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command() -> int:
-    code = main()
+    one_line_warnings()
+    error_file = elastic_error_file()  # under torchrun: what its summary of a failed job shows for this rank
+    try:
+        result = run_job()
+    except Exception as e:
+        if error_file:  # a bug keeps its traceback, in the summary too
+            write_error_file(error_file, Failure(f"{type(e).__name__}: {e}", traceback.format_exc()))
+        raise
+    if result.failure and error_file:
+        write_error_file(error_file, result.failure)
+    code = result.exit_code
     # The outcome is decided and written: a signal that arrives while the process exits (torchrun's
     # SIGTERM to the other trainers once one has exited, say) must not turn it into a death by signal.
     for sig in STOP_SIGNALS:

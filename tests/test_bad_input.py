@@ -5,11 +5,18 @@ breaks one thing in a fresh copy of the tiny dataset and says which file, row or
 name. Add a row to cover a new case. `VALID` lists images that look unusual but are valid input:
 they are converted, never refused.
 
-Default tier: the whole table in-process (one process), and two rows under torchrun. Slow tier
+Under torchrun, the failure summary torchrun prints (its "bfly.train FAILED" box) names bfly's line
+as the root cause, no frame of bfly's code is printed, and a rank that stops because another failed
+says which.
+
+Default tier: the whole table in-process (one process), and four rows under torchrun. Slow tier
 (`-m slow`): every row under `torchrun --nproc_per_node=2`.
 """
 
+import json
+import os
 import re
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +26,17 @@ import pytest
 import torch
 from PIL import Image
 
+import bfly
+from bfly.data.metadata import DataError, load_metadata
 from bfly.data.pil_input import open_rgb
 from bfly.data.sampling import epoch_permutation
 from bfly.models import build_model
 from bfly.train import main
 
-from conftest import data_copy, read_jsonl, tiny_overrides
+from conftest import MINI_ROOT, PYTHON, REPO, data_copy, folder_copy, read_jsonl, subprocess_env, tiny_overrides
 from probes.fault_launch import Launch, read_rows, replace_image, torchrun_cmd, write_rows
+
+PACKAGE = Path(bfly.__file__).resolve().parent  # a frame of bfly's own code names a file in here
 
 
 class Workspace:
@@ -75,6 +86,8 @@ class Workspace:
 
 # The train row read first (by rank 0, whatever the world size): a broken image there fails at once.
 FIRST_READ = int(epoch_permutation(60, 0, 0)[0])
+# What an image error met while training adds (escaped for a pattern).
+CHECK_HINT = re.escape("; run `python -m bfly.train --check` to find every such file before a long run")
 
 Setup = Callable[[Workspace], tuple[list[str], str, str]]  # -> (overrides, culprit, what the line says)
 
@@ -87,12 +100,23 @@ def missing_image(ws):
 def truncated_jpeg(ws):
     whole = ws.image_bytes(FIRST_READ)
     path = replace_image(ws.data, "train", FIRST_READ, "truncated.jpg", whole[: len(whole) * 2 // 3])
-    return ws.args(), str(path), r"cannot decode image \(image file is truncated"
+    return ws.args(), str(path), rf"cannot decode image \(image file is truncated .*\){CHECK_HINT}$"
 
 
 def text_named_jpg(ws):
     path = replace_image(ws.data, "train", FIRST_READ, "notes.jpg", b"these are my notes, not a picture\n")
-    return ws.args(), str(path), "not an image Pillow can read"
+    return ws.args(), str(path), f"not an image Pillow can read{CHECK_HINT}$"
+
+
+def zero_byte_image(ws):
+    path = replace_image(ws.data, "train", 5, "empty.jpg", b"")
+    return ws.args(), str(path), r"1 image file\(s\) in column 'filepaths' are empty \(0 bytes\) \(first 1: row 7: "
+
+
+def semicolon_separated_csv(ws):
+    header, rows = read_rows(ws.csv())
+    ws.csv().write_text("\n".join(";".join(r) for r in [header, *rows]) + "\n")
+    return ws.args(), f"{ws.csv()}: row 1 (header)", r"the file looks ';'-separated; re-save it with commas"
 
 
 def csv_missing_column(ws):
@@ -213,9 +237,11 @@ BAD = [
     Bad(f.__name__.replace("_", " "), f)
     for f in (
         missing_image,
+        zero_byte_image,
         truncated_jpeg,
         text_named_jpg,
         csv_missing_column,
+        semicolon_separated_csv,
         label_out_of_range,
         non_integer_label,
         empty_split,
@@ -233,6 +259,7 @@ BAD = [
     )
 ]
 TORCHRUN_DEFAULT = {"csv missing column", "checkpoint of another class count"}
+TORCHRUN_OWN_TEST = {"zero byte image", "truncated jpeg"}  # default tier too, with more checks (below)
 
 
 def is_the_error(line: str, culprit: str, says: str, rank_tag: str = "") -> bool:
@@ -250,7 +277,28 @@ def test_bad_input_is_one_line_naming_the_culprit(case, tiny_data, tmp_path, cap
     assert not (tmp_path / "created-by-unpickling").exists()
 
 
-def run_bad_case_under_torchrun(case: Bad, ws: Workspace) -> None:
+@dataclass(frozen=True)
+class Summary:
+    """torchrun's failure summary (the "bfly.train FAILED" box): per rank, its exit code and what the box
+    shows as its "traceback"; the rank named as the root cause."""
+
+    exit_codes: dict[int, int]
+    said: dict[int, str]
+    root_cause: int
+
+
+def torchrun_summary(out: str) -> Summary:
+    box = out[out.index("bfly.train FAILED") :]
+    ranks = re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\n\s+exitcode\s+: (-?\d+).*\n.*\n\s+traceback : (.*)", box)
+    root = re.search(r"Root Cause \(first observed failure\):\n.*\n.*\n.*\n\s+rank\s+: (\d+)", box)
+    assert ranks and root, box
+    return Summary(
+        {int(r): int(code) for r, code, _ in ranks}, {int(r): said for r, _, said in ranks}, int(root.group(1))
+    )
+
+
+def run_bad_case_under_torchrun(case: Bad, ws: Workspace) -> str:
+    """Returns torchrun's output."""
     args, culprit, says = case.setup(ws)
     launch = Launch(torchrun_cmd(2, args), timeout=240)
     assert launch.wait() != 0
@@ -262,9 +310,19 @@ def run_bad_case_under_torchrun(case: Bad, ws: Workspace) -> None:
     assert 1 <= len(lines) <= 2, out[-3000:]
     for line in lines:
         assert is_the_error(line, culprit, says, r" \[rank \d\]"), out[-3000:]
-    codes = dict(re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\n\s+exitcode\s+: (-?\d+)", out))
-    assert set(codes) == {"0", "1"} and "0" not in codes.values(), out[-3000:]  # every rank non-zero
+    summary = torchrun_summary(out)
+    assert set(summary.exit_codes) == {0, 1} and 0 not in summary.exit_codes.values(), out[-3000:]
+    # The summary's root cause is bfly's line (not "To enable traceback see: ..."), of a rank that met the error.
+    root = summary.said[summary.root_cause]
+    assert is_the_error(root, culprit, says, rf" \[rank {summary.root_cause}\]"), out[-3000:]
+    # A rank that did not meet the error itself says which rank did, in its line and in the summary.
+    for rank, said in summary.said.items():
+        if not said.startswith("bfly.train: error"):
+            stopping = f"bfly.train [rank {rank}]: stopping: rank {summary.root_cause} failed (see its error)"
+            assert said == stopping and stopping in out.splitlines(), out[-3000:]
     assert out.count("Traceback (most recent call last)") == 1  # torchrun's own ChildFailedError, no worker's
+    assert f'File "{PACKAGE}' not in out, out[-3000:]  # no frame of bfly's code
+    return out
 
 
 @pytest.mark.parametrize("case", [c for c in BAD if c.name in TORCHRUN_DEFAULT], ids=lambda c: c.name)
@@ -272,13 +330,150 @@ def test_bad_input_stops_every_rank(case, tiny_data, tmp_path):
     run_bad_case_under_torchrun(case, Workspace(tmp_path, tiny_data))
 
 
+def test_an_image_one_rank_cannot_decode_mid_run_the_other_rank_names_that_rank(tiny_data, tmp_path):
+    """Rank 0 meets the truncated image in its first batch, rank 1 waits for it in a collective."""
+    ws = Workspace(tmp_path, tiny_data)
+    out = run_bad_case_under_torchrun(Bad("truncated jpeg", truncated_jpeg), ws)
+    summary = torchrun_summary(out)
+    assert summary.root_cause == 0 and summary.exit_codes == {0: 2, 1: 1}, out[-3000:]
+    assert summary.said[1] == "bfly.train [rank 1]: stopping: rank 0 failed (see its error)"
+    assert "Connection closed by peer" not in out and "collective failed" not in out
+
+
+def test_a_zero_byte_image_is_refused_at_start_up_with_nothing_written(tiny_data, tmp_path):
+    ws = Workspace(tmp_path, tiny_data)
+    out = run_bad_case_under_torchrun(Bad("zero byte image", zero_byte_image), ws)
+    assert "bfly: resnet50" not in out  # the start-up line of a run that trains
+    assert not ws.run.exists()
+
+
+def test_a_zero_byte_image_in_a_class_folder_is_refused(tmp_path):
+    root = folder_copy(tmp_path / "folders", {"train": 2, "valid": 1, "test": 1})
+    empty = sorted((root / "train").iterdir())[3] / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(empty.parent))}: 1 image file\(s\) are empty \(0 bytes\)"):
+        load_metadata(root, splits=["train", "valid"])
+
+
+def test_a_bug_keeps_its_traceback_in_torchruns_summary(tmp_path):
+    """A crash (not a user error) is recorded with its traceback, as torchrun's own @record would; read
+    back by torchrun's own summary code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    error_file = tmp_path / "error.json"
+    env = {**subprocess_env(TORCHELASTIC_ERROR_FILE=str(error_file)), "RANK": "0", "WORLD_SIZE": "two"}
+    proc = subprocess.run([PYTHON, "-m", "bfly.train"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+    failure = ProcessFailure(local_rank=0, pid=0, exitcode=1, error_file=str(error_file))
+    box = ChildFailedError("bfly.train", {0: failure}).format_msg()
+    assert "traceback : Traceback (most recent call last):" in box
+    assert "environment variable WORLD_SIZE='two' is not an integer" in box
+    assert json.loads(error_file.read_text())["message"]["message"].startswith("RuntimeError: environment variable")
+
+
+def as_plain_user(cmd: list[str]) -> list[str]:
+    """`cmd` without root's right to read any file (root bypasses file permissions)."""
+    if os.geteuid() != 0:
+        return cmd
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *cmd]
+
+
+def test_an_image_without_read_permission_is_refused_at_start_up(tiny_data, tmp_path):
+    ws = Workspace(tmp_path, tiny_data)
+    path = replace_image(ws.data, "train", 5, "private.jpg", ws.image_bytes(5))
+    path.chmod(0)
+    proc = subprocess.run(
+        as_plain_user([PYTHON, "-m", "bfly.train", *ws.args()]),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"bfly.train: error: {ws.csv()}: 1 image file(s) in column 'filepaths' cannot be read (permission denied) "
+        f"(first 1: row 7: {path})\n"
+    )
+    assert not ws.run.exists()
+
+
+def test_an_image_without_read_permission_says_cannot_read_when_opened(tmp_path):
+    """The same file met later (its permission changed while training ran): "cannot read", not "cannot decode"."""
+    path = tmp_path / "private.jpg"
+    path.write_bytes((MINI_ROOT / "valid/ADONIS/1.jpg").read_bytes())
+    path.chmod(0)
+    opens = f"from bfly.data.pil_input import open_rgb; open_rgb({str(path)!r})"
+    proc = subprocess.run(
+        as_plain_user([PYTHON, "-c", opens]), cwd=REPO, env=subprocess_env(), capture_output=True, text=True
+    )
+    assert f"ImageError: {path}: cannot read image file (Permission denied)" in proc.stderr, proc.stderr
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [c for c in BAD if c.name not in TORCHRUN_DEFAULT], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case", [c for c in BAD if c.name not in TORCHRUN_DEFAULT | TORCHRUN_OWN_TEST], ids=lambda c: c.name
+)
 def test_bad_input_stops_every_rank_slow(case, tiny_data, tmp_path):
     run_bad_case_under_torchrun(case, Workspace(tmp_path, tiny_data))
 
 
 # --- warnings, not errors ------------------------------------------------------------------------------
+
+
+def test_bflys_warnings_print_as_one_line(tiny_data, tmp_path):
+    ws = Workspace(tmp_path, tiny_data)
+    header, rows = read_rows(ws.csv())
+    write_rows(ws.csv(), header, rows + [rows[4]])
+    proc = subprocess.run(
+        [PYTHON, "-m", "bfly.train", *ws.args(**{"run.stop_after_steps": 1})],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warned = [line for line in proc.stderr.splitlines() if "duplicate image path" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: {ws.csv()}: split 'train' lists 1 duplicate"), warned
+    assert "warnings.warn(" not in proc.stderr and "UserWarning" not in proc.stderr, proc.stderr[-3000:]
+
+
+def tiny_picture(ws: Workspace, row: int, side: int) -> Path:
+    path = replace_image(ws.data, "train", row, "tiny.png", b"")
+    Image.new("RGB", (side, side + 1), (90, 120, 60)).save(path)
+    return path
+
+
+def test_an_image_under_an_eighth_of_the_image_size_is_named_by_check(tiny_data, tmp_path):
+    ws = Workspace(tmp_path, tiny_data)
+    path = tiny_picture(ws, 5, 3)  # 3x4 px, data.image_size=32: under 32 / 8 = 4 px on a side
+    proc = subprocess.run(
+        [PYTHON, "-m", "bfly.train", "--check", *ws.args()],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warned = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("warning ")]
+    assert len(warned) == 1 and f": {path} (3x4)" in warned[0], proc.stdout
+    assert "1 image(s) smaller than 1/8 of data.image_size=32 on a side" in warned[0]
+
+
+def test_an_image_under_an_eighth_of_the_image_size_is_named_when_the_decode_cache_is_built(tiny_data, tmp_path):
+    ws = Workspace(tmp_path, tiny_data)
+    path = tiny_picture(ws, 5, 3)
+    cached = {"data.input": "cached", "data.cache_dir": tmp_path / "cache", "run.stop_after_steps": 1}
+    with pytest.warns(UserWarning) as warned:
+        assert main(ws.args(**cached)) == 0
+    small = [str(w.message) for w in warned if "smaller than" in str(w.message)]
+    assert small == [
+        f"split 'train': 1 image(s) smaller than 1/8 of data.image_size=32 on a side, each blown up "
+        f"8x or more: {path} (3x4)"
+    ]
 
 
 def test_duplicate_rows_are_a_warning_and_the_run_goes_on(tiny_data, tmp_path):

@@ -302,14 +302,15 @@ def test_an_error_on_one_rank_stops_every_rank_with_the_error_printed_once(tiny_
     assert launch.wait(90) != 0
     took = time.monotonic() - printed
     out = launch.output
-    # Counted in torchrun's whole output (workers' stdout and stderr, the agent's failure summary):
-    # the summary names ranks and exit codes, never the workers' messages, so the path appears once.
-    assert out.count(str(bad)) == 1, out[-4000:]
+    # Counted in torchrun's whole output (workers' stdout and stderr, the agent's failure summary): the
+    # path appears in rank 1's line and in the summary, which shows that line as the root cause.
+    error = f"bfly.train: error [rank 1]: {bad}: not an image Pillow can read; run `python -m bfly.train --check`"
+    assert out.count(str(bad)) == 2 and out.count(error) == 2, out[-4000:]
     errors = [line for line in out.splitlines() if line.startswith("bfly.train: error")]
-    assert errors == [f"bfly.train: error [rank 1]: {bad}: not an image Pillow can read"]
+    assert len(errors) == 1 and errors[0].startswith(error)
     # Rank 0, waiting in a collective for rank 1, stops with a short line (exit code 1, or the
     # SIGTERM torchrun sends it, whichever torchrun sees first).
-    assert re.search(r"^bfly\.train \[rank 0\]: stopping, a collective failed", out, re.M), out[-4000:]
+    assert re.search(r"^bfly\.train \[rank 0\]: stopping: rank 1 failed \(see its error\)$", out, re.M), out[-4000:]
     codes = torchrun_exit_codes(out)
     assert codes[1] == 2 and codes[0] != 0, codes
     assert out.count("Traceback (most recent call last)") == 1, out[

@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from bfly.data.metadata import DataError, Split
-from bfly.data.pil_input import open_rgb
+from bfly.data.pil_input import open_rgb, small_images_warning, too_small
 
 FORMAT_VERSION = 2  # 2: EXIF orientation applied (open_rgb); caches of version 1 are rebuilt
 _CHUNK = 64  # images per task: large enough to amortise scheduling, small enough for a smooth bar
@@ -38,7 +39,10 @@ _CHUNK = 64  # images per task: large enough to amortise scheduling, small enoug
 
 def decode_resized(path: str, size: int) -> np.ndarray:
     """(size, size, 3) uint8, the same pixels as transforms.Resize((size, size)) on the PIL image."""
-    image = open_rgb(path)
+    return _resized(open_rgb(path), size)
+
+
+def _resized(image: Image.Image, size: int) -> np.ndarray:
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
@@ -98,10 +102,12 @@ def build(split: Split, size: int, path: Path, workers: int, progress: bool) -> 
     report = _progress(f"bfly: decoding split {split.name!r} ({n} images at {size}px) into {path}", n, progress)
 
     pool = ThreadPoolExecutor(workers)
+    small: list[str] = []
     try:
         done = 0
-        for count in pool.map(partial(_fill, out, split.paths, size), range(0, n, _CHUNK)):
+        for count, chunk_small in pool.map(partial(_fill, out, split.paths, size), range(0, n, _CHUNK)):
             done += count
+            small += chunk_small
             report(done)
         pool.shutdown()
         out.flush()
@@ -111,14 +117,21 @@ def build(split: Split, size: int, path: Path, workers: int, progress: bool) -> 
         pool.shutdown(cancel_futures=True)  # a bad image stops the build now, not after the rest
         tmp.unlink(missing_ok=True)
         raise
+    if small:  # each image is decoded once here: the one place on this path that sees its size
+        warnings.warn(f"split {split.name!r}: {small_images_warning(small, size)}", stacklevel=2)
 
 
-def _fill(out: np.ndarray, paths: Sequence[str], size: int, lo: int) -> int:
-    """Decode the chunk of images that starts at `lo` into `out`; returns how many."""
+def _fill(out: np.ndarray, paths: Sequence[str], size: int, lo: int) -> tuple[int, list[str]]:
+    """Decode the chunk of images that starts at `lo` into `out`; returns how many, and the images among
+    them too small for `size` ("path (WxH)")."""
     hi = min(lo + _CHUNK, len(paths))
+    small = []
     for i in range(lo, hi):
-        out[i] = decode_resized(paths[i], size)
-    return hi - lo
+        image = open_rgb(paths[i])
+        if too_small(image.size, size):
+            small.append(f"{paths[i]} ({image.size[0]}x{image.size[1]})")
+        out[i] = _resized(image, size)
+    return hi - lo, small
 
 
 def _reserve(tmp: Path) -> None:

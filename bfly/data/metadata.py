@@ -10,7 +10,8 @@ Three layouts are read:
 A CSV wins over folders. Paths in the CSVs are relative to the dataset root. Where the images also
 lie in class folders, an image labelled in the CSV as another folder's class is an error; class
 sets or ids that differ from the folders' are a warning (a CSV may rename, select or renumber classes).
-Validation never decodes an image, so it is cheap enough to run on every start-up, and every error
+Validation never decodes an image (one stat and one access check per file find a missing, empty or
+unreadable one), so it is cheap enough to run on every start-up, and every error
 names the CSV file, the row (its 1-based line number, header = line 1) and the column, or the
 folder or file, so the culprit can be found in an editor or a shell.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -199,7 +201,17 @@ def _images_of(class_dir: Path) -> list[str]:
         )
     if not images:
         raise DataError(f"{class_dir}: class folder has no images")
-    return sorted(images)
+    images.sort()
+    found = [(path, _file_problem(path)) for path in images]
+    for problem in ("empty", "unreadable"):
+        bad = [path for path, p in found if p == problem]
+        if bad:
+            says = _FILE_PROBLEMS[problem][0].replace(" in column 'filepaths'", "")
+            raise DataError(
+                f"{class_dir}: {len(bad)} {says} (first {min(len(bad), _MAX_LISTED)}: "
+                f"{'; '.join(bad[:_MAX_LISTED])}){_FILE_PROBLEMS[problem][1]}"
+            )
+    return images
 
 
 def _read_folders(root: Path, splits: tuple[str, ...]) -> DatasetMeta:
@@ -327,6 +339,13 @@ def _read_table(csv_path: Path, columns: Sequence[str]) -> list[tuple[int, dict[
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = [name.strip() for name in next(reader, [])]
+        if len(header) == 1 and ";" in header[0]:
+            # A spreadsheet in a locale whose decimal mark is a comma saves "CSV" with semicolons.
+            raise DataError(
+                f"{csv_path}: row 1 (header): one column {header[0]!r}: the file looks ';'-separated; "
+                "re-save it with commas ('CSV UTF-8 (Comma delimited)' in a spreadsheet; in Python: "
+                f"pandas.read_csv(path, sep=';').to_csv(path, index=False)); expected columns {', '.join(columns)}"
+            )
         missing = [c for c in columns if c not in header]
         if missing:
             raise DataError(
@@ -430,23 +449,45 @@ def _class_names(rows: list[_Row], id_column: str) -> tuple[str, ...]:
     return tuple(first_of_id[i].name for i in range(num_classes))
 
 
+# What the start-up check finds wrong with an image file, and how an error says it (the CSV layouts'
+# wording, then the fix when there is one).
+_FILE_PROBLEMS = {
+    "directory": ("path(s) in column 'filepaths' are directories, not image files", ""),
+    "missing": (
+        "image file(s) in column 'filepaths' do not exist",
+        "; paths in the CSV are relative to the dataset root (data.root)",
+    ),
+    "empty": (
+        "image file(s) in column 'filepaths' are empty (0 bytes)",
+        "; an interrupted copy or download leaves such files: copy them again",
+    ),
+    "unreadable": ("image file(s) in column 'filepaths' cannot be read (permission denied)", ""),
+}
+
+
+def _file_problem(path: str) -> str | None:
+    """None for a readable, non-empty file, else a key of _FILE_PROBLEMS: one stat and one access check."""
+    try:
+        st = os.stat(path)
+    except PermissionError:
+        return "unreadable"  # a folder on its path cannot be searched
+    except OSError:
+        return "missing"
+    if stat.S_ISDIR(st.st_mode):
+        return "directory"
+    if st.st_size == 0:
+        return "empty"
+    return None if os.access(path, os.R_OK) else "unreadable"
+
+
 def _check_files_exist(by_split: dict[str, list[_Row]]) -> None:
     for rows in by_split.values():
-        missing = [row for row in rows if not os.path.isfile(row.path)]
-        folders = [row for row in missing if os.path.isdir(row.path)]
-        if folders:
-            listed = "; ".join(f"row {row.line}: {row.path}" for row in folders[:_MAX_LISTED])
-            raise DataError(
-                f"{folders[0].file}: {len(folders)} path(s) in column 'filepaths' are directories, not image "
-                f"files (first {min(len(folders), _MAX_LISTED)}: {listed})"
-            )
-        if missing:
-            listed = "; ".join(f"row {row.line}: {row.path}" for row in missing[:_MAX_LISTED])
-            raise DataError(
-                f"{missing[0].file}: {len(missing)} image file(s) in column 'filepaths' do not exist "
-                f"(first {min(len(missing), _MAX_LISTED)}: {listed}); "
-                "paths in the CSV are relative to the dataset root (data.root)"
-            )
+        found = [(row, _file_problem(row.path)) for row in rows]
+        for problem, (says, fix) in _FILE_PROBLEMS.items():
+            bad = [row for row, p in found if p == problem]
+            if bad:
+                listed = "; ".join(f"row {row.line}: {row.path}" for row in bad[:_MAX_LISTED])
+                raise DataError(f"{bad[0].file}: {len(bad)} {says} (first {min(len(bad), _MAX_LISTED)}: {listed}){fix}")
 
 
 def _warn_duplicates(by_split: dict[str, list[_Row]]) -> None:

@@ -19,6 +19,14 @@ from bfly.stopping import ignore_stop_signals, signals_blocked
 # naming the file. Pillow's message starts with "Image size", ours with the path.
 warnings.filterwarnings("ignore", message="Image size", category=Image.DecompressionBombWarning)
 
+# An image under 1/8 of data.image_size on a side is blown up 8x or more: a thumbnail or an icon, rarely
+# the photo that was meant.
+SMALL_FRACTION = 8
+
+
+class ImageError(DataError):
+    """An image file that cannot be read or decoded; the message names it."""
+
 
 def open_rgb(path: str) -> Image.Image:
     """The picture as the camera saw it, in RGB, decoded fully now: a bad file fails here with its name,
@@ -36,15 +44,17 @@ def open_rgb(path: str) -> Image.Image:
             ImageOps.exif_transpose(im, in_place=True)
             return to_rgb(im)
     except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
+        raise ImageError(f"{path}: image file not found") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, not an image file") from None
+        raise ImageError(f"{path}: is a directory, not an image file") from None
+    except PermissionError as e:
+        raise ImageError(f"{path}: cannot read image file ({e.strerror})") from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image Pillow can read") from None
+        raise ImageError(f"{path}: not an image Pillow can read") from None
     except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: too large to decode safely ({e})") from None
+        raise ImageError(f"{path}: too large to decode safely ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: cannot decode image ({e})") from None
+        raise ImageError(f"{path}: cannot decode image ({e})") from None
 
 
 def _warn_if_huge(path: str, size: tuple[int, int]) -> None:
@@ -56,6 +66,19 @@ def _warn_if_huge(path: str, size: tuple[int, int]) -> None:
             Image.DecompressionBombWarning,
             stacklevel=3,
         )
+
+
+def too_small(size: tuple[int, int], image_size: int) -> bool:
+    return min(size) * SMALL_FRACTION < image_size
+
+
+def small_images_warning(found: list[str], image_size: int, limit: int = 5) -> str:
+    """One line for the images too_small found, each given as "path (WxH)"."""
+    listed = "; ".join(found[:limit]) + (f"; and {len(found) - limit} more" if len(found) > limit else "")
+    return (
+        f"{len(found)} image(s) smaller than 1/{SMALL_FRACTION} of data.image_size={image_size} on a side, "
+        f"each blown up {SMALL_FRACTION}x or more: {listed}"
+    )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
