@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bfly import checkpoint as ckpt, distributed
+from bfly import checkpoint as ckpt, distributed, retry
 from bfly.config import Config, ConfigError, dump_yaml, help_text, load_config, run_dir_of
 from bfly.data.metadata import DataError, load_metadata
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
@@ -208,6 +208,8 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
             return Outcome(why, None, tuple(stop.caught))
         # Every start-up check passed: from here on the run directory changes.
         log.attach(state.epoch)
+        if restarted := retry.restart_line():
+            log.info(restarted)
         config_written = env.is_main and not (run_dir / "config.yaml").exists() and write_config(run_dir, cfg)
         if env.is_main and state.epoch < cfg.train.epochs:  # finished: nothing to log
             sink = open_wandb(log, cfg.wandb.mode, lambda: _wandb_sink(run, wandb_id))
@@ -330,7 +332,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command() -> int:
-    code = main()
+    code = retry.refused_restart()  # restarted by torchrun after a user error: it would repeat
+    if code is None:
+        code = main()
+    retry.record_exit(code)  # for the launcher's retry decision (bfly.retry)
     # The outcome is decided and written: a signal that arrives while the process exits (torchrun's
     # SIGTERM to the other trainers once one has exited, say) must not turn it into a death by signal.
     for sig in STOP_SIGNALS:
