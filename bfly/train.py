@@ -32,6 +32,7 @@ from bfly.data.metadata import DataError, load_metadata
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
 from bfly.env import DistEnv, dist_env
 from bfly.errors import one_line
+from bfly.health import RankHealth, slowed_for_test
 from bfly.resume import RunCheckpoints, load_start_state, record_changes, write_config
 from bfly.rundir import RunDirBusy, StartupRefused, lock_run_dir
 from bfly.runlog import RunLog, epoch_line, epoch_record, open_wandb, step_record
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> StepHooks:
+def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget, health: RankHealth | None) -> StepHooks:
     cfg, steps = run.cfg, run.train_input.steps_per_epoch
     total = steps * cfg.train.epochs
 
@@ -84,6 +85,10 @@ def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> Ste
             st.epoch,
             mem,
         )
+        if health is not None:
+            health.window(rates)
+            record.update(health.step_record())
+            fields.update(health.progress_fields())
         run.log.step(record, st.global_step)
         eta = (total - st.global_step) * run.plan.batch_size / max(record["img_per_s"], 1e-9)
         run.log.progress(st.epoch, cfg.train.epochs, st.step_in_epoch, steps, eta, fields)
@@ -96,16 +101,30 @@ def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> Ste
     def should_stop(st: TrainState, at_log: bool) -> bool:
         if budget.steps_done(st.global_step):
             return True  # the same step on every rank: no need to agree
-        # Under DDP every rank must stop at the same step: agree at log points (a host sync).
-        if run.env.distributed:
-            return at_log and distributed.any_rank(run.stop.requested, run.device)
+        # Under DDP every rank must stop at the same step: agree at log points (a host sync), where the
+        # ranks' health figures travel too.
+        if health is not None:
+            return at_log and _exchange(run, health)
         return run.stop.requested
 
-    return StepHooks(cfg.train.log_every, on_log, should_stop, on_step)
+    return StepHooks(cfg.train.log_every, on_log, should_stop, on_step, health.after_backward if health else None)
+
+
+def _exchange(run: Run, health: RankHealth) -> bool:
+    named = health.straggler
+    stop = health.exchange(run.stop.requested)
+    if line := health.warning(named):
+        run.log.warn(line)
+    return stop
 
 
 def finish_epoch(
-    run: Run, checkpoints: RunCheckpoints, state: TrainState, epoch_s: float, images_before: int
+    run: Run,
+    checkpoints: RunCheckpoints,
+    state: TrainState,
+    epoch_s: float,
+    images_before: int,
+    health: RankHealth | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """images_before: images of this epoch counted before this job (restored from a checkpoint).
     Returns whether last.pt was written (train.checkpoint_every_epochs) and split -> metrics."""
@@ -122,6 +141,8 @@ def finish_epoch(
     for split, m in metrics.items():
         record.update({f"{split}_loss": m["loss"], f"{split}_top1": m["top1"], f"{split}_top5": m["top5"]})
     record["time"] = time.time()
+    if health is not None and (ranks := health.epoch_summary()):
+        record["health"] = ranks
     key = "valid" if "valid" in metrics else next(iter(metrics), None)
     is_best = key is not None and metrics[key]["top1"] > state.best_top1
     if is_best:
@@ -165,17 +186,19 @@ def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tupl
     evaluation (split -> metrics)."""
     cfg, last_eval = run.cfg, {}
     budget = JobBudget(state.global_step, state.epoch, cfg.run.stop_after_steps, cfg.run.stop_after_epochs)
-    hooks = epoch_hooks(run, checkpoints, budget)
+    health = RankHealth.start(run.trainer.model, run.env, run.device)
+    hooks = epoch_hooks(run, checkpoints, budget, health)
     while state.epoch < cfg.train.epochs:
         if state.step_in_epoch == 0:
             seed_all(cfg.train.seed, run.env.rank, state.epoch)
         t0 = device_clock(run.device)
         images_before = int(distributed.all_reduce_sum(state.sums["count"].clone()).item())
-        batches = run.train_input.batches(state.epoch, state.step_in_epoch)
+        batches = slowed_for_test(run.train_input.batches(state.epoch, state.step_in_epoch), run.env.rank)
         if not train_one_epoch(run.trainer, state, batches, hooks):
             checkpoints.save(state)
             return _stopped(run, checkpoints, state, budget), last_eval
-        saved, last_eval = finish_epoch(run, checkpoints, state, device_clock(run.device) - t0, images_before)
+        epoch_s = device_clock(run.device) - t0
+        saved, last_eval = finish_epoch(run, checkpoints, state, epoch_s, images_before, health)
         if state.epoch < cfg.train.epochs and (
             budget.epochs_done(state.epoch) or distributed.any_rank(run.stop.requested, run.device)
         ):
