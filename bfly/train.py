@@ -197,8 +197,7 @@ def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tupl
         if not train_one_epoch(run.trainer, state, batches, hooks):
             checkpoints.save(state)
             return _stopped(run, checkpoints, state, budget), last_eval
-        epoch_s = device_clock(run.device) - t0
-        saved, last_eval = finish_epoch(run, checkpoints, state, epoch_s, images_before, health)
+        saved, last_eval = finish_epoch(run, checkpoints, state, device_clock(run.device) - t0, images_before, health)
         if state.epoch < cfg.train.epochs and (
             budget.epochs_done(state.epoch) or distributed.any_rank(run.stop.requested, run.device)
         ):

@@ -437,7 +437,9 @@ def test_a_config_error_ends_the_job_at_once_without_a_retry(slurm_cluster, tiny
 # --- launch.submit (submitit) ----------------------------------------------------------------------
 
 
-def launch_submit(run_dir: Path, data: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def launch_submit(
+    run_dir: Path, data: Path, *flags: str, timeout: float = 120, overrides: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     cmd = [
         PYTHON,
         "-m",
@@ -450,6 +452,7 @@ def launch_submit(run_dir: Path, data: Path, *flags: str, timeout: float = 120) 
         "1",
         *flags,
         *train_args(data, run_dir),
+        *overrides,
     ]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     out = subprocess.run(cmd, cwd=run_dir.parent, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
@@ -521,6 +524,30 @@ def test_launch_submit_job_checkpoints_requeues_and_resumes(how, reference, tiny
     assert_stopped_mid_epoch_and_resumed(text, stop_signal, run_dir)
     assert_trained_every_step_once(run_dir, log)
     assert_same_weights(run_dir, reference.run_dir)
+
+
+@slurm
+def test_launch_submit_job_requeues_after_a_crash_and_resumes_exactly(reference, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    out = launch_submit(run_dir, tiny_data, "--time", "10", overrides=EVERY_2)
+    job = submitted_job(out, run_dir)
+    log = run_dir / "submitit" / f"{job.job_id}_0_log.out"
+    killed_at = kill_trainer_after(log, job.job_id, f"epoch 1/2 step 5/{STEPS}")
+    lost = seconds_to_training_again(log, killed_at, f"bfly launch: job {job.job_id} attempt 2", job.job_id)
+    results = job_results(job)
+    assert results[0]["epochs_done"] == 2
+    text = log.read_text()
+    why = re.search(
+        r"bfly launch: rank 0: crash \(status 1\): requeueing, failure 1 of 3; it resumes from checkpoint at step (\d+)",
+        text,
+    )
+    assert why and f"bfly launch: requeued job {job.job_id}" in text, text[-3000:]
+    assert f"resumed from {run_dir}/last.pt: epoch 1, step {why[1]} of the epoch" in text
+    assert [(r["epoch"], r["step"]) for r in read_jsonl(run_dir / "metrics.jsonl")] == [(0, STEPS), (1, 2 * STEPS)]
+    assert_same_weights(run_dir, reference.run_dir)
+    print(
+        f"submitit task killed after step 5: requeued, resumed from step {why[1]}, training again {lost:.1f}s after the kill"
+    )
 
 
 # --- without SLURM ---------------------------------------------------------------------------------
