@@ -216,7 +216,7 @@ def after_failure(run_dir: Path, status: int, detail: str) -> Decision:
     return Decision(decision.requeue, reason)
 
 
-def log_attempt(run_dir: Path) -> str:
+def log_attempt(run_dir: Path, torchrun: bool) -> str:
     """What a job attempt starts with: its number, the failure requeues so far and why the last was;
     written to train.log (when the run directory exists) and returned for the job's log."""
     job = environ.slurm_job_id() or "local"
@@ -226,8 +226,10 @@ def log_attempt(run_dir: Path) -> str:
     failures = state.get("failures", 0) if state.get("job") == job else 0
     line = (
         f"job {job} attempt {environ.slurm_restart_count() + 1}: {failures} failure requeue(s) of "
-        f"BFLY_MAX_FAILURES={environ.max_failures()}, torchrun restarts up to BFLY_MAX_RESTARTS={environ.max_restarts()}"
+        f"BFLY_MAX_FAILURES={environ.max_failures()}"
     )
+    if torchrun:
+        line += f", torchrun restarts up to BFLY_MAX_RESTARTS={environ.max_restarts()}"
     if failures and state.get("requeue"):
         line += f"; last requeued after {state.get('cause')}"
     _to_train_log(run_dir, line)
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         # Records of an earlier attempt must not be read as this one's.
         for old in (run_dir / EXIT_DIR).glob("*") if (run_dir / EXIT_DIR).is_dir() else []:
             old.unlink(missing_ok=True)
-        print(f"bfly: {log_attempt(run_dir)}", file=sys.stderr, flush=True)
+        print(f"bfly: {log_attempt(run_dir, torchrun=True)}", file=sys.stderr, flush=True)
         print(run_dir / EXIT_DIR)  # for BFLY_EXIT_STATUS_DIR
         print(environ.max_restarts())
         return 0

@@ -52,7 +52,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         os.chdir(self.workdir)
         dist = export_distributed_env()
         if dist.rank == 0:
-            print(f"bfly launch: {retry.log_attempt(Path(self.run_dir))}", flush=True)
+            print(f"bfly launch: {retry.log_attempt(Path(self.run_dir), torchrun=False)}", flush=True)
         if self.threads:
             import torch
 
