@@ -40,7 +40,8 @@ def test_a_rank_slowed_in_its_loader_is_named_within_a_few_log_points(tiny_data,
         rf"^epoch 1/2 step \d+/\d+ .* slow rank 1 \({re.escape(warning[2])}\) [\d.]+x$", launch.output, re.M
     )
     assert warning[0] in (run / "train.log").read_text()
-    print(f"straggler line: {warning[0]} (named at step {named_at})")
+    line = next(x for x in launch.output.splitlines() if warning[0] in x)
+    print(f"named at step {named_at}: {line}\n{launch.output.splitlines()[-3]}")
 
 
 def test_an_even_job_names_nobody_and_keeps_per_rank_figures(ref2):
