@@ -125,13 +125,14 @@ class StepHooks:
     on_log: Callable[[TrainState, dict[str, float]], None]
     should_stop: Callable[[TrainState, bool], bool]  # (state, at_log_point) -> stop now?
     on_step: Callable[[TrainState], None]
+    after_backward: Callable[[], None] | None = None  # after each step's gradient all-reduce (bfly.health)
 
 
 def train_one_epoch(trainer: Trainer, state: TrainState, batches, hooks: StepHooks) -> bool:
     """Runs from state.step_in_epoch to the epoch's end. Returns False if stopped early."""
     trainer.model.train()
     micro = 0
-    images_seen, t0, wait = 0, device_clock(trainer.device), 0.0
+    images_seen, steps_seen, t0, wait = 0, 0, device_clock(trainer.device), 0.0
     t_fetch = time.perf_counter()
     for images, labels in batches:
         wait += time.perf_counter() - t_fetch
@@ -142,7 +143,10 @@ def train_one_epoch(trainer: Trainer, state: TrainState, batches, hooks: StepHoo
         trainer.micro_step(images, labels, sync, state.sums)
         images_seen += labels.numel()
         if sync:
+            if hooks.after_backward is not None:
+                hooks.after_backward()
             micro = 0
+            steps_seen += 1
             trainer.optimizer_step()
             state.global_step += 1
             state.step_in_epoch += 1
@@ -155,9 +159,11 @@ def train_one_epoch(trainer: Trainer, state: TrainState, batches, hooks: StepHoo
                         "img_per_s": images_seen / dt,
                         "data_wait": wait / dt,
                         "lr": trainer.optimizer.param_groups[0]["lr"],
+                        "window_s": dt,  # since the last log point (or the epoch's start)
+                        "window_steps": steps_seen,
                     },
                 )
-                images_seen, t0, wait = 0, device_clock(trainer.device), 0.0
+                images_seen, steps_seen, t0, wait = 0, 0, device_clock(trainer.device), 0.0
             hooks.on_step(state)
             if hooks.should_stop(state, at_log):
                 return False

@@ -161,3 +161,50 @@ def agent_serves_store() -> bool:
 
 def stdout_is_tty() -> bool:
     return os.isatty(1) and os.environ.get("TERM", "") != "dumb"
+
+
+# --- retries (bfly.retry) -----------------------------------------------------------------------------
+
+
+def _int_or(name: str, default: int) -> int:
+    return _int(name) if os.environ.get(name, "") != "" else default
+
+
+def max_restarts() -> int:
+    """BFLY_MAX_RESTARTS: torchrun restarts of the trainers inside one job (our sbatch scripts' --max-restarts)."""
+    return _int_or("BFLY_MAX_RESTARTS", 2)
+
+
+def max_failures() -> int:
+    """BFLY_MAX_FAILURES: how often a job that failed (crash or hang) is requeued."""
+    return _int_or("BFLY_MAX_FAILURES", 3)
+
+
+def restart_count() -> tuple[int, int]:
+    """(restarts so far, allowed) of this torchrun agent's trainers: (0, 0) outside torchrun."""
+    return _int_or("TORCHELASTIC_RESTART_COUNT", 0), _int_or("TORCHELASTIC_MAX_RESTARTS", 0)
+
+
+def slurm_restart_count() -> int:
+    """How often SLURM has requeued this job (0 on its first run)."""
+    return _int_or("SLURM_RESTART_COUNT", 0)
+
+
+def exit_status_dir() -> Path | None:
+    """BFLY_EXIT_STATUS_DIR: where each trainer records its exit status for the launcher's retry decision
+    (set by our sbatch scripts; unset, nothing is recorded)."""
+    value = os.environ.get("BFLY_EXIT_STATUS_DIR")
+    return Path(value) if value else None
+
+
+def slow_rank_for_test() -> tuple[int, float] | None:
+    """Test hook, BFLY_TEST_SLOW_RANK=<rank>:<seconds>: that rank waits <seconds> more for each training
+    batch, as a rank on a slow disk or a busy node would (a straggler for bfly.health to find)."""
+    value = os.environ.get("BFLY_TEST_SLOW_RANK")
+    if not value:
+        return None
+    rank, _, seconds = value.partition(":")
+    try:
+        return int(rank), float(seconds)
+    except ValueError:
+        raise RuntimeError(f"BFLY_TEST_SLOW_RANK={value!r}: expected <rank>:<seconds>") from None

@@ -27,13 +27,14 @@ from typing import Any
 
 import torch
 
-from bfly import attempts, checkpoint as ckpt, distributed
+from bfly import attempts, checkpoint as ckpt, distributed, retry
 from bfly.config import Config, ConfigError, dump_yaml, help_text, load_config, run_dir_of
 from bfly.data.metadata import DataError, load_metadata
 from bfly.data.pil_input import ImageError
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
 from bfly.env import DistEnv, dist_env, elastic_error_file
 from bfly.errors import Failure, one_line, one_line_warnings, write_error_file
+from bfly.health import RankHealth, slowed_for_test
 from bfly.profile import StepProfiler
 from bfly.resume import RunCheckpoints, load_start_state, record_changes, space_needed, write_config
 from bfly.rundir import RunDirBusy, StartupRefused, lock_run_dir
@@ -78,7 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def epoch_hooks(
-    run: Run, checkpoints: RunCheckpoints, budget: JobBudget, profiler: StepProfiler | None = None
+    run: Run,
+    checkpoints: RunCheckpoints,
+    budget: JobBudget,
+    health: RankHealth | None,
+    profiler: StepProfiler | None = None,
 ) -> StepHooks:
     cfg, steps = run.cfg, run.train_input.steps_per_epoch
     total = steps * cfg.train.epochs
@@ -94,6 +99,10 @@ def epoch_hooks(
             st.epoch,
             mem,
         )
+        if health is not None:
+            health.window(rates)
+            record.update(health.step_record())
+            fields.update(health.progress_fields())
         run.log.step(record, st.global_step)
         eta = (total - st.global_step) * run.plan.batch_size / max(record["img_per_s"], 1e-9)
         run.log.progress(st.epoch, cfg.train.epochs, st.step_in_epoch, steps, eta, fields)
@@ -108,16 +117,30 @@ def epoch_hooks(
     def should_stop(st: TrainState, at_log: bool) -> bool:
         if budget.steps_done(st.global_step):
             return True  # the same step on every rank: no need to agree
-        # Under DDP every rank must stop at the same step: agree at log points (a host sync).
-        if run.env.distributed:
-            return at_log and distributed.any_rank(run.stop.requested, run.device)
+        # Under DDP every rank must stop at the same step: agree at log points (a host sync), where the
+        # ranks' health figures travel too.
+        if health is not None:
+            return at_log and _exchange(run, health)
         return run.stop.requested
 
-    return StepHooks(cfg.train.log_every, on_log, should_stop, on_step)
+    return StepHooks(cfg.train.log_every, on_log, should_stop, on_step, health.after_backward if health else None)
+
+
+def _exchange(run: Run, health: RankHealth) -> bool:
+    named = health.straggler
+    stop = health.exchange(run.stop.requested)
+    if line := health.warning(named):
+        run.log.warn(line)
+    return stop
 
 
 def finish_epoch(
-    run: Run, checkpoints: RunCheckpoints, state: TrainState, epoch_s: float, images_before: int
+    run: Run,
+    checkpoints: RunCheckpoints,
+    state: TrainState,
+    epoch_s: float,
+    images_before: int,
+    health: RankHealth | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """images_before: images of this epoch counted before this job (restored from a checkpoint).
     Returns whether last.pt was written (train.checkpoint_every_epochs) and split -> metrics."""
@@ -134,6 +157,8 @@ def finish_epoch(
     for split, m in metrics.items():
         record.update({f"{split}_loss": m["loss"], f"{split}_top1": m["top1"], f"{split}_top5": m["top5"]})
     record["time"] = time.time()
+    if health is not None and (ranks := health.epoch_summary()):
+        record["health"] = ranks
     key = "valid" if "valid" in metrics else next(iter(metrics), None)
     is_best = key is not None and metrics[key]["top1"] > state.best_top1
     if key is not None and is_best:
@@ -182,8 +207,9 @@ def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tupl
     cfg = run.cfg
     last_eval: dict[str, Any] = {}
     budget = JobBudget(state.global_step, state.epoch, cfg.run.stop_after_steps, cfg.run.stop_after_epochs)
+    health = RankHealth.start(run.trainer.model, run.env, run.device)
     profiler = StepProfiler.for_run(cfg.train.profile_steps, run.run_dir, run.device, run.env.is_main, run.log.info)
-    hooks = epoch_hooks(run, checkpoints, budget, profiler)
+    hooks = epoch_hooks(run, checkpoints, budget, health, profiler)
     try:
         if profiler is not None:
             profiler.at_step(state.global_step)
@@ -192,11 +218,13 @@ def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tupl
                 seed_all(cfg.train.seed, run.env.rank, state.epoch)
             t0 = device_clock(run.device)
             images_before = int(distributed.all_reduce_sum(state.sums["count"].clone()).item())
-            batches = run.train_input.batches(state.epoch, state.step_in_epoch)
+            batches = slowed_for_test(run.train_input.batches(state.epoch, state.step_in_epoch), run.env.rank)
             if not train_one_epoch(run.trainer, state, batches, hooks):
                 checkpoints.save(state)
                 return _stopped(run, checkpoints, state, budget), last_eval
-            saved, last_eval = finish_epoch(run, checkpoints, state, device_clock(run.device) - t0, images_before)
+            saved, last_eval = finish_epoch(
+                run, checkpoints, state, device_clock(run.device) - t0, images_before, health
+            )
             if state.epoch < cfg.train.epochs and (
                 budget.epochs_done(state.epoch) or distributed.any_rank(run.stop.requested, run.device)
             ):
@@ -234,6 +262,8 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
             return Outcome(why, None, tuple(stop.caught))
         # Every start-up check passed: from here on the run directory changes.
         log.attach(state.epoch)
+        if restarted := retry.restart_line():
+            log.info(restarted)
         config_written = env.is_main and not (run_dir / "config.yaml").exists() and write_config(run_dir, cfg)
         with attempts.recorded(run_dir, env, device, state, USER_ERRORS) as attempt:  # attempts.jsonl
             if env.is_main and state.epoch < cfg.train.epochs:  # finished: nothing to log
@@ -384,15 +414,18 @@ def main(argv: list[str] | None = None) -> int:
 def _command() -> int:
     one_line_warnings()
     error_file = elastic_error_file()  # under torchrun: what its summary of a failed job shows for this rank
-    try:
-        result = run_job()
-    except Exception as e:
-        if error_file:  # a bug keeps its traceback, in the summary too
-            write_error_file(error_file, Failure(f"{type(e).__name__}: {e}", traceback.format_exc()))
-        raise
-    if result.failure and error_file:
-        write_error_file(error_file, result.failure)
-    code = result.exit_code
+    code = retry.refused_restart()  # restarted by torchrun after a user error: it would repeat
+    if code is None:
+        try:
+            result = run_job()
+        except Exception as e:
+            if error_file:  # a bug keeps its traceback, in the summary too
+                write_error_file(error_file, Failure(f"{type(e).__name__}: {e}", traceback.format_exc()))
+            raise
+        if result.failure and error_file:
+            write_error_file(error_file, result.failure)
+        code = result.exit_code
+    retry.record_exit(code)  # for the launcher's retry decision (bfly.retry)
     # The outcome is decided and written: a signal that arrives while the process exits (torchrun's
     # SIGTERM to the other trainers once one has exited, say) must not turn it into a death by signal.
     for sig in STOP_SIGNALS:

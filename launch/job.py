@@ -4,6 +4,10 @@ One SLURM task per GPU: submitit starts the tasks, so torchrun is not involved; 
 environment torchrun would give (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) is exported
 from SLURM's before the trainer starts.
 
+A task that fails by a crash or a hang asks bfly.retry whether the job requeues (BFLY_MAX_FAILURES,
+only while the run makes progress, never after a user error); the first task to ask decides for all and
+requeues the job with `scontrol requeue`; they all leave without a result, so the submitter waits on.
+
 Time limit and preemption: submitit sends its signal (SIGUSR2) to every task. The trainer catches it
 (from its start), stops at the next step with a checkpoint and returns its outcome; this callable then hands
 the signal back to submitit, which calls `checkpoint()` and requeues the job (rank 0). Before and
@@ -25,6 +29,7 @@ from typing import Any
 
 import submitit
 
+from bfly import retry
 from bfly.runlog import read_metrics
 
 
@@ -46,12 +51,15 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         os.chdir(self.workdir)
         dist = export_distributed_env()
+        if dist.rank == 0:
+            print(f"bfly launch: {retry.log_attempt(Path(self.run_dir), torchrun=False)}", flush=True)
         if self.threads:
             import torch
 
             torch.set_num_threads(self.threads)
         result = run_job(self.train_args)
         if result.outcome is None and result.exit_code != 0:
+            requeue_after_failure(result.exit_code, Path(self.run_dir), dist.rank)
             raise TrainingFailed(
                 f"bfly.train exited with status {result.exit_code} (rank {dist.rank}); its error is in this task's log"
             )
@@ -82,6 +90,22 @@ def leave_after_signal(caught: tuple[str, ...], rank: int) -> None:
             flush=True,
         )
     sys.exit(0)
+
+
+def requeue_after_failure(status: int, run_dir: Path, rank: int) -> None:
+    """On SLURM: requeue the job if bfly.retry says so, and leave without a result (the job goes on);
+    otherwise return, and the task fails."""
+    if submitit.JobEnvironment().cluster != "slurm":
+        return
+    decision = retry.after_failure(run_dir, status, f"status {status} on rank {rank} ({socket.gethostname()})")
+    print(f"bfly launch: rank {rank}: {decision.reason}", flush=True)
+    if not decision.requeue:
+        return
+    if decision.taken_here:
+        job_id = submitit.JobEnvironment().job_id
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+        print(f"bfly launch: requeued job {job_id}", flush=True)
+    sys.exit(0)  # no result file: the submitter keeps waiting for the requeued job
 
 
 def summary(run_dir: Path) -> dict[str, Any]:

@@ -6,9 +6,11 @@ or preempted writes a checkpoint at the current step, is requeued, resumes and e
 the weights of an uninterrupted run, every step trained once.
 """
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -101,7 +103,15 @@ def wait_job_done(job_id: str, log: Path, timeout_s: float = 300) -> str:
     return sacct(job_id)[0]
 
 
-def sbatch(script: Path, run_dir: Path, data: Path, *flags: str, nproc: int = 2) -> tuple[str, Path]:
+def sbatch(
+    script: Path,
+    run_dir: Path,
+    data: Path,
+    *flags: str,
+    nproc: int = 2,
+    overrides: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> tuple[str, Path]:
     log = run_dir.parent / f"{run_dir.name}.slurm.out"
     cmd = [
         "sbatch",
@@ -112,9 +122,10 @@ def sbatch(script: Path, run_dir: Path, data: Path, *flags: str, nproc: int = 2)
         *flags,
         str(script),
         *train_args(data, run_dir),
+        *overrides,
     ]
-    env = subprocess_env(BFLY_PYTHON=PYTHON, BFLY_NPROC_PER_NODE=str(nproc))
-    out = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=60)
+    full_env = subprocess_env(BFLY_PYTHON=PYTHON, BFLY_NPROC_PER_NODE=str(nproc), **(env or {}))
+    out = subprocess.run(cmd, cwd=run_dir.parent, env=full_env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     SUBMITTED.append(out.stdout.strip().split(";")[0])
     return SUBMITTED[-1], log
@@ -277,10 +288,158 @@ def test_scripts_refuse_to_start_without_gpus_or_a_process_count(script):
     assert "no trainers to start: ask for GPUs (--gpus-per-node=G) or set BFLY_NPROC_PER_NODE" in out.stderr
 
 
+# --- failures: restarts inside the job, requeues, the retry budget ------------------------------------
+
+# last.pt every 2 steps: a failure loses at most 2 steps (checkpoint cadence does not change the weights).
+EVERY_2 = ("train.checkpoint_every_steps=2",)
+
+
+def trainer_pid(job_id: str, rank: int, timeout_s: float = 120) -> int:
+    """The pid of the trainer of `rank` in a running job (found through /proc: every node of the local
+    cluster is this machine). Its loader workers share its environment; they are its children."""
+
+    def environ(pid: str) -> dict[str, str]:
+        try:
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return {}
+        return dict(e.split("=", 1) for e in raw.decode(errors="replace").split("\0") if "=" in e)
+
+    def parent(pid: str) -> str:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            return ""
+
+    def rank_of(pid: str) -> str | None:
+        env = environ(pid)
+        if env.get("SLURM_JOB_ID") != job_id:
+            return None
+        if "TORCHELASTIC_RUN_ID" in env:  # a torchrun worker (the sbatch scripts)
+            return env.get("RANK")
+        with contextlib.suppress(OSError):
+            if b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes():  # a submitit task
+                return env.get("SLURM_PROCID")
+        return None
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        matches = [pid for pid in filter(str.isdigit, os.listdir("/proc")) if rank_of(pid) == str(rank)]
+        trainers = [pid for pid in matches if parent(pid) not in matches]
+        if len(trainers) == 1:
+            return int(trainers[0])
+        time.sleep(0.2)
+    pytest.fail(f"no trainer of rank {rank} found in job {job_id}")
+
+
+def kill_trainer_after(log: Path, job_id: str, step_line: str, rank: int = 1) -> float:
+    """SIGKILL the trainer of `rank` once `step_line` is in the job's log; returns the time of the kill."""
+    wait_for_text(log, step_line, job_id)
+    os.kill(trainer_pid(job_id, rank), signal.SIGKILL)
+    return time.monotonic()
+
+
+def seconds_to_training_again(log: Path, killed_at: float, after: str, job_id: str) -> float:
+    """From the kill to the first progress line printed after `after` (a line of the restarted attempt)."""
+
+    def trained_again() -> bool:
+        text = log.read_text()
+        return after in text and re.search(r"^epoch \d+/2 step \d+/", text.split(after, 1)[1], re.M) is not None
+
+    wait_until(trained_again, 300, "training again", log, job_id)
+    return time.monotonic() - killed_at
+
+
+@slurm
+def test_a_killed_trainer_is_restarted_inside_the_job_and_the_weights_are_exact(reference, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id, log = sbatch(SINGLE_NODE, run_dir, tiny_data, "--cpus-per-task=2", overrides=EVERY_2)
+    killed_at = kill_trainer_after(log, job_id, f"epoch 1/2 step 5/{STEPS}")
+    lost = seconds_to_training_again(log, killed_at, "restart 1 of 2 inside this job", job_id)
+    assert wait_job_done(job_id, log) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    assert f"bfly: job {job_id} attempt 2" not in text  # no requeue: torchrun restarted the trainers
+    assert re.search(
+        r"restart 1 of 2 inside this job \(torchrun --max-restarts\) after: status 1 on rank 0 \(\S+\)$", text, re.M
+    )
+    resumed = re.search(rf"resumed from {run_dir}/last.pt: epoch 1, step (\d+) of the epoch", text)
+    assert resumed and int(resumed[1]) >= 2, text[-3000:]
+    assert "restart 1 of 2 inside this job" in (run_dir / "train.log").read_text()
+    assert [(r["epoch"], r["step"]) for r in read_jsonl(run_dir / "metrics.jsonl")] == [(0, STEPS), (1, 2 * STEPS)]
+    assert_same_weights(run_dir, reference.run_dir)
+    print(
+        f"SIGKILL of rank 1 after step 5: restarted inside the job from step {resumed[1]}, training again {lost:.1f}s after the kill"
+    )
+
+
+@slurm
+def test_a_job_whose_trainers_crashed_requeues_and_resumes_exactly(reference, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    no_restarts = {"BFLY_MAX_RESTARTS": "0"}
+    job_id, log = sbatch(SINGLE_NODE, run_dir, tiny_data, "--cpus-per-task=2", overrides=EVERY_2, env=no_restarts)
+    killed_at = kill_trainer_after(log, job_id, f"epoch 1/2 step 5/{STEPS}")
+    lost = seconds_to_training_again(log, killed_at, f"bfly: job {job_id} attempt 2", job_id)
+    assert wait_job_done(job_id, log) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    why = re.search(
+        r"^bfly: crash \(status 1\): requeueing, failure 1 of 3; it resumes from checkpoint at step (\d+) \[status 1 on rank 0 \(\S+\)\]$",
+        text,
+        re.M,
+    )
+    assert why and int(why[1]) >= 4, text[-3000:]
+    assert f"resumed from {run_dir}/last.pt: epoch 1, step {why[1]} of the epoch" in text
+    assert f"bfly: job {job_id} attempt 2: 1 failure requeue(s) of BFLY_MAX_FAILURES=3" in text
+    train_log = (run_dir / "train.log").read_text()
+    assert f"job {job_id} attempt 1 failed: crash (status 1): requeueing, failure 1 of 3" in train_log
+    assert [(r["epoch"], r["step"]) for r in read_jsonl(run_dir / "metrics.jsonl")] == [(0, STEPS), (1, 2 * STEPS)]
+    assert_same_weights(run_dir, reference.run_dir)
+    print(f"crash after step 5, requeued, resumed from step {why[1]}: training again {lost:.1f}s after the kill")
+
+
+@slurm
+@pytest.mark.parametrize("retried", ["with progress", "without progress"])
+def test_a_crash_on_every_attempt_stops_with_one_line_saying_why(retried, slurm_cluster, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {"BFLY_MAX_RESTARTS": "0", "BFLY_MAX_FAILURES": "1" if retried == "with progress" else "3"}
+    job_id, log = sbatch(SINGLE_NODE, run_dir, tiny_data, "--cpus-per-task=2", overrides=EVERY_2, env=env)
+    kill_trainer_after(log, job_id, f"epoch 1/2 step 5/{STEPS}")
+    # The second attempt resumes from step 4: killed after step 7 it has written step 6; at its
+    # resume line, before any new step, it has not.
+    second = f"bfly: job {job_id} attempt 2"
+    wait_for_text(log, second, job_id)
+    at = f"epoch 1/2 step 7/{STEPS}" if retried == "with progress" else "resumed from"
+    wait_until(lambda: at in log.read_text().split(second, 1)[1], 300, at, log, job_id)
+    os.kill(trainer_pid(job_id, 1), signal.SIGKILL)
+    assert wait_job_done(job_id, log) == "FAILED", log.read_text()[-3000:]
+    assert sacct(job_id, "ExitCode") == ["1:0"]
+    text = log.read_text()
+    assert f"bfly: job {job_id} attempt 3" not in text
+    if retried == "with progress":
+        why = "bfly: crash (status 1): not requeueing, 1 failure(s) requeued already (BFLY_MAX_FAILURES=1)"
+    else:
+        why = "bfly: crash (status 1): not requeueing, no progress since the last retry (still at step 4)"
+    assert why in text, text[-3000:]
+    assert why.removeprefix("bfly: ") in (run_dir / "train.log").read_text()
+
+
+@slurm
+def test_a_config_error_ends_the_job_at_once_without_a_retry(slurm_cluster, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id, log = sbatch(SINGLE_NODE, run_dir, tiny_data, "--cpus-per-task=2", overrides=("train.epochs=zero",))
+    assert wait_job_done(job_id, log) == "FAILED", log.read_text()[-3000:]
+    assert sacct(job_id, "ExitCode") == ["2:0"]
+    text = log.read_text()
+    assert "bfly: error: " in text and "train.epochs" in text and "not training, not requeueing" in text
+    assert "torch.distributed.run" not in text and f"bfly: job {job_id} attempt 2" not in text
+    assert not run_dir.exists()
+
+
 # --- launch.submit (submitit) ----------------------------------------------------------------------
 
 
-def launch_submit(run_dir: Path, data: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def launch_submit(
+    run_dir: Path, data: Path, *flags: str, timeout: float = 120, overrides: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     cmd = [
         PYTHON,
         "-m",
@@ -293,6 +452,7 @@ def launch_submit(run_dir: Path, data: Path, *flags: str, timeout: float = 120) 
         "1",
         *flags,
         *train_args(data, run_dir),
+        *overrides,
     ]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     out = subprocess.run(cmd, cwd=run_dir.parent, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
@@ -364,6 +524,30 @@ def test_launch_submit_job_checkpoints_requeues_and_resumes(how, reference, tiny
     assert_stopped_mid_epoch_and_resumed(text, stop_signal, run_dir)
     assert_trained_every_step_once(run_dir, log)
     assert_same_weights(run_dir, reference.run_dir)
+
+
+@slurm
+def test_launch_submit_job_requeues_after_a_crash_and_resumes_exactly(reference, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    out = launch_submit(run_dir, tiny_data, "--time", "10", overrides=EVERY_2)
+    job = submitted_job(out, run_dir)
+    log = run_dir / "submitit" / f"{job.job_id}_0_log.out"
+    killed_at = kill_trainer_after(log, job.job_id, f"epoch 1/2 step 5/{STEPS}")
+    lost = seconds_to_training_again(log, killed_at, f"bfly launch: job {job.job_id} attempt 2", job.job_id)
+    results = job_results(job)
+    assert results[0]["epochs_done"] == 2
+    text = log.read_text()
+    why = re.search(
+        r"bfly launch: rank 0: crash \(status 1\): requeueing, failure 1 of 3; it resumes from checkpoint at step (\d+)",
+        text,
+    )
+    assert why and f"bfly launch: requeued job {job.job_id}" in text, text[-3000:]
+    assert f"resumed from {run_dir}/last.pt: epoch 1, step {why[1]} of the epoch" in text
+    assert [(r["epoch"], r["step"]) for r in read_jsonl(run_dir / "metrics.jsonl")] == [(0, STEPS), (1, 2 * STEPS)]
+    assert_same_weights(run_dir, reference.run_dir)
+    print(
+        f"submitit task killed after step 5: requeued, resumed from step {why[1]}, training again {lost:.1f}s after the kill"
+    )
 
 
 # --- without SLURM ---------------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""The retry policy (bfly.retry), used by the sbatch scripts and launch.submit's jobs: a crash or a hang is
+retried a bounded number of times and only while the run gets further; a user error never.
+
+The jobs that use it under a real SLURM are in tests/test_slurm.py (marker `slurm`).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bfly.retry import EXIT_DIR, STATE, after_failure, decide, job_status
+from bfly.stopping import EXIT_HANG, EXIT_STOPPED
+
+from conftest import PYTHON, REPO, subprocess_env, tiny_overrides
+from probes.fault_launch import Launch, torchrun_cmd
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers through /proc")
+
+
+@pytest.mark.parametrize(
+    "status,failures,before,now,requeue,why",
+    [
+        (1, 0, None, None, True, "crash (status 1): requeueing, failure 1 of 3; it resumes from the start"),
+        (1, 0, None, 40, True, "crash (status 1): requeueing, failure 1 of 3; it resumes from checkpoint at step 40"),
+        (EXIT_HANG, 1, 40, 60, True, "hang (status 76): requeueing, failure 2 of 3"),
+        (1, 1, 40, 40, False, "crash (status 1): not requeueing, no progress since the last retry (still at step 40)"),
+        (1, 1, 0, None, False, "no progress since the last retry (still at no checkpoint)"),
+        (1, 3, 40, 80, False, "crash (status 1): not requeueing, 3 failure(s) requeued already (BFLY_MAX_FAILURES=3)"),
+        (2, 0, None, 40, False, "user error (status 2): not requeueing, it would fail the same way"),
+        (EXIT_STOPPED, 0, None, 40, False, "the time-limit and preemption requeue applies"),
+        (0, 0, None, 40, False, "finished"),
+    ],
+)
+def test_the_decision(status, failures, before, now, requeue, why):
+    decision = decide(status, failures, 3, before, now)
+    assert decision.requeue is requeue and why in decision.reason
+    assert "\n" not in decision.reason
+
+
+def test_the_jobs_status_from_what_each_trainer_recorded():
+    def rec(rank, status):
+        return {"rank": rank, "host": "n1", "status": status, "restart": 0}
+
+    assert job_status([]) == (1, "no trainer recorded a status (killed)")
+    assert job_status([rec(0, 1)]) == (1, "status 1 on rank 0 (n1)")  # rank 1 was killed: recorded nothing
+    assert job_status([rec(0, 1), rec(1, 2)])[0] == 2  # one rank's user error: the job's
+    assert job_status([rec(0, EXIT_HANG), rec(1, 1)]) == (
+        EXIT_HANG,
+        "status 1 on rank 1 (n1); status 76 on rank 0 (n1)",
+    )
+
+
+def save_checkpoint_at(run_dir, step):
+    """A last.pt a resume would start from at `step`, as far as the retry decision reads it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": step, "epoch": 0}, run_dir / "last.pt")
+
+
+def test_the_failure_count_lives_in_the_run_directory_across_requeues(tmp_path, monkeypatch):
+    """What three attempts of one SLURM job see: the count and the last step survive the requeue (a new
+    process each time), each attempt decides once whichever rank asks, and a new job starts afresh."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("SLURM_JOB_ID", "17")
+    monkeypatch.setenv("BFLY_MAX_FAILURES", "2")
+
+    def attempt(restart, step):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+        save_checkpoint_at(run, step)
+        return after_failure(run, 1, "status 1 on rank 0 (n1)")
+
+    first = attempt(0, 4)
+    assert first.requeue and first.taken_here
+    again = after_failure(run, 1, "status 1 on rank 1 (n1)")  # another rank of the same attempt
+    assert again.requeue and not again.taken_here and again.reason == first.reason
+    assert attempt(1, 8).requeue
+    last = attempt(2, 12)
+    assert not last.requeue and "2 failure(s) requeued already (BFLY_MAX_FAILURES=2)" in last.reason
+    state = json.loads((run / STATE).read_text())
+    assert (state["failures"], state["step"]) == (2, 8)
+    log = (run / "train.log").read_text()
+    assert log.count("job 17 attempt") == 3 and "job 17 attempt 3 failed: crash (status 1): not requeueing" in log
+    monkeypatch.setenv("SLURM_JOB_ID", "18")  # submitted again: a new budget
+    assert attempt(0, 12).requeue
+
+
+def test_a_restart_after_a_user_error_is_refused_at_once(tiny_data, tmp_path):
+    """torchrun --max-restarts restarts on any failure; a restarted trainer that finds the previous start
+    ended with a user error (here: data.root has no dataset) exits 2 at once instead of failing again."""
+    run = tmp_path / "run"
+    exits = tmp_path / "exits"
+    args = tiny_overrides(tmp_path / "no-such-data", run)
+    launch = Launch(torchrun_cmd(2, args, max_restarts=2), timeout=240, env={"BFLY_EXIT_STATUS_DIR": str(exits)})
+    assert launch.wait() != 0
+    out = launch.output
+    # torchrun restarts twice; each restart is refused before any start-up work.
+    refusals = out.count("bfly.train: error: not restarting: the previous start ended with a user error on rank 0")
+    assert refusals == 2 and out.count("bfly.train: error") == 3, out[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(exits.glob("rank-*.json"))]
+    assert [(r["rank"], r["status"], r["restart"]) for r in records] == [(0, 2, 2), (1, 2, 2)]
+
+
+def test_the_scripts_helper_refuses_a_config_error_before_anything_starts(tmp_path):
+    """`python -m bfly.retry begin`, as the sbatch scripts run it before torchrun."""
+    env = subprocess_env(SLURM_JOB_ID="5")
+    cmd = [PYTHON, "-m", "bfly.retry", "begin", f"run.dir={tmp_path / 'run'}", "train.epochs=zero"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("bfly: error: ") and "train.epochs" in out.stderr
+    assert "not training, not requeueing" in out.stderr
+    ok = subprocess.run(cmd[:-1], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines() == [str(tmp_path / "run" / EXIT_DIR), os.environ.get("BFLY_MAX_RESTARTS", "2")]
+    assert "bfly: job 5 attempt 1: 0 failure requeue(s) of BFLY_MAX_FAILURES=3" in ok.stderr
