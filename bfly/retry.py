@@ -100,33 +100,42 @@ def checkpoint_step(run_dir: Path) -> int | None:
 
 def record_exit(status: int) -> None:
     """A trainer's exit status, where the launcher reads it (BFLY_EXIT_STATUS_DIR; unset: not recorded).
-    A trainer killed by a signal records nothing: the launcher counts that as a crash."""
+    A trainer killed by a signal records nothing: the launcher counts that as a crash. A process records once:
+    its first decided status stands (a user error recorded before the process group closes is not turned
+    into another status by what happens while it exits)."""
     where = environ.exit_status_dir()
     if where is None:
         return
     rank = environ.dist_env().rank
+    restart = environ.restart_count()[0]
+    # One file per rank and torchrun round: a restarted trainer reads the previous round's while the
+    # fastest trainer of its own round may already have written its own.
+    path = where / f"rank-{rank}.restart-{restart}.json"
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text())["pid"] == os.getpid():
+            return
     record = {
         "status": status,
         "rank": rank,
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "restart": environ.restart_count()[0],
+        "restart": restart,
         "time": time.time(),
     }
     with contextlib.suppress(OSError):  # a full or read-only disk must not hide the real exit status
         where.mkdir(parents=True, exist_ok=True)
         tmp = where / f".rank-{rank}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(record))
-        tmp.replace(where / f"rank-{rank}.json")
+        tmp.replace(path)
 
 
-def exit_records(where: Path) -> list[dict[str, Any]]:
-    """The statuses of the trainers' last round (the highest torchrun restart that recorded any)."""
+def exit_records(where: Path, restart: int | None = None) -> list[dict[str, Any]]:
+    """The statuses of the trainers of torchrun round `restart` (default: the last round that recorded any)."""
     records = []
     for path in sorted(where.glob("rank-*.json")) if where.is_dir() else []:
         with contextlib.suppress(OSError, ValueError):
             records.append(json.loads(path.read_text()))
-    last = max((r["restart"] for r in records), default=0)
+    last = max((r["restart"] for r in records), default=0) if restart is None else restart
     return [r for r in records if r["restart"] == last]
 
 
@@ -151,7 +160,7 @@ def refused_restart() -> int | None:
     restart, _ = environ.restart_count()
     if where is None or restart == 0:
         return None
-    previous = [r for r in exit_records(where) if r["restart"] == restart - 1]
+    previous = exit_records(where, restart - 1)
     failed = [r for r in previous if r["status"] == EXIT_USER_ERROR]
     if not failed:
         return None
@@ -171,7 +180,7 @@ def restart_line() -> str | None:
     if restart == 0:
         return None
     where = environ.exit_status_dir()
-    previous = [r for r in exit_records(where) if r["restart"] == restart - 1] if where else []
+    previous = exit_records(where, restart - 1) if where else []
     why = job_status(previous)[1] if previous else "a trainer failed"
     return f"restart {restart} of {allowed} inside this job (torchrun --max-restarts) after: {why}"
 

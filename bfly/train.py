@@ -375,6 +375,8 @@ def run_job(argv: list[str] | None = None) -> Result:
         # (a bad image) are reported by the rank that met them.
         if env.is_main or distributed.active():
             print(line, file=sys.stderr, flush=True)
+        # Now, not at exit: torchrun may end this process while it waits below for the others to read who failed.
+        retry.record_exit(EXIT_USER_ERROR)
         # Before the process group closes: the other ranks' next collective fails, and they read who failed.
         announced = distributed.announce_failure(env)
         return Result(EXIT_USER_ERROR, None, Failure(line))
