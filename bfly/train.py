@@ -12,7 +12,9 @@ torchrun's agent or to the whole process group) stop the run with a checkpoint a
 
 Exit status: 0 finished (or a run.stop_after_* budget reached), 75 stopped by a signal with the
 checkpoint written (run.stopped_exit_code; run again to resume), 2 a user error (config, data, run
-directory, checkpoint: one line names the culprit), 1 anything else (a crash, a failed collective).
+directory, checkpoint: one line names the culprit), 76 a hang (a rank made no progress for
+run.hang_timeout_s; it is named and every live process's stacks are in run.dir/hang/), 1 anything else
+(a crash, a failed collective).
 """
 
 from __future__ import annotations
@@ -30,13 +32,22 @@ from bfly import checkpoint as ckpt, distributed
 from bfly.config import Config, ConfigError, dump_yaml, help_text, load_config, run_dir_of
 from bfly.data.metadata import DataError, load_metadata
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
-from bfly.env import DistEnv, dist_env
+from bfly.env import DistEnv, dist_env, stall_hooks
 from bfly.errors import one_line
 from bfly.resume import RunCheckpoints, load_start_state, record_changes, write_config
 from bfly.rundir import RunDirBusy, StartupRefused, lock_run_dir
 from bfly.runlog import RunLog, epoch_line, epoch_record, open_wandb, step_record
 from bfly.stack import Run, build_run, evaluated_model, pick_device, seed_all
-from bfly.stopping import OTHER_RANK, STOP_SIGNALS, JobBudget, Outcome, StopRequest, stop_when_parent_dies
+from bfly.stopping import (
+    EXIT_HANG,
+    OTHER_RANK,
+    STOP_SIGNALS,
+    JobBudget,
+    Outcome,
+    StopRequest,
+    stop_when_parent_dies,
+)
+from bfly.watchdog import Heartbeat, Limits, Watchdog, configure_nccl, watched
 
 USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, RunDirBusy)
 
@@ -69,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> StepHooks:
+def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget, beat: Heartbeat) -> StepHooks:
     cfg, steps = run.cfg, run.train_input.steps_per_epoch
     total = steps * cfg.train.epochs
 
@@ -89,15 +100,19 @@ def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> Ste
         run.log.progress(st.epoch, cfg.train.epochs, st.step_in_epoch, steps, eta, fields)
 
     def on_step(st: TrainState) -> None:
+        beat.step_done(st.global_step)
         every = cfg.train.checkpoint_every_steps
         if every and st.global_step % every == 0 and st.step_in_epoch < steps:
-            checkpoints.save(st)
+            with beat.during("checkpoint"):
+                checkpoints.save(st)
 
     def should_stop(st: TrainState, at_log: bool) -> bool:
         if budget.steps_done(st.global_step):
             return True  # the same step on every rank: no need to agree
         # Under DDP every rank must stop at the same step: agree at log points (a host sync).
         if run.env.distributed:
+            if at_log:
+                beat.enter("collective")
             return at_log and distributed.any_rank(run.stop.requested, run.device)
         return run.stop.requested
 
@@ -105,7 +120,7 @@ def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget) -> Ste
 
 
 def finish_epoch(
-    run: Run, checkpoints: RunCheckpoints, state: TrainState, epoch_s: float, images_before: int
+    run: Run, checkpoints: RunCheckpoints, state: TrainState, epoch_s: float, images_before: int, beat: Heartbeat
 ) -> tuple[bool, dict[str, Any]]:
     """images_before: images of this epoch counted before this job (restored from a checkpoint).
     Returns whether last.pt was written (train.checkpoint_every_epochs) and split -> metrics."""
@@ -115,7 +130,12 @@ def finish_epoch(
     record = epoch_record(state.epoch, state.global_step, sums, lr, epoch_s, images_before)
     metrics = {
         split: evaluate(
-            evaluated_model(t), eval_input.batches(), run.meta.num_classes, run.device, t.amp_dtype, t.channels_last
+            evaluated_model(t),
+            watched(eval_input.batches(), beat, "eval", "eval"),
+            run.meta.num_classes,
+            run.device,
+            t.amp_dtype,
+            t.channels_last,
         )
         for split, eval_input in run.eval_inputs.items()
     }
@@ -130,10 +150,11 @@ def finish_epoch(
     state.step_in_epoch = 0
     state.sums = new_sums(run.device)
     last_due = state.epoch % run.cfg.train.checkpoint_every_epochs == 0 or state.epoch >= run.cfg.train.epochs
-    if last_due:
-        checkpoints.save(state, dict(record) if is_best else None)
-    elif is_best:
-        checkpoints.save_best(state, dict(record))
+    with beat.during("checkpoint"):
+        if last_due:
+            checkpoints.save(state, dict(record) if is_best else None)
+        elif is_best:
+            checkpoints.save_best(state, dict(record))
     # The stall of the checkpoints of this epoch: step checkpoints so far, plus the epoch's own.
     record["ckpt_stall_s"] = checkpoints.take_stall()
     run.log.epoch(record, state.global_step)
@@ -160,39 +181,53 @@ def _stopped(run: Run, checkpoints: RunCheckpoints, state: TrainState, budget: J
     return Outcome(why, last, tuple(run.stop.caught))
 
 
-def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tuple[Outcome, dict[str, Any]]:
+def train_loop(
+    run: Run, checkpoints: RunCheckpoints, state: TrainState, beat: Heartbeat
+) -> tuple[Outcome, dict[str, Any]]:
     """Trains from `state` to the end of the schedule or a stop; returns how it ended and the latest
-    evaluation (split -> metrics)."""
+    evaluation (split -> metrics). `beat` follows the loop's phases (bfly.watchdog)."""
     cfg, last_eval = run.cfg, {}
     budget = JobBudget(state.global_step, state.epoch, cfg.run.stop_after_steps, cfg.run.stop_after_epochs)
-    hooks = epoch_hooks(run, checkpoints, budget)
+    hooks = epoch_hooks(run, checkpoints, budget, beat)
+    beat.step = state.global_step
     while state.epoch < cfg.train.epochs:
         if state.step_in_epoch == 0:
             seed_all(cfg.train.seed, run.env.rank, state.epoch)
         t0 = device_clock(run.device)
+        beat.enter("collective")
         images_before = int(distributed.all_reduce_sum(state.sums["count"].clone()).item())
-        batches = run.train_input.batches(state.epoch, state.step_in_epoch)
+        batches = watched(run.train_input.batches(state.epoch, state.step_in_epoch), beat)
         if not train_one_epoch(run.trainer, state, batches, hooks):
-            checkpoints.save(state)
-            return _stopped(run, checkpoints, state, budget), last_eval
-        saved, last_eval = finish_epoch(run, checkpoints, state, device_clock(run.device) - t0, images_before)
+            with beat.during("checkpoint"):
+                checkpoints.save(state)
+                return _stopped(run, checkpoints, state, budget), last_eval
+        saved, last_eval = finish_epoch(run, checkpoints, state, device_clock(run.device) - t0, images_before, beat)
+        beat.enter("collective")
         if state.epoch < cfg.train.epochs and (
             budget.epochs_done(state.epoch) or distributed.any_rank(run.stop.requested, run.device)
         ):
-            if not saved:
-                checkpoints.save(state)
-            return _stopped(run, checkpoints, state, budget), last_eval
-    checkpoints.writer.wait()
+            with beat.during("checkpoint"):
+                if not saved:
+                    checkpoints.save(state)
+                return _stopped(run, checkpoints, state, budget), last_eval
+    with beat.during("checkpoint"):
+        checkpoints.writer.wait()
     return Outcome(), last_eval
 
 
-def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
+def train(cfg: Config, env: DistEnv, stop: StopRequest, watch: Watchdog | None = None) -> Outcome:
+    """watch: the process's watchdog (bfly.watchdog), which this run's heartbeat and wandb report to."""
+    beat = watch.beat if watch else Heartbeat(env.rank)
     meta = load_metadata(cfg.data.root, splits=sorted({"train", *cfg.train.eval_splits}))
     run_dir = run_dir_of(cfg)
     device = pick_device(env.local_rank)
     if env.is_main:  # before any process-group work: an unwritable directory fails now, not after an epoch
         ckpt.ensure_writable(run_dir)
-    distributed.init(env, device, cfg.dist.backend, cfg.dist.timeout_s)
+    beat.stall_for_test("startup")
+    if device.type == "cuda":
+        configure_nccl(run_dir, cfg.dist.timeout_s)
+    with beat.during("rendezvous"):
+        distributed.init(env, device, cfg.dist.backend, cfg.dist.timeout_s)
     lock = lock_run_dir(run_dir, env)
     log = RunLog(run_dir, env.is_main)
     writer = ckpt.CheckpointWriter(cfg.train.checkpoint_async)
@@ -208,12 +243,16 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
             return Outcome(why, None, tuple(stop.caught))
         # Every start-up check passed: from here on the run directory changes.
         log.attach(state.epoch)
+        if device.type == "cuda":  # where NCCL's flight recorder writes on a collective's timeout
+            (run_dir / "hang").mkdir(exist_ok=True)
         config_written = env.is_main and not (run_dir / "config.yaml").exists() and write_config(run_dir, cfg)
         if env.is_main and state.epoch < cfg.train.epochs:  # finished: nothing to log
             sink = open_wandb(log, cfg.wandb.mode, lambda: _wandb_sink(run, wandb_id))
             wandb_id = sink.run_id if sink else wandb_id
+            if sink and watch:
+                watch.on_hang.append(sink.note_hang)
         record_changes(run, state, changes)
-        return _train_and_report(run, RunCheckpoints(run, writer, wandb_id, config_written), state)
+        return _train_and_report(run, RunCheckpoints(run, writer, wandb_id, config_written), state, beat)
     except (*USER_ERRORS, RuntimeError) as e:
         if log.attached:  # met after start-up: also in train.log
             log.to_file(f"error{_rank_tag(env)}: {one_line(e)}")
@@ -235,7 +274,7 @@ def _wandb_sink(run: Run, resume_id: str | None):
     return WandbSink.open(run.cfg, run.run_dir, job, resume_id, run.log.warn)
 
 
-def _train_and_report(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> Outcome:
+def _train_and_report(run: Run, checkpoints: RunCheckpoints, state: TrainState, beat: Heartbeat) -> Outcome:
     cfg, env = run.cfg, run.env
     if state.epoch >= cfg.train.epochs:
         run.log.info(
@@ -250,7 +289,7 @@ def _train_and_report(run: Run, checkpoints: RunCheckpoints, state: TrainState) 
         f"{run.plan.batch_size} = {env.world_size} x {run.plan.accum_steps} x {run.plan.micro_batch}, "
         f"{run.train_input.steps_per_epoch} steps/epoch, run dir {run.run_dir}"
     )
-    outcome, last_eval = train_loop(run, checkpoints, state)
+    outcome, last_eval = train_loop(run, checkpoints, state, beat)
     if outcome.finished:
         run.log.info(f"done: best valid top1 {state.best_top1:.2%}; checkpoints in {run.run_dir}")
     for sink in run.log.sinks:
@@ -294,12 +333,16 @@ def run_job(argv: list[str] | None = None) -> Result:
     stop = StopRequest().install()
     if env.source == "torchrun":
         stop_when_parent_dies()  # the agent's death (kill -9) becomes a SIGTERM: checkpoint and exit
+    watch = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return Result(0, None)
-        outcome = train(cfg, env, stop)
+        # From here on a rank that stops making progress, or cannot honour a stop, is found and ended.
+        beat = Heartbeat(env.rank, stall_hooks())
+        watch = Watchdog.start(beat, env, Limits.of(cfg.run), run_dir_of(cfg), stop.signal_name)
+        outcome = train(cfg, env, stop, watch)
         return Result(cfg.run.stopped_exit_code if outcome.by_signal else 0, outcome)
     except StartupRefused:
         return Result(2, None)
@@ -310,6 +353,8 @@ def run_job(argv: list[str] | None = None) -> Result:
             print(f"bfly.train: error{_rank_tag(env)}: {one_line(e)}", file=sys.stderr, flush=True)
         return Result(2, None)
     except RuntimeError as e:
+        if watch is not None and watch.settle():  # a hang was declared: the watchdog ends this process
+            return Result(EXIT_HANG, None)
         if not distributed.active():
             raise
         # A collective failed: almost always another rank died first and printed its own error.
@@ -322,6 +367,8 @@ def run_job(argv: list[str] | None = None) -> Result:
         return Result(1, None)
     finally:
         distributed.shutdown()
+        if watch is not None:
+            watch.close()
         stop.uninstall()
 
 
