@@ -103,7 +103,7 @@ def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget, beat: 
         beat.step_done(st.global_step)
         every = cfg.train.checkpoint_every_steps
         if every and st.global_step % every == 0 and st.step_in_epoch < steps:
-            with beat.during("checkpoint"):
+            with _saving(run, beat):
                 checkpoints.save(st)
 
     def should_stop(st: TrainState, at_log: bool) -> bool:
@@ -117,6 +117,12 @@ def epoch_hooks(run: Run, checkpoints: RunCheckpoints, budget: JobBudget, beat: 
         return run.stop.requested
 
     return StepHooks(cfg.train.log_every, on_log, should_stop, on_step)
+
+
+def _saving(run: Run, beat: Heartbeat):
+    """The heartbeat while a checkpoint is saved: rank 0 writes it (the longer limit of a checkpoint write),
+    the other ranks only take part in its collectives."""
+    return beat.during("checkpoint" if run.env.is_main else "collective")
 
 
 def finish_epoch(
@@ -150,7 +156,7 @@ def finish_epoch(
     state.step_in_epoch = 0
     state.sums = new_sums(run.device)
     last_due = state.epoch % run.cfg.train.checkpoint_every_epochs == 0 or state.epoch >= run.cfg.train.epochs
-    with beat.during("checkpoint"):
+    with _saving(run, beat):
         if last_due:
             checkpoints.save(state, dict(record) if is_best else None)
         elif is_best:
@@ -198,7 +204,7 @@ def train_loop(
         images_before = int(distributed.all_reduce_sum(state.sums["count"].clone()).item())
         batches = watched(run.train_input.batches(state.epoch, state.step_in_epoch), beat)
         if not train_one_epoch(run.trainer, state, batches, hooks):
-            with beat.during("checkpoint"):
+            with _saving(run, beat):
                 checkpoints.save(state)
                 return _stopped(run, checkpoints, state, budget), last_eval
         saved, last_eval = finish_epoch(run, checkpoints, state, device_clock(run.device) - t0, images_before, beat)
@@ -206,11 +212,11 @@ def train_loop(
         if state.epoch < cfg.train.epochs and (
             budget.epochs_done(state.epoch) or distributed.any_rank(run.stop.requested, run.device)
         ):
-            with beat.during("checkpoint"):
+            with _saving(run, beat):
                 if not saved:
                     checkpoints.save(state)
                 return _stopped(run, checkpoints, state, budget), last_eval
-    with beat.during("checkpoint"):
+    with _saving(run, beat):
         checkpoints.writer.wait()
     return Outcome(), last_eval
 

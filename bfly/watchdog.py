@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import functools
 import json
 import os
 import signal
@@ -121,7 +122,11 @@ class Heartbeat:
 
     def limit(self, limits: Limits) -> float:
         """Seconds without progress that are a hang in the current phase."""
-        if self.phase in STARTUP_PHASES or self.steps < WARM_STEPS:
+        return limits.startup_s if self.phase in STARTUP_PHASES else self.steady_limit(limits)
+
+    def steady_limit(self, limits: Limits) -> float:
+        """The limit of a training step, whatever the phase: the start-up one for this job's first steps."""
+        if self.steps < WARM_STEPS:
             return limits.startup_s
         typical = statistics.median(self.step_times) if self.step_times else 0.0
         return max(limits.hang_s, STEP_MULTIPLE * typical)
@@ -195,9 +200,9 @@ def dump_nccl_trace(path: Path) -> bool:
 
         if not (dist.is_initialized() and dist.get_backend() == "nccl"):
             return False
-        from torch._C._distributed_c10d import _dump_nccl_trace
+        from torch._C import _distributed_c10d
 
-        path.write_bytes(_dump_nccl_trace())
+        path.write_bytes(_distributed_c10d._dump_nccl_trace())  # type: ignore[attr-defined]
         return True
     except Exception:  # a diagnostic: never in the way of ending the job
         return False
@@ -363,6 +368,7 @@ class Watchdog:
             "phase": beat.phase,
             "idle": round(idle, 1),
             "limit": limit,
+            "steady": beat.steady_limit(self.limits),
         }
         if beat.phase in ("data", "eval") and idle > limit / 2:
             mine["workers"] = [[pid, proc_state(pid)] for pid in forked_children()]
@@ -433,12 +439,13 @@ class Watchdog:
         except Exception:  # not up yet (rank 0 hosts it once it reaches the rendezvous)
             return None
 
-    def stalled_for(self, rank: int, now: float) -> tuple[float, float]:
-        """(seconds since `rank` last made progress, its limit), as seen from here."""
+    def stalled_for(self, rank: int, now: float, steady: bool = False) -> tuple[float, float]:
+        """(seconds since `rank` last made progress, its limit), as seen from here. steady: the limit of a
+        training step, not the longer one of a checkpoint write (see _judge)."""
         seen = self.seen.get(rank)
         if seen is None:  # never heard of: not started, or cannot reach the store
             return now - self.started, self.limits.startup_s
-        return seen.record["idle"] + (now - seen.changed), seen.record["limit"]
+        return seen.record["idle"] + (now - seen.changed), seen.record["steady" if steady else "limit"]
 
     def frozen(self, rank: int, now: float) -> bool:
         """Its heartbeat stopped being published (stopped, dead, or unreachable)."""
@@ -450,10 +457,12 @@ class Watchdog:
     def _judge(self, now: float) -> str | None:
         """The hang line when no rank has made progress within its limit, else None."""
         ranks = range(self.env.world_size)
-        stalled = {r: self.stalled_for(r, now) for r in ranks}
+        frozen = [r for r in ranks if self.frozen(r, now)]
+        # A rank whose heartbeat stopped (a stopped or dead process) will not finish what it was doing: the
+        # others, waiting for it, get no longer limit for being in a checkpoint.
+        stalled = {r: self.stalled_for(r, now, steady=bool(frozen)) for r in ranks}
         if any(age <= limit for age, limit in stalled.values()):
             return None
-        frozen = [r for r in ranks if self.frozen(r, now)]
         busy = [r for r in ranks if r in self.seen and self.seen[r].record["phase"] not in WAITING]
         steps = {r: self.seen[r].record["step"] for r in ranks if r in self.seen}
         behind = [r for r in steps if steps[r] == min(steps.values())] if len(set(steps.values())) > 1 else []
@@ -481,10 +490,11 @@ class Watchdog:
         if frozen:
             local = rec["host"] == self.host
             state = proc_state(rec["pid"]) if local else None
-            if local and state is None:
+            if state is None and local:
                 who += " is gone"
-            elif local:
-                who += f" is {STATES.get(state, 'not responding')} (process state {state})"
+            elif state is not None:
+                verdict = STATES[state] if state in "TtZX" else "not responding"
+                who += f" is {verdict} (process state {state})"
             else:
                 who += " is not responding (stopped, dead or unreachable)"
         phase = {
@@ -515,7 +525,7 @@ class Watchdog:
             print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
             self._append_to_log(line)
             for callback in self.on_hang:
-                _bounded(lambda cb=callback: cb(line), 20)
+                _bounded(functools.partial(callback, line), 20)
         elif not dumped:
             print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
         # Let the other ranks read the verdict (this process may host the store) before ending.
