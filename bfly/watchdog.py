@@ -467,11 +467,10 @@ class Watchdog:
         steps = {r: self.seen[r].record["step"] for r in ranks if r in self.seen}
         behind = [r for r in steps if steps[r] == min(steps.values())] if len(set(steps.values())) > 1 else []
         culprits = frozen or busy or behind or list(ranks)
-        youngest = min(age for age, _ in stalled.values())
-        limit = max(limit for _, limit in stalled.values())
+        age, limit = min(stalled.values())  # the rank that moved last, and its limit
         named = "; ".join(self._describe(r, stalled[r][0], r in frozen) for r in culprits)
         line = (
-            f"hang: no rank has made progress for {youngest:.0f} s (limit {limit:.0f} s); "
+            f"hang: no rank has made progress for {age:.0f} s (limit {limit:.0f} s); "
             f"stalled: {named}; stacks of the live processes in {self.run_dir / 'hang'}; "
             f"ending the job (exit {EXIT_HANG})"
         )
@@ -528,6 +527,7 @@ class Watchdog:
                 _bounded(functools.partial(callback, line), 20)
         elif not dumped:
             print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
+        self._end_stopped_peers(now)
         # Let the other ranks read the verdict (this process may host the store) before ending.
         time.sleep(self.limits.poll_s + 2 if self.env.world_size > 1 else 0)
         self._exit()
@@ -543,6 +543,21 @@ class Watchdog:
         self.dump(line)
         print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
         self._exit()
+
+    def _end_stopped_peers(self, now: float) -> None:
+        """A stopped trainer of this job on this host (state T: it can run nothing, not even a signal handler)
+        is ended here; its launcher would wait 30 s more (torchrun) or forever (a plain process)."""
+        try:
+            mine = Path("/proc/self/cmdline").read_bytes()
+        except OSError:
+            return
+        for rank in range(self.env.world_size):
+            rec = self.seen[rank].record if rank in self.seen else None
+            if not rec or rank == self.env.rank or rec["host"] != self.host or not self.frozen(rank, now):
+                continue
+            with contextlib.suppress(OSError):
+                if proc_state(rec["pid"]) in ("T", "t") and Path(f"/proc/{rec['pid']}/cmdline").read_bytes() == mine:
+                    os.kill(rec["pid"], signal.SIGKILL)
 
     @property
     def dump_path(self) -> Path:

@@ -26,7 +26,7 @@ from bfly.env import StallHook, stall_hooks
 from bfly.stopping import EXIT_HANG
 from bfly.watchdog import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, configure_nccl, nccl_settings
 
-from conftest import read_jsonl
+from conftest import PYTHON, REPO, read_jsonl
 from probes.fault_launch import (
     Launch,
     _descendants,
@@ -315,3 +315,31 @@ def test_a_slow_rank_a_long_evaluation_and_a_long_checkpoint_write_are_not_hangs
     assert_same_weights(
         run / "last.pt", ref2 / "last.pt"
     )  # (evaluation in batches of 1: metrics differ in the last bit)
+
+
+# --- restarts --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["train_single_node.sbatch", "train_multi_node.sbatch"])
+def test_the_sbatch_scripts_keep_torchrun_restarts_out_of_the_shared_store(script):
+    text = (REPO / "slurm" / script).read_text()
+    assert "\nexport TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1\n" in text
+    assert text.index("export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1") < text.index("-m torch.distributed.run")
+
+
+@pytest.mark.slow
+def test_a_restart_without_the_store_setting_says_so(tiny_data, tmp_path):
+    """torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: the restarted trainers say so in
+    one line; if the restart hangs in the rendezvous (pytorch#135712), the hang is named with that hint."""
+    run = tmp_path / "run"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
+    args = hang_args(tiny_data, run, **{"run.startup_timeout_s": 30})
+    launch = Launch([*cmd, "-m", "bfly.train", *args], timeout=400, env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"})
+    launch.wait_step(2)
+    os.kill(launch.workers(2)[1], signal.SIGKILL)
+    rc = launch.wait()
+    warnings = [line for line in launch.output.splitlines() if "without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in line]
+    assert warnings and warnings[0].startswith("warning: torchrun restarted these workers"), launch.output[-4000:]
+    hang = [line for line in launch.output.splitlines() if "]: hang: " in line]
+    assert rc == 0 or all("export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun" in h for h in hang), hang
+    print(f"restart without the setting: exit {rc}; {warnings[0]}; {hang[0] if hang else 'the restart did not hang'}")
