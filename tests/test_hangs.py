@@ -81,6 +81,17 @@ def _state(pid: int) -> str | None:
         return None
 
 
+def catches_sigterm(pid: int) -> bool:
+    """The process has its own SIGTERM handler (a trainer past its imports: bfly.stopping is installed)."""
+    try:
+        caught = next(
+            line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt")
+        )
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+
 def hang_line(out: str) -> str:
     lines = [line for line in out.splitlines() if re.search(r"\]: hang: ", line)]
     assert len(lines) == 1, out[-6000:]  # one line, from one rank
@@ -280,8 +291,12 @@ def test_trainers_blocked_in_start_up_do_not_survive_their_agent(tiny_data, tmp_
         env=stall(1, "startup", 0),
     )
     workers = launch.workers(2)
-    time.sleep(5)  # rank 0 in the rendezvous, rank 1 asleep before it
     pids = list(workers.values())
+    deadline = time.monotonic() + 120
+    while not all(catches_sigterm(p) for p in pids):  # the trainers' start-up has begun (bfly.train.run_job)
+        assert time.monotonic() < deadline, launch.output[-3000:]
+        time.sleep(0.2)
+    time.sleep(3)  # rank 0 in the rendezvous, rank 1 asleep before it
     kids = [p for w in pids for p in _descendants(w)]
     killed = time.monotonic()
     launch.proc.kill()
