@@ -445,7 +445,12 @@ class Watchdog:
         seen = self.seen.get(rank)
         if seen is None:  # never heard of: not started, or cannot reach the store
             return now - self.started, self.limits.startup_s
-        return seen.record["idle"] + (now - seen.changed), seen.record["steady" if steady else "limit"]
+        age = seen.record["idle"] + (now - seen.changed)
+        if self.frozen(rank, now) and rank in self.seen:
+            # Its own limit is as old as its last record (perhaps from its first steps): the ranks move in
+            # step, so this rank's step limit stands for it.
+            return age, self.beat.steady_limit(self.limits)
+        return age, seen.record["steady" if steady else "limit"]
 
     def frozen(self, rank: int, now: float) -> bool:
         """Its heartbeat stopped being published (stopped, dead, or unreachable)."""
