@@ -208,6 +208,25 @@ class RunConfig:
         "as a failure, so scripts that run torchrun and requeue themselves may set 0",
         operational=True,
     )
+    hang_timeout_s: int = _opt(
+        300,
+        "a rank that makes no progress this long once training runs is a hang (or 10x the median step "
+        "time if larger): the stalled rank is named, stacks go to <dir>/hang/, the job ends with exit 76 "
+        "(0 = off); keep it below dist.timeout_s",
+        operational=True,
+    )
+    startup_timeout_s: int = _opt(
+        540,
+        "the same limit during start-up (rendezvous, cache build, the first 3 steps, compile) and "
+        "checkpoint writes; below dist.timeout_s, which also bounds the rendezvous",
+        operational=True,
+    )
+    stop_grace_s: int = _opt(
+        120,
+        "after a stop signal, a trainer that has not stopped within this many seconds (blocked in start-up "
+        "or in a collective) writes its stacks to <dir>/hang/ and exits 76 (0 = wait)",
+        operational=True,
+    )
 
 
 @dataclass
@@ -331,6 +350,7 @@ def validate(cfg: Config) -> None:
         "data.image_size": cfg.data.image_size,
         "train.log_every": cfg.train.log_every,
         "optim.lr": cfg.optim.lr,
+        "run.startup_timeout_s": cfg.run.startup_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -343,6 +363,8 @@ def validate(cfg: Config) -> None:
         "run.stop_after_steps": cfg.run.stop_after_steps,
         "optim.warmup_epochs": cfg.optim.warmup_epochs,
         "optim.weight_decay": cfg.optim.weight_decay,
+        "run.hang_timeout_s": cfg.run.hang_timeout_s,
+        "run.stop_grace_s": cfg.run.stop_grace_s,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -208,3 +208,50 @@ def slow_rank_for_test() -> tuple[int, float] | None:
         return int(rank), float(seconds)
     except ValueError:
         raise RuntimeError(f"BFLY_TEST_SLOW_RANK={value!r}: expected <rank>:<seconds>") from None
+
+
+def store_address(env: DistEnv) -> tuple[str, int] | None:
+    """host, port of the store every rank of this job reaches at start-up (torchrun's or rank 0's): the
+    rendezvous address. None when there is none (a single process)."""
+    if not env.distributed:
+        return None
+    if env.init_method.startswith("tcp://"):
+        host, _, port = env.init_method[len("tcp://") :].rpartition(":")
+        return host, int(port)
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        return os.environ["MASTER_ADDR"], _int("MASTER_PORT")
+    return None
+
+
+def restart_store_shared() -> bool:
+    """torchrun lets its restarted workers reuse its rendezvous store unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1;
+    a restart can then hang in the rendezvous (pytorch#135712)."""
+    return os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "") != "1"
+
+
+def set_defaults(values: dict[str, str]) -> dict[str, str]:
+    """Sets each variable the user has not set (torch reads them when a process group starts); returns the
+    values in effect, the user's own included."""
+    for name, value in values.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in values}
+
+
+@dataclass(frozen=True)
+class StallHook:
+    rank: int
+    phase: str  # startup | data | eval | checkpoint
+    from_step: int | None  # None: every time the phase is entered; else once, at the first global step >= it
+    seconds: float
+
+
+def stall_hooks() -> list[StallHook]:
+    """Test hook, BFLY_TEST_STALL=<rank>:<phase>:<step>:<seconds>[,...]: the trainer of <rank> sleeps <seconds>
+    in <phase> (startup: before the rendezvous; data: waiting for its next batch; eval: before an evaluation
+    batch; checkpoint: while writing one), once at the first global step >= <step>, or each time with
+    <step> `*`. For tests of hung, slow and stopped ranks."""
+    stalls = []
+    for item in filter(None, os.environ.get("BFLY_TEST_STALL", "").split(",")):
+        rank, phase, step, seconds = item.split(":")
+        stalls.append(StallHook(int(rank), phase, None if step == "*" else int(step), float(seconds)))
+    return stalls

@@ -161,6 +161,8 @@ def ignore_stop_signals() -> None:
     """In a DataLoader worker: the trainer decides when to stop, the worker only serves batches."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    # The trainer's watchdog reads signals from a wakeup pipe (bfly.watchdog) that forked workers inherit.
+    signal.set_wakeup_fd(-1)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 

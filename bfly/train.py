@@ -12,7 +12,9 @@ torchrun's agent or to the whole process group) stop the run with a checkpoint a
 
 Exit status: 0 finished (or a run.stop_after_* budget reached), 75 stopped by a signal with the
 checkpoint written (run.stopped_exit_code; run again to resume), 2 a user error (config, data, run
-directory, checkpoint: one line names the culprit), 1 anything else (a crash, a failed collective).
+directory, checkpoint: one line names the culprit), 76 a hang (a rank made no progress for
+run.hang_timeout_s; it is named and every live process's stacks are in run.dir/hang/), 1 anything else
+(a crash, a failed collective).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from bfly.config import Config, ConfigError, dump_yaml, help_text, load_config, 
 from bfly.data.metadata import DataError, load_metadata
 from bfly.data.pil_input import ImageError
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
-from bfly.env import DistEnv, dist_env, elastic_error_file
+from bfly.env import DistEnv, dist_env, elastic_error_file, stall_hooks
 from bfly.errors import Failure, one_line, one_line_warnings, write_error_file
 from bfly.health import RankHealth, slowed_for_test
 from bfly.profile import StepProfiler
@@ -40,7 +42,16 @@ from bfly.resume import RunCheckpoints, load_start_state, record_changes, space_
 from bfly.rundir import RunDirBusy, StartupRefused, lock_run_dir
 from bfly.runlog import RunLog, epoch_line, epoch_record, open_wandb, step_record
 from bfly.stack import Run, build_run, evaluated_model, pick_device, seed_all
-from bfly.stopping import OTHER_RANK, STOP_SIGNALS, JobBudget, Outcome, StopRequest, stop_when_parent_dies
+from bfly.stopping import (
+    EXIT_HANG,
+    OTHER_RANK,
+    STOP_SIGNALS,
+    JobBudget,
+    Outcome,
+    StopRequest,
+    stop_when_parent_dies,
+)
+from bfly.watchdog import Heartbeat, Limits, Watchdog, configure_nccl, watched
 
 USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, RunDirBusy)
 EXIT_CRASH = 1  # a bug, a failed collective
@@ -82,6 +93,7 @@ def epoch_hooks(
     run: Run,
     checkpoints: RunCheckpoints,
     budget: JobBudget,
+    beat: Heartbeat,
     health: RankHealth | None,
     profiler: StepProfiler | None = None,
 ) -> StepHooks:
@@ -108,9 +120,11 @@ def epoch_hooks(
         run.log.progress(st.epoch, cfg.train.epochs, st.step_in_epoch, steps, eta, fields)
 
     def on_step(st: TrainState) -> None:
+        beat.step_done(st.global_step)
         every = cfg.train.checkpoint_every_steps
         if every and st.global_step % every == 0 and st.step_in_epoch < steps:
-            checkpoints.save(st)
+            with _saving(run, beat):
+                checkpoints.save(st)
         if profiler is not None:  # train.profile_steps
             profiler.at_step(st.global_step)
 
@@ -120,6 +134,8 @@ def epoch_hooks(
         # Under DDP every rank must stop at the same step: agree at log points (a host sync), where the
         # ranks' health figures travel too.
         if health is not None:
+            if at_log:
+                beat.enter("collective")
             return at_log and _exchange(run, health)
         return run.stop.requested
 
@@ -134,12 +150,19 @@ def _exchange(run: Run, health: RankHealth) -> bool:
     return stop
 
 
+def _saving(run: Run, beat: Heartbeat):
+    """The heartbeat while a checkpoint is saved: rank 0 writes it (the longer limit of a checkpoint write),
+    the other ranks only take part in its collectives."""
+    return beat.during("checkpoint" if run.env.is_main else "collective")
+
+
 def finish_epoch(
     run: Run,
     checkpoints: RunCheckpoints,
     state: TrainState,
     epoch_s: float,
     images_before: int,
+    beat: Heartbeat,
     health: RankHealth | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """images_before: images of this epoch counted before this job (restored from a checkpoint).
@@ -150,7 +173,12 @@ def finish_epoch(
     record = epoch_record(state.epoch, state.global_step, sums, lr, epoch_s, images_before)
     metrics = {
         split: evaluate(
-            evaluated_model(t), eval_input.batches(), run.meta.num_classes, run.device, t.amp_dtype, t.channels_last
+            evaluated_model(t),
+            watched(eval_input.batches(), beat, "eval", "eval"),
+            run.meta.num_classes,
+            run.device,
+            t.amp_dtype,
+            t.channels_last,
         )
         for split, eval_input in run.eval_inputs.items()
     }
@@ -171,10 +199,11 @@ def finish_epoch(
         or state.epoch >= run.cfg.train.epochs
         or checkpoints.snapshot_due(state)
     )
-    if last_due:
-        checkpoints.save(state, dict(record) if is_best else None)
-    elif is_best:
-        checkpoints.save_best(state, dict(record))
+    with _saving(run, beat):
+        if last_due:
+            checkpoints.save(state, dict(record) if is_best else None)
+        elif is_best:
+            checkpoints.save_best(state, dict(record))
     # The stall of the checkpoints of this epoch: step checkpoints so far, plus the epoch's own.
     record["ckpt_stall_s"] = checkpoints.take_stall()
     run.log.epoch(record, state.global_step)
@@ -201,15 +230,18 @@ def _stopped(run: Run, checkpoints: RunCheckpoints, state: TrainState, budget: J
     return Outcome(why, last, tuple(run.stop.caught))
 
 
-def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tuple[Outcome, dict[str, Any]]:
+def train_loop(
+    run: Run, checkpoints: RunCheckpoints, state: TrainState, beat: Heartbeat
+) -> tuple[Outcome, dict[str, Any]]:
     """Trains from `state` to the end of the schedule or a stop; returns how it ended and the latest
-    evaluation (split -> metrics)."""
+    evaluation (split -> metrics). `beat` follows the loop's phases (bfly.watchdog)."""
     cfg = run.cfg
     last_eval: dict[str, Any] = {}
     budget = JobBudget(state.global_step, state.epoch, cfg.run.stop_after_steps, cfg.run.stop_after_epochs)
     health = RankHealth.start(run.trainer.model, run.env, run.device)
     profiler = StepProfiler.for_run(cfg.train.profile_steps, run.run_dir, run.device, run.env.is_main, run.log.info)
-    hooks = epoch_hooks(run, checkpoints, budget, health, profiler)
+    hooks = epoch_hooks(run, checkpoints, budget, beat, health, profiler)
+    beat.step = state.global_step
     try:
         if profiler is not None:
             profiler.at_step(state.global_step)
@@ -217,32 +249,43 @@ def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tupl
             if state.step_in_epoch == 0:
                 seed_all(cfg.train.seed, run.env.rank, state.epoch)
             t0 = device_clock(run.device)
+            beat.enter("collective")
             images_before = int(distributed.all_reduce_sum(state.sums["count"].clone()).item())
             batches = slowed_for_test(run.train_input.batches(state.epoch, state.step_in_epoch), run.env.rank)
-            if not train_one_epoch(run.trainer, state, batches, hooks):
-                checkpoints.save(state)
-                return _stopped(run, checkpoints, state, budget), last_eval
+            if not train_one_epoch(run.trainer, state, watched(batches, beat), hooks):
+                with _saving(run, beat):
+                    checkpoints.save(state)
+                    return _stopped(run, checkpoints, state, budget), last_eval
             saved, last_eval = finish_epoch(
-                run, checkpoints, state, device_clock(run.device) - t0, images_before, health
+                run, checkpoints, state, device_clock(run.device) - t0, images_before, beat, health
             )
+            beat.enter("collective")
             if state.epoch < cfg.train.epochs and (
                 budget.epochs_done(state.epoch) or distributed.any_rank(run.stop.requested, run.device)
             ):
-                if not saved:
-                    checkpoints.save(state)
-                return _stopped(run, checkpoints, state, budget), last_eval
-        checkpoints.writer.wait()
+                with _saving(run, beat):
+                    if not saved:
+                        checkpoints.save(state)
+                    return _stopped(run, checkpoints, state, budget), last_eval
+        with _saving(run, beat):
+            checkpoints.writer.wait()
         return Outcome(), last_eval
     finally:
         if profiler is not None:  # a stop inside the window: what was recorded is written
             profiler.close()
 
 
-def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
+def train(cfg: Config, env: DistEnv, stop: StopRequest, watch: Watchdog | None = None) -> Outcome:
+    """watch: the process's watchdog (bfly.watchdog), which this run's heartbeat and wandb report to."""
+    beat = watch.beat if watch else Heartbeat(env.rank)
     meta = load_metadata(cfg.data.root, splits=sorted({"train", *cfg.train.eval_splits}))
     run_dir = run_dir_of(cfg)
     device = pick_device(env.local_rank)
-    distributed.init(env, device, cfg.dist.backend, cfg.dist.timeout_s)
+    beat.stall_for_test("startup")
+    if device.type == "cuda":
+        configure_nccl(run_dir, cfg.dist.timeout_s)
+    with beat.during("rendezvous"):
+        distributed.init(env, device, cfg.dist.backend, cfg.dist.timeout_s)
     # An unwritable directory fails now, not after an epoch. After the process group is up: the other
     # ranks, in their next collective, learn that rank 0 failed (before it, they would wait for it).
     if env.is_main:
@@ -264,13 +307,19 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
         log.attach(state.epoch)
         if restarted := retry.restart_line():
             log.info(restarted)
+        if device.type == "cuda":  # where NCCL's flight recorder writes on a collective's timeout
+            (run_dir / "hang").mkdir(exist_ok=True)
         config_written = env.is_main and not (run_dir / "config.yaml").exists() and write_config(run_dir, cfg)
         with attempts.recorded(run_dir, env, device, state, USER_ERRORS) as attempt:  # attempts.jsonl
             if env.is_main and state.epoch < cfg.train.epochs:  # finished: nothing to log
                 sink = open_wandb(log, cfg.wandb.mode, lambda: _wandb_sink(run, wandb_id))
                 wandb_id = sink.run_id if sink else wandb_id
+                if sink and watch:
+                    watch.on_hang.append(sink.note_hang)
+            if watch:
+                watch.before_exit.append(lambda line: attempt.end(attempts.HANG, line, state.global_step))
             record_changes(run, state, changes)
-            attempt.outcome = _train_and_report(run, RunCheckpoints(run, writer, wandb_id, config_written), state)
+            attempt.outcome = _train_and_report(run, RunCheckpoints(run, writer, wandb_id, config_written), state, beat)
             return attempt.outcome
     except (*USER_ERRORS, RuntimeError) as e:
         if log.attached:  # met after start-up: also in train.log
@@ -293,7 +342,7 @@ def _wandb_sink(run: Run, resume_id: str | None):
     return WandbSink.open(run.cfg, run.run_dir, job, resume_id, run.log.warn)
 
 
-def _train_and_report(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> Outcome:
+def _train_and_report(run: Run, checkpoints: RunCheckpoints, state: TrainState, beat: Heartbeat) -> Outcome:
     cfg, env = run.cfg, run.env
     if state.epoch >= cfg.train.epochs:
         run.log.info(
@@ -308,7 +357,7 @@ def _train_and_report(run: Run, checkpoints: RunCheckpoints, state: TrainState) 
         f"{run.plan.batch_size} = {env.world_size} x {run.plan.accum_steps} x {run.plan.micro_batch}, "
         f"{run.train_input.steps_per_epoch} steps/epoch, run dir {run.run_dir}"
     )
-    outcome, last_eval = train_loop(run, checkpoints, state)
+    outcome, last_eval = train_loop(run, checkpoints, state, beat)
     if outcome.finished:
         run.log.info(f"done: best valid top1 {state.best_top1:.2%}; checkpoints in {run.run_dir}")
     for sink in run.log.sinks:
@@ -358,12 +407,16 @@ def run_job(argv: list[str] | None = None) -> Result:
     if env.source == "torchrun":
         stop_when_parent_dies()  # the agent's death (kill -9) becomes a SIGTERM: checkpoint and exit
     announced = None
+    watch = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return Result(0, None)
-        outcome = train(cfg, env, stop)
+        # From here on a rank that stops making progress, or cannot honour a stop, is found and ended.
+        beat = Heartbeat(env.rank, stall_hooks())
+        watch = Watchdog.start(beat, env, Limits.of(cfg.run), run_dir_of(cfg), stop.signal_name)
+        outcome = train(cfg, env, stop, watch)
         code = cfg.run.stopped_exit_code if outcome.by_signal else 0
         return Result(code, outcome, Failure(_stopped_line(env, outcome)) if code else None)
     except StartupRefused:
@@ -381,6 +434,8 @@ def run_job(argv: list[str] | None = None) -> Result:
         announced = distributed.announce_failure(env)
         return Result(EXIT_USER_ERROR, None, Failure(line))
     except RuntimeError as e:
+        if watch is not None and watch.settle():  # a hang was declared: the watchdog ends this process
+            return Result(EXIT_HANG, None)
         if not distributed.active():
             raise
         # A collective failed: almost always another rank failed first and printed its own error.
@@ -401,6 +456,8 @@ def run_job(argv: list[str] | None = None) -> Result:
         distributed.shutdown()
         if announced:
             announced.wait_read()
+        if watch is not None:
+            watch.close()
         stop.uninstall()
 
 

@@ -269,6 +269,35 @@ def run_script_as_slurm_would(script: Path, **env: str) -> subprocess.CompletedP
 
 
 @slurm
+@pytest.mark.slow
+def test_multi_node_script_names_a_stalled_rank_and_ends_the_job(slurm_cluster, tiny_data, tmp_path):
+    """2 nodes x 1 trainer; the trainer on the second node stops getting data at step 4 (BFLY_TEST_STALL):
+    the job ends with the stalled rank named and both ranks' stacks written, within the limit + 60 s."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "slurm.out"
+    args = [*train_args(tiny_data, run_dir), "run.hang_timeout_s=5", "run.startup_timeout_s=60"]
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--time=10", "--nodes=2", "--cpus-per-task=1"]
+    env = subprocess_env(BFLY_PYTHON=PYTHON, BFLY_NPROC_PER_NODE="1", BFLY_TEST_STALL="1:data:4:600")
+    job_id = subprocess.run(
+        [*cmd, f"--output={log}", str(MULTI_NODE), *args], env=env, capture_output=True, text=True, check=True,
+        timeout=60,
+    ).stdout.strip()  # fmt: skip
+    SUBMITTED.append(job_id)
+    wait_for_text(log, f"epoch 1/2 step 4/{STEPS}", job_id)
+    stalled = time.monotonic()
+    state = wait_job_done(job_id, log)
+    took = time.monotonic() - stalled
+    text = log.read_text()
+    assert state == "FAILED", text[-3000:]
+    hang = re.search(r"\]: (hang: .*)$", text, re.M)
+    assert hang and re.search(r"stalled: rank 1 \(\S+, pid \d+\), waiting for data", hang[1]), text[-3000:]
+    assert re.search(r"exitcode\s+: 76", text), text[-3000:]
+    assert sorted(p.name.split("-")[0] for p in (run_dir / "hang").glob("rank*.txt")) == ["rank0", "rank1"]
+    assert took < 5 * 10 + 60 + 30, took  # the step-time multiple, the grace, torchrun's own wait
+    print(f"SLURM, 2 nodes: rank 1 stalled in its data path, job {state} {took:.0f} s later; {hang[1]}")
+
+
+@slurm
 def test_multi_node_script_fails_at_once_when_the_first_node_has_no_address(slurm_cluster):
     out = run_script_as_slurm_would(
         MULTI_NODE,
