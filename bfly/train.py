@@ -189,7 +189,7 @@ def train_loop(run: Run, checkpoints: RunCheckpoints, state: TrainState) -> tupl
 def train(cfg: Config, env: DistEnv, stop: StopRequest) -> Outcome:
     meta = load_metadata(cfg.data.root, splits=sorted({"train", *cfg.train.eval_splits}))
     run_dir = run_dir_of(cfg)
-    device = pick_device(env.local_rank)
+    device = pick_device(env.local_rank, env.local_world_size)
     if env.is_main:  # before any process-group work: an unwritable directory fails now, not after an epoch
         ckpt.ensure_writable(run_dir)
     distributed.init(env, device, cfg.dist.backend, cfg.dist.timeout_s)
