@@ -67,6 +67,19 @@ class FakeGpu:
     events: list[FakeEvent] = field(default_factory=list)
     rng_requests: list[int] = field(default_factory=list)
     rng_restored: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    pinned: list[torch.Tensor] = field(default_factory=list)  # what Tensor.pin_memory() returned
+
+    def pin(self, t: torch.Tensor, device: object = None) -> torch.Tensor:
+        # FakeTensorMode has no pin_memory: a copy stands for the pinned one, and is remembered.
+        copy = t.clone()
+        self.pinned.append(copy)
+        return copy
+
+    @staticmethod
+    def host_work() -> contextlib.AbstractContextManager:
+        """Real tensors again for a while: host-side work whose values matter (an epoch's sample plan is
+        CPU work on a GPU machine too; a fake tensor has no values)."""
+        return torch._subclasses.fake_tensor.unset_fake_temporarily()
 
     def set_device(self, device: int | torch.device) -> None:
         index = device.index if isinstance(device, torch.device) else int(device)
@@ -109,6 +122,7 @@ def fake_gpu(count: int = 1, free_bytes: int = 140 * 2**30, tensors: bool = True
         mock.patch.object(c, "reset_peak_memory_stats", lambda device=None: None),
         mock.patch.object(c, "empty_cache", lambda: None),
         mock.patch.object(c, "get_device_name", lambda device=None: "fake GPU"),
+        mock.patch.object(torch.Tensor, "pin_memory", lambda t, device=None: gpu.pin(t)),
     ]
     with contextlib.ExitStack() as stack:
         for p in patches:
