@@ -572,8 +572,6 @@ def main(argv: list[str] | None = None) -> int:
     image_size = speed_settings(ctx).image_size
     env = throughput.environment()
     print(f"on {env}; data {data}: {sum(len(s.paths) for s in meta.splits.values())} images", flush=True)
-    if ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     start = time.perf_counter()
 

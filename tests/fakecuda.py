@@ -32,6 +32,13 @@ class CpuFakeTensorMode(FakeTensorMode):
         # tensors. Forgetting them costs only the memo's speed-up.
         self.fake_tensor_converter.set_tensor_memo = lambda t, v: None  # type: ignore[method-assign]
 
+    def dispatch(self, func, types, args=(), kwargs=None):
+        # Reading a value back to the host (loss.item(), counts, GradScaler's inf check) gets 0: a fake
+        # tensor has no values, and the code's control flow must not depend on them here.
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+            return False if args[0].dtype == torch.bool else 0 if not args[0].is_floating_point() else 0.0
+        return super().dispatch(func, types, args, kwargs)
+
 
 class FakeEvent:
     """torch.cuda.Event: records are counted, synchronize/query answer at once (nothing runs)."""

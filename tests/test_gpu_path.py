@@ -16,7 +16,7 @@ from bfly.data.sampling import StepPlan
 from bfly.stack import pick_device
 from fakecuda import fake_gpu
 
-from conftest import tiny_overrides
+from conftest import MINI_ROOT, tiny_overrides
 
 pytestmark = pytest.mark.fakecuda
 CPU = torch.device("cpu")
@@ -153,3 +153,39 @@ def test_auto_placement_keeps_a_split_larger_than_a_quarter_of_free_memory_on_th
         assert ResidentSplit(meta.splits["valid"], cfg.data, torch.device("cuda", 0)).placement == "host"
     with fake_gpu(free_bytes=4 * split_bytes):
         assert ResidentSplit(meta.splits["valid"], cfg.data, torch.device("cuda", 0)).placement == "device"
+
+
+# --- backend flags wherever a model runs --------------------------------------------------------------
+
+
+def test_evaluate_on_a_gpu_sets_the_backend_flags_training_evaluated_with(trained_run, tmp_path, capsys):
+    """bfly.evaluate's numbers match training's own evaluation only with training's kernels (TF32,
+    cudnn.benchmark): the command sets them as training does."""
+    from bfly.evaluate import main as evaluate_main
+
+    with fake_gpu():
+        code = evaluate_main(
+            ["--checkpoint", str(trained_run / "best.pt"), "--split", "valid", "--out", str(tmp_path / "r.json")]
+        )
+    assert code == 0, capsys.readouterr().err
+    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+def test_predict_on_a_gpu_sets_the_backend_flags(trained_run, capsys):
+    from bfly.predict import main as predict_main
+
+    image = next((MINI_ROOT / "test").rglob("*.jpg"))
+    with fake_gpu():
+        assert predict_main(["--checkpoint", str(trained_run / "best.pt"), str(image)]) == 0
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+
+
+def test_the_benchmark_trainer_sets_what_training_sets_and_honours_its_cudnn_switch():
+    from bfly import throughput
+
+    s = throughput.Settings(batch_size=4, image_size=32, cudnn_benchmark=False)
+    with fake_gpu():
+        trainer = throughput.make_trainer(throughput.build_ours("resnet50"), torch.device("cuda", 0), s)
+    assert next(trainer.model.parameters()).device == torch.device("cuda", 0)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert not torch.backends.cudnn.benchmark  # --no-cudnn-benchmark
