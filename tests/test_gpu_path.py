@@ -4,17 +4,23 @@ places where, with tensors that say they are on cuda:0 and compute nothing (test
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import ClassVar
+from unittest import mock
 
 import pytest
 import torch
 
-from bfly.config import ConfigError, load_config
+from bfly import checkpoint as ckpt, distributed, stack
+from bfly.config import ConfigError, load_config, to_dict
 from bfly.data.cached_input import CachedTrainInput, ResidentSplit
 from bfly.data.metadata import load_metadata
 from bfly.data.sampling import StepPlan
+from bfly.engine import evaluate, new_sums
+from bfly.env import DistEnv
 from bfly.stack import pick_device
-from fakecuda import fake_gpu
+from fakecuda import devices, fake_gpu
 
 from conftest import MINI_ROOT, tiny_overrides
 
@@ -189,3 +195,186 @@ def test_the_benchmark_trainer_sets_what_training_sets_and_honours_its_cudnn_swi
     assert next(trainer.model.parameters()).device == torch.device("cuda", 0)
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     assert not torch.backends.cudnn.benchmark  # --no-cudnn-benchmark
+
+
+# --- a GPU run's placements, on a pretend GPU ----------------------------------------------------------
+# The backward pass is the one thing faked beyond the tensors: PyTorch's autograd engine needs a real
+# CUDA device for CUDA tensors. A fake backward gives each parameter a gradient of its own device and
+# dtype, which is what the rest of the step (scaler, clipping, optimizer, EMA, DDP's no_sync) acts on.
+
+
+def gpu_cfg(*extra: str):
+    return load_config(None, ["model.name=resnet50", "data.image_size=32", "train.batch_size=8", *extra])
+
+
+class FakeDdp(torch.nn.Module):
+    """Stands for DistributedDataParallel (which needs a live process group): records how it was built
+    and when gradient synchronisation was skipped."""
+
+    built: ClassVar[list[tuple[torch.nn.Module, dict]]] = []
+
+    def __init__(self, module: torch.nn.Module, **kwargs):
+        super().__init__()
+        self.module, self.kwargs, self.no_sync_calls = module, kwargs, 0
+        FakeDdp.built.append((module, kwargs))
+
+    def forward(self, x):
+        return self.module(x)
+
+    def no_sync(self):
+        self.no_sync_calls += 1
+        return contextlib.nullcontext()
+
+
+@pytest.fixture
+def fake_ddp(monkeypatch):
+    FakeDdp.built = []
+    started = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDdp)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: started.append((backend, kw)))
+    return started
+
+
+def fake_backward(params: list[torch.Tensor]):
+    def backward(loss, *args, **kwargs):
+        assert loss.device == params[0].device  # the loss lives on the GPU
+        for p in params:
+            p.grad = torch.ones_like(p) if p.grad is None else p.grad + 1
+
+    return backward
+
+
+def test_rank_1_of_2_starts_nccl_on_its_gpu_converts_syncbn_before_ddp_and_uses_channels_last(fake_ddp):
+    cfg = gpu_cfg()
+    env = DistEnv(1, 1, 2, 2, "torchrun", "env://")
+    with fake_gpu(count=2) as gpu:
+        device = pick_device(env.local_rank, env.local_world_size)
+        distributed.init(env, device, "auto", 60)
+        raw = stack.place_model(stack.init_model(cfg, 10), cfg, device, sync_bn=True)
+        trainer = stack.build_trainer(cfg, raw, device, 10, accum_steps=1, steps_per_epoch=4, ddp=True)
+    assert device == torch.device("cuda", 1) and gpu.set_device_calls == [1]
+    ((backend, kw),) = fake_ddp
+    assert backend == "nccl" and kw["device_id"] == torch.device("cuda", 1) and kw["world_size"] == 2
+    ((wrapped, ddp_kw),) = FakeDdp.built
+    assert wrapped is raw and ddp_kw["device_ids"] == [1] and trainer.model.module is raw
+    bns = [m for m in raw.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(m, torch.nn.SyncBatchNorm) for m in bns)  # converted before DDP saw it
+    assert devices(raw.state_dict()) == {"cuda:1"}
+    convs = [m.weight for m in raw.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert trainer.amp_dtype == torch.bfloat16 and trainer.scaler is None and trainer.channels_last
+
+
+def test_a_bf16_train_step_keeps_everything_on_the_gpu_and_updates_the_ema(monkeypatch):
+    cfg = gpu_cfg("train.ema_decay=0.9")
+    with fake_gpu():
+        device = torch.device("cuda", 0)
+        raw = stack.place_model(stack.init_model(cfg, 10), cfg, device)
+        trainer = stack.build_trainer(cfg, raw, device, 10, accum_steps=1, steps_per_epoch=4, ddp=False)
+        params = list(raw.parameters())
+        monkeypatch.setattr(torch.Tensor, "backward", fake_backward(params))
+        outputs = []
+        raw.fc.register_forward_hook(lambda m, i, o: outputs.append(o))
+        sums = new_sums(device)
+        images = torch.rand(4, 3, 32, 32, device=device)  # as the input path delivers them
+        trainer.micro_step(images, torch.zeros(4, dtype=torch.int64, device=device), True, sums)
+        trainer.optimizer_step()
+    assert outputs[0].dtype == torch.bfloat16 and outputs[0].device == device  # autocast on the GPU
+    assert all(p.grad is None for p in params)  # zero_grad(set_to_none) after the step
+    assert devices(trainer.optimizer.state_dict()["state"]) == {"cuda:0"}  # momentum buffers
+    assert devices(trainer.ema.state_dict()) == {"cuda:0"} and devices(sums) == {"cuda:0"}
+    assert not any(p.requires_grad for p in trainer.ema.module.parameters())
+
+
+def test_fp16_with_gradscaler_clipping_and_accumulation_under_ddp(monkeypatch, fake_ddp):
+    cfg = gpu_cfg("train.amp=fp16", "optim.clip_grad_norm=1.0")
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, n: clipped.append(list(ps)) or clip(ps, n))
+    with fake_gpu():
+        device = torch.device("cuda", 0)
+        raw = stack.place_model(stack.init_model(cfg, 10), cfg, device, sync_bn=True)
+        trainer = stack.build_trainer(cfg, raw, device, 10, accum_steps=2, steps_per_epoch=4, ddp=True)
+        params = list(raw.parameters())
+        monkeypatch.setattr(torch.Tensor, "backward", fake_backward(params))
+        scaled = []
+        scale = trainer.scaler.scale
+        monkeypatch.setattr(trainer.scaler, "scale", lambda loss: scaled.append(loss) or scale(loss))
+        outputs = []
+        raw.fc.register_forward_hook(lambda m, i, o: outputs.append(o))
+        sums = new_sums(device)
+        for sync in (False, True):  # two micro-batches, one optimizer step
+            images = torch.rand(4, 3, 32, 32, device=device)
+            trainer.micro_step(images, torch.zeros(4, dtype=torch.int64, device=device), sync, sums)
+        trainer.optimizer_step()
+    assert trainer.amp_dtype == torch.float16 and all(o.dtype == torch.float16 for o in outputs)
+    assert trainer.model.no_sync_calls == 1  # the first micro-batch skipped DDP's all-reduce
+    assert len(scaled) == 2 and all(loss.device == device for loss in scaled)
+    assert len(clipped) == 1 and devices(clipped[0]) == {"cuda:0"}  # after unscale_, before step
+    assert devices(trainer.scaler.state_dict()) <= {"cpu"}  # a float scale in the state dict
+    assert trainer.scaler._scale.device == device and devices(trainer.optimizer.state_dict()["state"]) == {"cuda:0"}
+
+
+def test_evaluation_keeps_its_counts_on_the_gpu_until_the_summary():
+    cfg = gpu_cfg()
+    reduced = []
+    with fake_gpu(), mock.patch.object(distributed, "all_reduce_sum", lambda t: reduced.append(t) or t):
+        device = torch.device("cuda", 0)
+        raw = stack.place_model(stack.init_model(cfg, 10), cfg, device)
+        batches = [(torch.rand(4, 3, 32, 32, device=device), torch.zeros(4, dtype=torch.int64, device=device))]
+        result = evaluate(raw, batches, 10, device, torch.bfloat16, channels_last=True)
+    assert devices(reduced) == {"cuda:0"} and len(reduced) == 3  # confusion, loss, top-5: summed where they are
+    assert result["confusion"].device == CPU and result["confusion"].shape == (10, 10)
+
+
+def test_gpu_augmentation_with_timm_random_erasing_stays_on_the_gpu_in_channels_last(tiny_data, cache_dir):
+    cfg = cached_cfg(tiny_data, cache_dir, "device", "data.preset=timm", "data.randaugment=''", "data.reprob=1.0")
+    meta = load_metadata(tiny_data)
+    erased = []
+    with fake_gpu() as gpu:
+        train = CachedTrainInput(meta.splits["train"], cfg, StepPlan.make(12, 1, 12), 0, torch.device("cuda", 0))
+        erase = train.erase
+        train.erase = lambda x: erased.append(x) or erase(x)
+        with gpu.host_work():
+            index, params = train.epoch_plan(0)
+        images, labels = next(train._micro_batches(index, params))
+    assert erase is not None and erase.device == torch.device("cuda", 0) and erased  # timm's, on the GPU batch
+    assert images.device == torch.device("cuda", 0) and images.dtype == torch.float32
+    assert images.shape == (12, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.device == torch.device("cuda", 0)
+    assert all(t.device.type == "cpu" for t in gpu.pinned)  # the epoch plan goes up from pinned memory
+
+
+def test_a_checkpoint_holds_host_tensors_and_the_rank_s_own_gpu_rng_state(monkeypatch):
+    cfg = gpu_cfg("train.amp=fp16", "train.ema_decay=0.9")
+    with fake_gpu(count=2) as gpu:
+        device = pick_device(1, 2)
+        raw = stack.place_model(stack.init_model(cfg, 10), cfg, device)
+        trainer = stack.build_trainer(cfg, raw, device, 10, accum_steps=1, steps_per_epoch=4, ddp=False)
+        params = list(raw.parameters())
+        monkeypatch.setattr(torch.Tensor, "backward", fake_backward(params))
+        trainer.micro_step(
+            torch.rand(2, 3, 32, 32, device=device),
+            torch.zeros(2, dtype=torch.int64, device=device),
+            True,
+            new_sums(device),
+        )
+        trainer.optimizer_step()
+        rng = ckpt.rng_state()
+        payload = ckpt.to_host(
+            ckpt.last_payload(
+                ckpt.identity(to_dict(cfg), [str(i) for i in range(10)], 60, 0, 1, None),
+                model=raw.state_dict(),
+                optimizer=trainer.optimizer.state_dict(),
+                total_steps=4,
+                scaler=trainer.scaler.state_dict(),
+                ema=trainer.ema.state_dict(),
+                step_in_epoch=1,
+                best_top1=0.0,
+                epoch_sums=new_sums(device),
+                rng=[rng],
+                world_size=1,
+            )
+        )
+    assert devices(raw.state_dict()) == {"cuda:1"} and devices(payload) == {"cpu"}
+    assert gpu.rng_requests == [1] and rng["cuda"].tolist() == [1] * 16  # this rank's GPU only
