@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import signal
 import subprocess
@@ -178,9 +177,16 @@ def test_a_child_process_that_overruns_is_killed_at_the_cells_deadline(tmp_path)
         [Cell("child", "child", 1, child_cell)], 13, tmp_path / "j.json", lambda o: {}, started=time.monotonic()
     )
     assert out.status == "timeout" and out.seconds < 6
-    with pytest.raises(ProcessLookupError):
-        os.kill(pids[0], 0)  # killed and reaped
+    assert not running(pids[0])
     assert ctx.children == set()
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a killed child of an ended process may wait a moment for its reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 STUCK = """
@@ -223,8 +229,7 @@ def test_a_cell_stuck_outside_python_is_ended_by_the_watchdog_with_json_and_verd
     assert "did not stop at its time limit; ending the check" in proc.stderr
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result["finished"] is True and result["cells"][0]["rows"][0]["case"] == "measured before it got stuck"
-    with pytest.raises(ProcessLookupError):
-        os.kill(int((tmp_path / "child.pid").read_text()), 0)  # the cell's child process was ended too
+    assert not running(int((tmp_path / "child.pid").read_text()))  # the cell's child process was ended too
 
 
 SIGTERMED = """
@@ -322,7 +327,8 @@ def run_smoke(tmp_path: Path, cells: list[str], timeout: float) -> tuple[subproc
     env.pop("WANDB_MODE")
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "bfly.gpu_check", str(out), "--device", "cpu", "--smoke", "--cells", ",".join(cells)],
+        [sys.executable, "-m", "bfly.gpu_check", str(out), "--device", "cpu", "--smoke", "--cells", ",".join(cells)]
+        + ["--budget-s", str(timeout - 30)],  # the hard budget ends it in time, JSON and verdict written
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -353,7 +359,7 @@ CI_CELLS = ["trainer", "fp16", "resnet50-compiled", "accuracy"]
 
 
 def test_cpu_smoke_runs_the_trainer_signal_resume_fp16_speed_and_accuracy_cells(tmp_path):
-    proc, result, took = run_smoke(tmp_path, CI_CELLS, timeout=240)
+    proc, result, took = run_smoke(tmp_path, CI_CELLS, timeout=420)
     check_smoke(proc, result, CI_CELLS)
     for key in ("resnet50-compiled", "accuracy"):
         assert next(c for c in result["cells"] if c["key"] == key)["rows"], key
