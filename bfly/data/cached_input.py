@@ -32,7 +32,7 @@ DEVICE_SHARE = 0.25  # auto placement: the split may take this fraction of the f
 
 def normalized(device: torch.device) -> torch.device:
     """torch.device("cuda") is the current GPU, cuda:N: compare devices only in this form."""
-    if device.type == "cuda" and device.index is None:
+    if str(device) == "cuda":  # no index
         return torch.device("cuda", torch.cuda.current_device())
     return device
 
