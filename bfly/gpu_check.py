@@ -212,7 +212,7 @@ def fresh_dir(path: Path) -> Path:
 
 
 def trainer_args(ctx: Context, run_dir: Path, *extra: str) -> list[str]:
-    """bfly.train arguments: the ResNet50 recipe for one epoch, on the carried data, no wandb."""
+    """bfly.train arguments: the ResNet50 recipe for one epoch, on the given data, no wandb."""
     args = [
         "--config",
         str(REPO / "configs" / "resnet50.yaml"),

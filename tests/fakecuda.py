@@ -108,6 +108,12 @@ class FakeGpu:
         self.rng_restored.append((self.current if index in ("cuda", None) else int(index), state))
 
 
+def _deepcopy_fake(t: torch.Tensor, memo: dict) -> torch.Tensor:
+    if id(t) not in memo:
+        memo[id(t)] = t.detach().clone().requires_grad_(t.requires_grad)
+    return memo[id(t)]
+
+
 @contextlib.contextmanager
 def fake_gpu(count: int = 1, free_bytes: int = 140 * 2**30, tensors: bool = True) -> Iterator[FakeGpu]:
     """`count` pretend GPUs. tensors=False: only the torch.cuda queries are mocked (no FakeTensorMode)."""
@@ -130,6 +136,9 @@ def fake_gpu(count: int = 1, free_bytes: int = 140 * 2**30, tensors: bool = True
         mock.patch.object(c, "empty_cache", lambda: None),
         mock.patch.object(c, "get_device_name", lambda device=None: "fake GPU"),
         mock.patch.object(torch.Tensor, "pin_memory", lambda t, device=None: gpu.pin(t)),
+        # Tensor.__deepcopy__ (the EMA copies the model) reads data_ptr(), which a fake tensor does not
+        # have: PyTorch warns of undefined behaviour, and a later crash followed. A clone is the copy.
+        mock.patch.object(FakeTensor, "__deepcopy__", _deepcopy_fake, create=True),
     ]
     with contextlib.ExitStack() as stack:
         for p in patches:

@@ -313,11 +313,11 @@ def test_the_verdict_holds_each_figure_against_its_target():
 
 
 def blocked_modules(tmp_path: Path) -> Path:
-    """A PYTHONPATH entry under which `import wandb` / `import submitit` fail, as on the GPU machine."""
+    """A PYTHONPATH entry under which `import wandb` / `import submitit` fail, as on a GPU node without them."""
     root = tmp_path / "blocked"
     for name in ("wandb", "submitit"):
         (root / name).mkdir(parents=True)
-        (root / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on the GPU machine')\n")
+        (root / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this node')\n")
     return root
 
 

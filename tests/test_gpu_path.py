@@ -290,7 +290,12 @@ def test_fp16_with_gradscaler_clipping_and_accumulation_under_ddp(monkeypatch, f
     cfg = gpu_cfg("train.amp=fp16", "optim.clip_grad_norm=1.0")
     clipped = []
     clip = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, n: clipped.append(list(ps)) or clip(ps, n))
+
+    def spy_clip(params, max_norm):
+        clipped.append(list(params))
+        return clip(clipped[-1], max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
     with fake_gpu():
         device = torch.device("cuda", 0)
         raw = stack.place_model(stack.init_model(cfg, 10), cfg, device, sync_bn=True)
