@@ -112,7 +112,6 @@ def modes_of(text: str, device: torch.device) -> list[str]:
 
 def run(args: argparse.Namespace) -> list[Row]:
     device, s = pick_device(), settings_from(args)
-    torch.backends.cudnn.benchmark = s.cudnn_benchmark
     rows: list[Row] = []
     for mode in modes_of(args.mode, device):
         if mode == "host":

@@ -507,7 +507,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def own_cuda_state(saved: torch.Tensor | list[torch.Tensor] | None, device_index: int) -> torch.Tensor | None:
-    """The CUDA RNG state to restore on device `device_index`. Checkpoints before issue 11 hold a list
+    """The CUDA RNG state to restore on device `device_index`. Checkpoints of older versions hold a list
     with one state per visible device: take this device's entry, or the first if fewer were visible."""
     if isinstance(saved, (list, tuple)):
         if not saved:

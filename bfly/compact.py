@@ -2,10 +2,9 @@
 
     python -m bfly.compact data/butterflies data/compact --size 120 --quality 60
 
-The full dataset (13,594 images, 362 MB at 224 px) becomes 39.8 MiB at 120 px / quality 60, and
-36.8 MiB as a .tar.gz: with the repository (10.7 MiB) within the 64 MiB a GPU loan carries in one
-call (README: GPU loan). The copy keeps the same relative paths and writes the Kaggle-layout CSV,
-so it loads like the original.
+A small dataset to ship to a GPU node quickly (for `bfly.gpu_check`): the full dataset (13,594
+images, 362 MB at 224 px) becomes 39.8 MiB at 120 px / quality 60, 36.8 MiB as a .tar.gz. The copy
+keeps the same relative paths and writes the Kaggle-layout CSV, so it loads like the original.
 """
 
 from __future__ import annotations

@@ -198,7 +198,8 @@ def evaluate(
             logits = model(images)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
+        # Not bincount: its output size depends on the values, so on CUDA it reads them back each batch.
+        confusion.index_put_((labels * num_classes + logits.argmax(1),), torch.ones_like(labels), accumulate=True)
         top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
     for t in (confusion, loss_sum, top5):
         distributed.all_reduce_sum(t)

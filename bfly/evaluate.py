@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env = dist_env()
     try:
-        device = pick_device(env.local_rank)
+        device = pick_device(env.local_rank, env.local_world_size)
         distributed.init(env, device, "auto", 600)
         result = evaluate_checkpoint(
             args.checkpoint, args.split, env, device, args.data_root, args.batch_size, args.workers

@@ -19,7 +19,7 @@ import torch
 from bfly.data.metadata import DataError
 from bfly.data.pil_input import open_rgb
 from bfly.errors import one_line, one_line_warnings
-from bfly.stack import pick_device
+from bfly.stack import configure_backends, pick_device
 from bfly.trained import BATCH, USER_ERRORS, class_probs, load_trained
 
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bfly.predict: error: {one_line(e)}", file=sys.stderr)
         return 2
     device = pick_device()
+    configure_backends(cfg, device)
     model = model.to(device)
     failed = 0
     for i in range(0, len(args.images), BATCH):  # a batch at a time: any number of files

@@ -48,13 +48,23 @@ __all__ = [
 ]
 
 
-def pick_device(local_rank: int | None = None) -> torch.device:
-    """This process's device: its GPU (local_rank modulo the visible GPUs; None = the current one), else CPU."""
-    if torch.cuda.is_available():
-        if local_rank is not None:
-            torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def pick_device(local_rank: int | None = None, local_world_size: int = 1) -> torch.device:
+    """This process's device: GPU `local_rank` of this node (None = the current one), else CPU.
+
+    More processes on a node than visible GPUs is refused: two ranks on one GPU would make NCCL stop
+    with its own "Duplicate GPU detected" error, far from the cause."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if local_rank is not None:
+        gpus = torch.cuda.device_count()
+        if local_world_size > gpus:
+            raise ConfigError(
+                f"{local_world_size} processes on this node but {gpus} visible GPU(s): one process per GPU. "
+                f"Start at most {gpus} (torchrun --nproc_per_node={gpus}, or SLURM --ntasks-per-node={gpus}), "
+                "or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+            )
+        torch.cuda.set_device(local_rank)
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 @dataclass(frozen=True)

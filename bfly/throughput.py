@@ -163,6 +163,9 @@ def make_trainer(model: nn.Module, device: torch.device, s: Settings) -> Trainer
     cfg = data_config(s)
     if s.ddp:
         init_single_process_group(device)
+    stack.configure_backends(cfg, device)  # what bfly.train sets: TF32, cudnn.benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = s.cudnn_benchmark
     raw = stack.place_model(model, cfg, device)
     return stack.build_trainer(
         cfg, raw, device, NUM_CLASSES, accum_steps=1, steps_per_epoch=1, ddp=s.ddp, compile_backend=s.compile_backend

@@ -280,7 +280,7 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest, watch: Watchdog | None =
     beat = watch.beat if watch else Heartbeat(env.rank)
     meta = load_metadata(cfg.data.root, splits=sorted({"train", *cfg.train.eval_splits}))
     run_dir = run_dir_of(cfg)
-    device = pick_device(env.local_rank)
+    device = pick_device(env.local_rank, env.local_world_size)
     beat.stall_for_test("startup")
     if device.type == "cuda":
         configure_nccl(run_dir, cfg.dist.timeout_s)

@@ -100,6 +100,7 @@ def evaluate_checkpoint(
     cfg = replace(cfg, changes)
     meta = load_metadata(cfg.data.root, splits=[split])
     ckpt.check_classes(saved, path, list(meta.class_names), meta.root)
+    stack.configure_backends(cfg, device)  # training's kernels: its evaluation's numbers
     model = stack.place_model(model, cfg, device)
     # Training's eval batch by default, so the numbers match training's to the last image.
     bs = batch_size or stack.eval_batch_size(cfg, env.world_size)

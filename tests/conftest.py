@@ -11,6 +11,59 @@ import pytest
 
 MINI_ROOT = Path(__file__).resolve().parent.parent / "data" / "butterfly-mini"
 
+# --- the CPU tier stays on the CPU ---
+
+
+def gpus_visible(markexpr: str) -> bool:
+    """Only `-m gpu` runs with the machine's GPUs visible; every other selection is the CPU tier."""
+    return markexpr.strip() == "gpu"
+
+
+def pytest_configure(config) -> None:
+    # Before anything initialises CUDA: this process (in-process training) and every child it starts
+    # (torchrun, the commands) see no GPU. On a GPU machine the CPU tier would otherwise start NCCL
+    # with two ranks on one GPU, and the bit-exact resume tests assume CPU arithmetic.
+    if not gpus_visible(config.option.markexpr):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    BACKEND_FLAGS.update(backend_flags())
+
+
+BACKEND_FLAGS: dict = {}  # the process's global backend flags before any test ran
+
+
+def backend_flags() -> dict:
+    import torch
+
+    return {
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "cudnn.deterministic": torch.backends.cudnn.deterministic,
+        "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "deterministic": (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
+    }
+
+
+def restore_backend_flags(flags: dict) -> None:
+    import torch
+
+    torch.backends.cudnn.benchmark = flags["cudnn.benchmark"]
+    torch.backends.cudnn.deterministic = flags["cudnn.deterministic"]
+    torch.backends.cudnn.allow_tf32 = flags["cudnn.allow_tf32"]
+    torch.backends.cuda.matmul.allow_tf32 = flags["matmul.allow_tf32"]
+    enabled, warn_only = flags["deterministic"]
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+@pytest.fixture(autouse=True)
+def _backend_flags_restored():
+    """A training run in this process sets global flags (TF32, cudnn.benchmark, deterministic
+    algorithms): the next test starts from the process's own."""
+    yield
+    restore_backend_flags(BACKEND_FLAGS)
+
 
 @pytest.fixture
 def mini_root_meta() -> Path:

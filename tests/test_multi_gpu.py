@@ -1,4 +1,4 @@
-"""Multi-GPU correctness and speed (issue 11): per-device CUDA RNG in checkpoints, compile with SyncBN,
+"""Multi-GPU correctness and speed: per-device CUDA RNG in checkpoints, compile with SyncBN,
 evaluation without recompiling, static_graph with accumulation, synchronised clocks, fused EMA, and
 the PIL path's shared-memory use. What needs CUDA is marked `gpu`; the rest runs on the CPU."""
 

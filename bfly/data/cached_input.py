@@ -3,8 +3,8 @@
 Each split is decoded once into a memory-mapped uint8 cache (bfly.data.decode_cache). On a GPU the
 whole split is copied into device memory (1.9 GB for 12.6k images at 224 px), so a micro-batch is
 a gather and a few kernels: the host only launches them. If the split does not fit
-(data.cache_placement), it stays in pinned host memory and each micro-batch is gathered there and
-copied asynchronously. On a CPU-only machine the memory-mapped file is used directly (slow but
+(data.cache_placement), it stays in the memory-mapped file (shared by the node's ranks through the
+page cache) and each micro-batch is gathered into a reused pinned buffer and copied asynchronously. On a CPU-only machine the memory-mapped file is used directly (slow but
 exact: this is how the path is tested).
 
 Which samples a rank sees is bfly.data.sampling.rank_micro_batches, as for the PIL path: the same
@@ -30,21 +30,58 @@ from bfly.data.sampling import StepPlan, eval_shard, rank_micro_batches, steps_p
 DEVICE_SHARE = 0.25  # auto placement: the split may take this fraction of the free GPU memory
 
 
+def normalized(device: torch.device) -> torch.device:
+    """torch.device("cuda") is the current GPU, cuda:N: compare devices only in this form."""
+    if str(device) == "cuda":  # no index
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class PinnedStaging:
+    """Host-to-GPU copies of gathered micro-batches through a few reused pinned buffers.
+
+    A micro-batch is gathered from the memory-mapped cache into a pinned buffer and copied to the
+    GPU asynchronously. A buffer is reused two gathers later, once the event recorded after its copy
+    has passed (by then the GPU is long done with it): per rank, host memory is these buffers only."""
+
+    SLOTS = 2
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor | None] = [None] * self.SLOTS
+        self.copied: list[torch.cuda.Event | None] = [None] * self.SLOTS
+        self.turn = 0
+
+    def to_device(self, source: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        slot, self.turn = self.turn, (self.turn + 1) % self.SLOTS
+        if (event := self.copied[slot]) is not None:
+            event.synchronize()  # this buffer's previous copy has reached the GPU
+        shape = (len(index), *source.shape[1:])
+        buffer = self.buffers[slot]
+        if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1:] != shape[1:]:
+            buffer = self.buffers[slot] = torch.empty(shape, dtype=source.dtype, pin_memory=True)
+        staged = buffer[: shape[0]]
+        torch.index_select(source, 0, index, out=staged)
+        moved = staged.to(device, non_blocking=True)
+        self.copied[slot] = event = torch.cuda.Event()
+        event.record()
+        return moved
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers if b is not None)
+
+
 class ResidentSplit:
     """A split's decoded uint8 images (N, H, W, 3) and labels, where batches are gathered from."""
 
     def __init__(self, split: Split, data: DataConfig, device: torch.device):
         cache_dir = data.cache_dir or Path(data.root) / ".bfly-cache"
         array = open_cache(split, data.image_size, cache_dir)
-        self.device = device
+        self.device = device = normalized(device)
         self.placement = placement_for(data.cache_placement, array.nbytes, device)
-        host = torch.from_numpy(array)  # memory-mapped: pages are read on first touch
-        if self.placement == "device":
-            self.images = host.to(device)
-        elif device.type == "cuda":
-            self.images = torch.empty(host.shape, dtype=torch.uint8, pin_memory=True).copy_(host)
-        else:
-            self.images = host
+        # Memory-mapped: pages are read on first touch and shared by every rank of the node (page cache).
+        host = torch.from_numpy(array)
+        self.images = host.to(device) if self.placement == "device" else host
+        self.staging = PinnedStaging() if device.type == "cuda" and self.placement == "host" else None
         self.labels = torch.tensor(split.labels, dtype=torch.int64, device=device)
 
     def __len__(self) -> int:
@@ -52,12 +89,11 @@ class ResidentSplit:
 
     def gather(self, index_host: torch.Tensor, index_device: torch.Tensor) -> torch.Tensor:
         """uint8 (len(index), H, W, 3) on the device; no host synchronisation."""
-        if self.images.device == self.device:
+        if self.staging is not None:
+            return self.staging.to_device(self.images, index_host, self.device)
+        if self.placement == "device":
             return self.images.index_select(0, index_device)
-        pinned = torch.empty((len(index_host), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
-        # The caching host allocator does not reuse `pinned` until this copy has completed.
-        torch.index_select(self.images, 0, index_host, out=pinned)
-        return pinned.to(self.device, non_blocking=True)
+        return self.images.index_select(0, index_host)  # CPU: straight from the memory-mapped file
 
 
 def placement_for(choice: str, nbytes: int, device: torch.device) -> str:
