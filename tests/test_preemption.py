@@ -287,7 +287,10 @@ def test_a_run_that_fails_on_a_bad_image_after_start_up_changes_only_train_log(
     assert str(bad) in capsys.readouterr().err
     after = snapshot(stopped_run)
     log = after.pop("train.log")
-    assert after == {k: v for k, v in before.items() if k != "train.log"}
+    # attempts.jsonl records every start that passed the start-up checks, this one (a user error) included.
+    attempts = after.pop("attempts.jsonl")
+    assert attempts.startswith(before.get("attempts.jsonl", b"")) and b'"user error"' in attempts
+    assert after == {k: v for k, v in before.items() if k not in ("train.log", "attempts.jsonl")}
     assert log.startswith(before["train.log"]) and str(bad).encode() in log[len(before["train.log"]) :]
 
 
