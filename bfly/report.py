@@ -181,16 +181,7 @@ def plot_seeds(groups: dict[str, list[RunMetrics]], out: Path) -> Path:
         ax.fill_between(
             epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=colour, alpha=0.2
         )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("valid top-1 accuracy (%)")
-    ax.set_title("Valid top-1 per epoch: mean ± std over seeds")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="best")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save_epoch_figure(fig, ax, "valid top-1 accuracy (%)", "Valid top-1 per epoch: mean ± std over seeds", out)
 
 
 # --- figures ---------------------------------------------------------------------------------------
@@ -233,9 +224,18 @@ def plot_curves(runs: list[RunMetrics], metric: str, out: Path) -> Path:
                 fontweight="bold",
                 bbox={"boxstyle": "round", "fc": "white", "ec": colour, "alpha": 0.9},
             )
+    ylabel = "top-1 accuracy (%)" if metric == "top1" else "loss"
+    title = "Top-1 accuracy per epoch" if metric == "top1" else "Loss per epoch"
+    return _save_epoch_figure(fig, ax, ylabel, title, out)
+
+
+def _save_epoch_figure(fig: Any, ax: Any, ylabel: str, title: str, out: Path) -> Path:
+    """The axes every per-epoch figure shares (epochs on x, a grid, the legend), then saved to `out`."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("epoch")
-    ax.set_ylabel("top-1 accuracy (%)" if metric == "top1" else "loss")
-    ax.set_title("Top-1 accuracy per epoch" if metric == "top1" else "Loss per epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="best")
