@@ -63,7 +63,9 @@ class ModelConfig:
     zero_init_residual: bool = _opt(True, "ResNet: zero-init the last BN of each block")
     dropout: float = _opt(0.5, "VGG: dropout in the classifier")
     sync_bn: bool = _opt(True, "SyncBatchNorm when world size > 1 (CUDA only; CPU keeps BN)")
-    channels_last: bool = _opt(True, "channels-last memory format (CUDA only)", operational=True)
+    channels_last: bool = _opt(
+        True, "channels-last memory format (faster convolutions, bf16 on the CPU above all)", operational=True
+    )
     compile: bool = _opt(False, "torch.compile the model", operational=True)
 
 

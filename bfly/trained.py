@@ -112,7 +112,7 @@ def evaluate_checkpoint(
             meta.num_classes,
             device,
             stack.amp_policy(cfg.train.amp, device).dtype,
-            stack.channels_last(cfg, device),
+            cfg.model.channels_last,
         )
     except DataError as e:
         raise ImageError(one_line(e)) from None
