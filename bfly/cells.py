@@ -268,6 +268,10 @@ def check(target: str, value: float | None, ok: Callable[[float], bool], fmt: st
     return Check(target, format(value, fmt), "PASS" if ok(value) else "FAIL")
 
 
+def at_least(bound: float) -> Callable[[float], bool]:
+    return lambda value: value >= bound
+
+
 def format_verdict(checks: list[Check]) -> str:
     width = max([len(c.target) for c in checks] + [6])
     lines = [f"{'target':<{width}}  {'measured':<28}  verdict", "-" * (width + 40)]

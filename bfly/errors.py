@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import json
 import time
+import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,3 +76,18 @@ def write_error_file(path: Path, failure: Failure) -> None:
         path.write_text(json.dumps(record))
     except OSError:
         pass  # the summary then says less; the error itself is printed already
+
+
+def recorded(job: Callable[[], tuple[int, Failure | None]], error_file: Path | None) -> int:
+    """Runs a command's job and returns its exit status. Under torchrun (`error_file`, from
+    bfly.env.elastic_error_file) the job's failure is written for torchrun's summary; a bug keeps its
+    traceback there, and is raised as before."""
+    try:
+        code, failure = job()
+    except Exception as e:
+        if error_file:
+            write_error_file(error_file, Failure(f"{type(e).__name__}: {e}", traceback.format_exc()))
+        raise
+    if failure and error_file:
+        write_error_file(error_file, failure)
+    return code

@@ -19,8 +19,8 @@ from typing import Any
 
 from bfly import distributed
 from bfly.data.metadata import SPLIT_NAMES
-from bfly.env import dist_env
-from bfly.errors import one_line, one_line_warnings
+from bfly.env import dist_env, elastic_error_file
+from bfly.errors import Failure, one_line, one_line_warnings, recorded
 from bfly.stack import pick_device
 from bfly.trained import USER_ERRORS, ImageError, default_out, evaluate_checkpoint
 
@@ -57,7 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    # Under torchrun the failure is also written where its summary of a failed job reads it.
+    return recorded(lambda: _evaluate(parse_args(argv)), elastic_error_file())
+
+
+def _evaluate(args: argparse.Namespace) -> tuple[int, Failure | None]:
+    """Exit status and, when it is not 0, why."""
     env = dist_env()
     try:
         device = pick_device(env.local_rank, env.local_world_size)
@@ -71,33 +76,30 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 out.write_text(json.dumps(result, indent=1) + "\n")
             except OSError as e:
-                print(
-                    f"bfly.evaluate: error: cannot write the result to {out}: {e.strerror or e}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 2
+                line = f"bfly.evaluate: error: cannot write the result to {out}: {e.strerror or e}"
+                print(line, file=sys.stderr, flush=True)
+                return 2, Failure(line)
             print(f"saved to {out}")
-        return 0
+        return 0, None
     except USER_ERRORS as e:
         # Start-up errors are the same on every rank: rank 0 reports them. A bad image is reported by
         # the rank that met it.
         per_rank = isinstance(e, ImageError)
+        tag = f" [rank {env.rank}]" if per_rank and env.distributed else ""
+        line = f"bfly.evaluate: error{tag}: {one_line(e)}"
         if env.is_main or per_rank:
-            tag = f" [rank {env.rank}]" if per_rank and env.distributed else ""
-            print(f"bfly.evaluate: error{tag}: {one_line(e)}", file=sys.stderr, flush=True)
-        return 2
+            print(line, file=sys.stderr, flush=True)
+        return 2, Failure(line)
     except RuntimeError as e:
         if not distributed.active():
             raise
         # A collective failed: almost always another rank met a bad image and printed it.
-        print(
+        line = (
             f"bfly.evaluate [rank {env.rank}]: stopping, a collective failed ({one_line(e)[:200]}); "
-            "the failing rank's error is printed above",
-            file=sys.stderr,
-            flush=True,
+            "the failing rank's error is printed above"
         )
-        return 1
+        print(line, file=sys.stderr, flush=True)
+        return 1, Failure(line, follows=True)
     finally:
         distributed.shutdown()
 

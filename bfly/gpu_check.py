@@ -48,7 +48,18 @@ from pathlib import Path
 import torch
 
 from bfly import throughput
-from bfly.cells import Cell, CellRun, Check, Outcome, check, format_verdict, plan_lines, process_age_s, run_cells
+from bfly.cells import (
+    Cell,
+    CellRun,
+    Check,
+    Outcome,
+    at_least,
+    check,
+    format_verdict,
+    plan_lines,
+    process_age_s,
+    run_cells,
+)
 from bfly.data.decode_cache import available_cores
 from bfly.data.metadata import DataError, load_metadata
 from bfly.runlog import read_metrics
@@ -491,34 +502,29 @@ def verdict(outcomes: list[Outcome], image_size: int) -> list[Check]:
                 what, missing(key), "MISSING" if o is None or o.status in ("skipped", "pending", "stopped") else "FAIL"
             )
         )
+    ratios = (
+        ("(ours), synthetic", "ours/torchvision", RATIO_VS_TORCHVISION),
+        ("real data via cached", "end-to-end/synthetic", E2E_VS_SYNTHETIC),
+    )
     for key in ("resnet50-eager", "resnet50-compiled", "vgg19_bn-eager", "vgg19_bn-compiled"):
-        ours = row(key, "(ours), synthetic")
-        cached = row(key, "real data via cached")
-        checks.append(
-            check(
-                f"{key} ours/torchvision >= {RATIO_VS_TORCHVISION:.2f}",
-                ours.ratio if ours else None,
-                lambda v: v >= RATIO_VS_TORCHVISION,
-                ".2f",
-                missing(key),
+        for case_end, label, least in ratios:
+            r = row(key, case_end)
+            checks.append(
+                check(
+                    f"{key} {label} >= {least:.2f}",
+                    r.ratio if r else None,
+                    at_least(least),
+                    ".2f",
+                    why(key, r),
+                )
             )
-        )
-        checks.append(
-            check(
-                f"{key} end-to-end/synthetic >= {E2E_VS_SYNTHETIC:.2f}",
-                cached.ratio if cached else None,
-                lambda v: v >= E2E_VS_SYNTHETIC,
-                ".2f",
-                why(key, cached),
-            )
-        )
     cached = row("resnet50-compiled", "real data via cached")
     checks.append(
         check(
             f"resnet50 compiled end to end >= {RESNET50_COMPILED_IMG_S:,} img/s at 224 px"
             + ("" if image_size == 224 else f" (measured at {image_size} px)"),
             cached.img_s if cached else None,
-            lambda v: v >= RESNET50_COMPILED_IMG_S,
+            at_least(RESNET50_COMPILED_IMG_S),
             ",.0f",
             why("resnet50-compiled", cached),
         )
@@ -528,7 +534,7 @@ def verdict(outcomes: list[Outcome], image_size: int) -> list[Check]:
         check(
             f"resnet50 test top-1 >= {TEST_TOP1:.1%}",
             acc.extra["test_top1"] if acc else None,
-            lambda v: v >= TEST_TOP1,
+            at_least(TEST_TOP1),
             ".2%",
             missing("accuracy"),
         )

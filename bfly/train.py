@@ -23,7 +23,6 @@ import argparse
 import signal
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,7 @@ from bfly.data.metadata import DataError, load_metadata
 from bfly.data.pil_input import ImageError
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
 from bfly.env import DistEnv, dist_env, elastic_error_file, stall_hooks
-from bfly.errors import Failure, one_line, one_line_warnings, write_error_file
+from bfly.errors import Failure, one_line, one_line_warnings, recorded
 from bfly.health import RankHealth, slowed_for_test
 from bfly.profile import StepProfiler
 from bfly.resume import RunCheckpoints, load_start_state, record_changes, space_needed, write_config
@@ -470,20 +469,16 @@ def main(argv: list[str] | None = None) -> int:
     return run_job(argv).exit_code
 
 
+def _exit_of(result: Result) -> tuple[int, Failure | None]:
+    return result.exit_code, result.failure
+
+
 def _command() -> int:
     one_line_warnings()
-    error_file = elastic_error_file()  # under torchrun: what its summary of a failed job shows for this rank
     code = retry.refused_restart()  # restarted by torchrun after a user error: it would repeat
     if code is None:
-        try:
-            result = run_job()
-        except Exception as e:
-            if error_file:  # a bug keeps its traceback, in the summary too
-                write_error_file(error_file, Failure(f"{type(e).__name__}: {e}", traceback.format_exc()))
-            raise
-        if result.failure and error_file:
-            write_error_file(error_file, result.failure)
-        code = result.exit_code
+        # Under torchrun: what its summary of a failed job shows for this rank.
+        code = recorded(lambda: _exit_of(run_job()), elastic_error_file())
     retry.record_exit(code)  # for the launcher's retry decision (bfly.retry)
     # The outcome is decided and written: a signal that arrives while the process exits (torchrun's
     # SIGTERM to the other trainers once one has exited, say) must not turn it into a death by signal.

@@ -225,18 +225,21 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int, module: str, args: list[str], timeout: float = 300, **popen) -> subprocess.CompletedProcess:
-    cmd = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        "-m",
-        module,
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, **popen)
+def torchrun(
+    nproc: int, target: str, args: list[str], timeout: float = 300, env: dict[str, str] | None = None, **popen
+) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=N` of a module (`bfly.train`) or a script (`....py`), output captured."""
+    program = [target] if target.endswith(".py") else ["-m", target]
+    cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    return subprocess.run(
+        cmd + program + args,
+        cwd=REPO,
+        env=subprocess_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:

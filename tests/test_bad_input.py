@@ -287,8 +287,8 @@ class Summary:
     root_cause: int
 
 
-def torchrun_summary(out: str) -> Summary:
-    box = out[out.index("bfly.train FAILED") :]
+def torchrun_summary(out: str, module: str = "bfly.train") -> Summary:
+    box = out[out.index(f"{module} FAILED") :]
     ranks = re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\n\s+exitcode\s+: (-?\d+).*\n.*\n\s+traceback : (.*)", box)
     root = re.search(r"Root Cause \(first observed failure\):\n.*\n.*\n.*\n\s+rank\s+: (\d+)", box)
     assert ranks and root, box

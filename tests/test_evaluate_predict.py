@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from bfly import evaluate, predict, trained
 from bfly.checkpoint import load
 from bfly.data.transforms import build_eval_transform
 
-from conftest import MINI_ROOT as MINI, REPO, tiny_dataset
+from conftest import MINI_ROOT as MINI, REPO, tiny_dataset, torchrun
 
 
 @pytest.fixture(scope="session")
@@ -96,29 +95,10 @@ def test_evaluate_under_torchrun_is_exact(trained_run, tmp_path, capsys):
     assert (
         evaluate.main(["--checkpoint", str(ckpt_path), "--split", "valid", "--batch-size", "4", "--out", str(one)]) == 0
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "bfly.evaluate",
-            "--checkpoint",
-            str(ckpt_path),
-            "--split",
-            "valid",
-            "--batch-size",
-            "4",
-            "--out",
-            str(two),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = torchrun(
+        2,
+        "bfly.evaluate",
+        ["--checkpoint", str(ckpt_path), "--split", "valid", "--batch-size", "4", "--out", str(two)],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout

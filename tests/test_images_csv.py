@@ -31,10 +31,10 @@ from bfly.data.metadata import load_metadata
 from bfly.data.pil_input import open_rgb
 from bfly.data.transforms import build_eval_transform
 from bfly.train import main as train_main
-from test_bad_input import FIRST_READ, Bad, Workspace, is_the_error, run_bad_case_under_torchrun
+from test_bad_input import FIRST_READ, Bad, Workspace, is_the_error, run_bad_case_under_torchrun, torchrun_summary
 from test_evaluate_predict import parse_predictions
 
-from conftest import MINI_ROOT, PYTHON, REPO, subprocess_env
+from conftest import MINI_ROOT, PYTHON, REPO, subprocess_env, torchrun
 from probes.fault_launch import read_rows, replace_image, write_rows
 
 PHOTO = MINI_ROOT / "valid/ADONIS/1.jpg"
@@ -174,35 +174,15 @@ def test_evaluate_names_the_image_or_csv_that_cannot_be_read(trained_run, tiny_d
 def test_evaluate_under_torchrun_names_the_image_on_the_rank_that_met_it(trained_run, tiny_data, tmp_path):
     ws = Workspace(tmp_path, tiny_data)
     path = huge_jpeg(replace_image(ws.data, "valid", 1, "huge.jpg"), 14000)  # row 1: rank 1's shard
-    proc = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "bfly.evaluate",
-            "--checkpoint",
-            str(trained_run / "best.pt"),
-            "--split",
-            "valid",
-            "--data-root",
-            str(ws.data),
-            "--workers",
-            "2",
-        ],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = ["--checkpoint", str(trained_run / "best.pt"), "--split", "valid", "--data-root", str(ws.data)]
+    proc = torchrun(2, "bfly.evaluate", [*args, "--workers", "2"])
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("bfly.evaluate: error")]
     assert len(errors) == 1 and errors[0].startswith(f"bfly.evaluate: error [rank 1]: {path}: "), proc.stderr[-3000:]
     assert re.search(BOMB_ERROR, errors[0])
     assert proc.stderr.count("Traceback") == 1  # torchrun's own summary, no rank's
+    summary = torchrun_summary(proc.stdout + proc.stderr, "bfly.evaluate")
+    assert summary.root_cause == 1 and summary.said[1] == errors[0]  # the box names bfly's line, not a crash
 
 
 # --- predict ----------------------------------------------------------------------------------------------

@@ -1,14 +1,13 @@
 """The training core, end to end on real images: single process and 2-process DDP (gloo, CPU)."""
 
 import json
-import subprocess
 
 import pytest
 import torch
 
 from bfly.train import main
 
-from conftest import PYTHON, REPO, free_port, read_jsonl, subprocess_env, tiny_overrides, torchrun
+from conftest import REPO, read_jsonl, tiny_overrides, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -164,17 +163,7 @@ def test_two_process_resume_after_epochs_is_bit_identical(ddp_straight, tiny_dat
 
 
 def eval_at(world_size, ckpt, split="valid"):
-    cmd = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={world_size}",
-        f"--master_port={free_port()}",
-        str(REPO / "tests/probes/eval_probe.py"),
-        str(ckpt),
-        split,
-    ]
-    out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    out = torchrun(world_size, str(REPO / "tests/probes/eval_probe.py"), [str(ckpt), split])
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -28,7 +28,8 @@ from bfly.checkpoint import load
 from bfly.config import ConfigError
 from bfly.stopping import EXIT_STOPPED
 
-from conftest import REPO, one_epoch_overrides, tiny_dataset
+import conftest
+from conftest import one_epoch_overrides, tiny_dataset
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
@@ -342,23 +343,7 @@ def test_a_signal_that_also_stops_wandb_still_leaves_a_checkpoint(tmp_path, caps
 
 
 def torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "bfly.train",
-            *args,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**env, "OMP_NUM_THREADS": "1"},
-    )
+    proc = conftest.torchrun(2, "bfly.train", args, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
