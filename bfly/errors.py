@@ -31,6 +31,13 @@ def one_line(e: BaseException | str, first: bool = False) -> str:
     return last.split("Error: ", 1)[1] if last.startswith(_PREFIXES) and "Error: " in last else last
 
 
+def release_frames(e: BaseException) -> None:
+    """Frees what the finished frames of e's traceback hold: a data loader and its worker processes, a
+    model. torch re-raises a loader worker's error from a frame that the error's own traceback holds, a
+    cycle that only the garbage collector would break, minutes later in a long-lived process."""
+    traceback.clear_frames(e.__traceback__)
+
+
 @functools.cache  # once per process: each call would wrap the formatter again
 def one_line_warnings() -> None:
     """bfly's own warnings print as `warning: <message>`: Python's format adds the file, line number,

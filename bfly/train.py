@@ -34,7 +34,7 @@ from bfly.data.metadata import DataError, load_metadata
 from bfly.data.pil_input import ImageError
 from bfly.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
 from bfly.env import DistEnv, dist_env, elastic_error_file, stall_hooks
-from bfly.errors import Failure, one_line, one_line_warnings, recorded
+from bfly.errors import Failure, one_line, one_line_warnings, recorded, release_frames
 from bfly.health import RankHealth, slowed_for_test
 from bfly.profile import StepProfiler
 from bfly.resume import RunCheckpoints, load_start_state, record_changes, space_needed, write_config
@@ -423,6 +423,7 @@ def run_job(argv: list[str] | None = None) -> Result:
         return Result(EXIT_USER_ERROR, None, Failure(refused, follows=True))
     except USER_ERRORS as e:
         line = f"bfly.train: error{_rank_tag(env)}: {user_message(e)}"
+        release_frames(e)
         # Start-up errors are the same on every rank: rank 0 reports them. Errors met while training
         # (a bad image) are reported by the rank that met them.
         if env.is_main or distributed.active():

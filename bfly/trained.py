@@ -18,7 +18,7 @@ from bfly.data.metadata import DataError, load_metadata
 from bfly.data.transforms import build_eval_transform
 from bfly.engine import evaluate
 from bfly.env import DistEnv
-from bfly.errors import one_line
+from bfly.errors import one_line, release_frames
 from bfly.models import MODEL_NAMES, build_model
 
 # What loading or evaluating a checkpoint raises for a user's mistake: one line, exit status 2.
@@ -115,6 +115,7 @@ def evaluate_checkpoint(
             cfg.model.channels_last,
         )
     except DataError as e:
+        release_frames(e)
         raise ImageError(one_line(e)) from None
     confusion = m["confusion"]
     per_class = [

@@ -16,6 +16,7 @@ as printed by a real `python -m bfly.train` (10-20 s each).
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -35,7 +36,7 @@ from test_bad_input import FIRST_READ, Bad, Workspace, is_the_error, run_bad_cas
 from test_evaluate_predict import parse_predictions
 
 from conftest import MINI_ROOT, PYTHON, REPO, subprocess_env, torchrun
-from probes.fault_launch import read_rows, replace_image, write_rows
+from probes.fault_launch import children, read_rows, replace_image, write_rows
 
 PHOTO = MINI_ROOT / "valid/ADONIS/1.jpg"
 BOMB_ERROR = r"too large to decode safely \(Image size \(196000000 pixels\) exceeds limit of 178956970 pixels"
@@ -87,6 +88,7 @@ def test_training_stops_with_one_line_naming_the_file(setup, tiny_data, tmp_path
     out, err = capsys.readouterr()
     assert len(err.splitlines()) == 1 and is_the_error(err.strip(), culprit, says), err
     assert " step 1/" not in out
+    assert children(os.getpid()) == []  # the loader's workers ended with the error
 
 
 @pytest.mark.slow
@@ -158,6 +160,7 @@ def test_evaluate_names_the_image_or_csv_that_cannot_be_read(trained_run, tiny_d
     assert evaluate.main(args) == 2
     line = one_error(capsys.readouterr().err, "bfly.evaluate")
     assert line.startswith(f"bfly.evaluate: error: {path}: ") and re.search(BOMB_ERROR, line)
+    assert children(os.getpid()) == []  # the loader's workers ended with the error, not with this process
 
     replace_image(ws.data, "valid", 3, "folder.jpg").mkdir()
     assert evaluate.main(args) == 2

@@ -71,7 +71,7 @@ def torchrun_cmd(nproc: int, args: list[str], max_restarts: int = 0) -> list[str
     ]
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     kids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -87,7 +87,7 @@ def _children(pid: int) -> list[int]:
 
 def _descendants(pid: int) -> list[int]:
     out = []
-    for kid in _children(pid):
+    for kid in children(pid):
         out += [kid, *_descendants(kid)]
     return out
 
@@ -226,7 +226,7 @@ class Launch:
         """rank -> pid of the current torchrun workers, once all `n` have started."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            ranks = {_rank_of(pid): pid for pid in _children(self.proc.pid)}
+            ranks = {_rank_of(pid): pid for pid in children(self.proc.pid)}
             ranks.pop(None, None)
             if len(ranks) == n:
                 return ranks
