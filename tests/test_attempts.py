@@ -22,6 +22,7 @@ def git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
+@pytest.mark.slow
 def test_a_run_stopped_killed_and_resumed_to_the_end_has_one_record_per_attempt(tiny_data, tmp_path):
     run = tmp_path / "run"
     args = fault_args(tiny_data, run)

@@ -51,6 +51,7 @@ def _copy_checkout(dst: Path) -> None:
 
 @pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs a git checkout to clone")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signals and /proc")
+@pytest.mark.slow
 def test_the_traceback_checks_pass_in_a_clone_named_bfly_under_a_path_with_spaces(tmp_path):
     clone = tmp_path / "my projects" / "bfly"
     _copy_checkout(clone)

@@ -83,6 +83,7 @@ def sigkill_one_rank(data: Path, run: Path, ref: Path, step: int, rank: int) -> 
     )
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_rank_restarts_from_the_last_checkpoint_and_loses_nothing(tiny_data, tmp_path, ref2):
     sigkill_one_rank(tiny_data, tmp_path / "run", ref2, step=3, rank=1)
 
@@ -116,6 +117,7 @@ def kill_during_next_write(launch: Launch, run: Path, pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
     launch = Launch(train_cmd(fault_args(tiny_data, run)), timeout=300, env=paused_write(run))
@@ -194,6 +196,7 @@ def test_a_run_killed_between_the_two_renames_resumes_from_the_previous_checkpoi
     assert warnings == [f"{run / ckpt.LAST} missing; resuming from {run / ckpt.PREV}"]
 
 
+@pytest.mark.slow
 def test_a_corrupt_last_checkpoint_is_not_resumed_silently(tiny_data, tmp_path, ref1):
     """Flipped bytes inside a tensor: torch.load alone would return wrong weights without a word."""
     run = tmp_path / "run"
@@ -211,6 +214,7 @@ def test_a_corrupt_last_checkpoint_is_not_resumed_silently(tiny_data, tmp_path, 
 # --- 3. SIGTERM / SIGUSR1: checkpoint at the current step, exit 75, resume mid-epoch -------------------
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_the_resume_continues_mid_epoch(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
     launch = Launch(train_cmd(fault_args(tiny_data, run)), timeout=300)
@@ -291,7 +295,8 @@ def torchrun_exit_codes(out: str) -> dict[int, int]:
     return {int(rank): int(code) for rank, code in found}
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
 def test_an_error_on_one_rank_stops_every_rank_with_the_error_printed_once(tiny_data, tmp_path, workers):
     bad = break_an_image_only_rank_1_reads(data_copy(tiny_data, tmp_path / "data"), at_step=2)
     launch = Launch(

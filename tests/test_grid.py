@@ -194,6 +194,7 @@ def local_grid(tmp_path_factory) -> dict:
 NAMES = ["lr-0.05_seed-0", "lr-0.05_seed-1", "lr-0.2_seed-0", "lr-0.2_seed-1"]
 
 
+@pytest.mark.slow
 def test_a_grid_of_4_runs_trains_on_this_machine(local_grid):
     runs = local_grid["base"] / "runs" / "lr-grid"
     print(f"4-run local grid: {local_grid['wall_s']:.0f} s wall, {local_grid['cpu_s']:.0f} s CPU")

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fi
 STRAGGLER = re.compile(r"warning: rank (\d+) \((\S+)\) is a straggler: ([\d.]+)x the other ranks' own work per step")
 
 
+@pytest.mark.slow
 def test_a_rank_slowed_in_its_loader_is_named_within_a_few_log_points(tiny_data, tmp_path):
     run = tmp_path / "run"
     # The delay dwarfs a step on a busy 2-core machine (~1-2.5 s here), so the ratio is clear whatever the load.

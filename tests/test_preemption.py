@@ -80,6 +80,7 @@ def test_sigterm_to_the_whole_process_group_of_a_ddp_job_with_loader_workers(tin
     resume_and_compare(run, ref2, tiny_data, 2)
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_a_terminal_stops_with_a_checkpoint_and_no_traceback(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
     launch = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300, tty=True)
@@ -89,6 +90,7 @@ def test_ctrl_c_on_a_terminal_stops_with_a_checkpoint_and_no_traceback(tiny_data
     resume_and_compare(run, ref1, tiny_data, 1)
 
 
+@pytest.mark.slow
 def test_a_trainer_whose_torchrun_agent_is_killed_checkpoints_and_exits(tiny_data, tmp_path, ref2):
     """kill -9 of the agent: the parent-death signal turns it into a SIGTERM for each trainer."""
     run = tmp_path / "run"
@@ -147,6 +149,7 @@ def test_sigterm_to_a_single_process_under_timeout_exits_75(tiny_data, tmp_path,
     resume_and_compare(run, ref1, tiny_data, 1)
 
 
+@pytest.mark.slow
 def test_a_second_signal_during_the_checkpoint_write_changes_nothing(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
     launch = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300, group=True)
@@ -165,6 +168,7 @@ def test_a_second_signal_during_the_checkpoint_write_changes_nothing(tiny_data, 
 # --- one run per run directory ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_run_directory_is_refused_at_start_up(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
     first = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300)
@@ -332,6 +336,7 @@ def test_a_dataset_whose_ids_map_to_other_species_is_refused(stopped_run, tiny_d
 # --- a disk that fills up during a save -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_names_the_intact_checkpoint_and_the_resume_is_exact(tiny_data, tmp_path, ref1):
     from test_faults import run_with_private_mounts
 

@@ -68,6 +68,7 @@ def test_the_checkpoint_files_after_each_save_are_what_the_policy_keeps(policy_r
     assert os.path.samefile(run / "epoch-002.pt", run / ckpt.LAST)  # a snapshot is a hard link: no copy
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_rolling_write_loses_nothing(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
     args = fault_args(tiny_data, run, **POLICY)

@@ -180,6 +180,7 @@ def reference(slurm_cluster, tiny_data, tmp_path_factory) -> Finished:
 
 
 @slurm
+@pytest.mark.slow
 def test_single_node_script_trains_two_processes_to_completion(reference):
     job_id, run_dir, log, state = reference
     assert state == "COMPLETED", log.read_text()[-3000:]
@@ -193,6 +194,7 @@ def test_single_node_script_trains_two_processes_to_completion(reference):
 
 @slurm
 @pytest.mark.parametrize("how", ["time limit (SIGUSR1 to the batch shell)", "preemption (scontrol requeue)"])
+@pytest.mark.slow
 def test_single_node_script_checkpoints_requeues_and_resumes(how, reference, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     job_id, log = sbatch(SINGLE_NODE, run_dir, tiny_data, "--cpus-per-task=2")
@@ -246,6 +248,7 @@ def test_single_node_script_checkpoints_and_requeues_before_a_real_time_limit(sl
 
 
 @slurm
+@pytest.mark.slow
 def test_multi_node_script_trains_one_process_on_each_of_two_nodes(reference, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     job_id, log = sbatch(MULTI_NODE, run_dir, tiny_data, "--nodes=2", "--cpus-per-task=1", nproc=1)
@@ -380,6 +383,7 @@ def seconds_to_training_again(log: Path, killed_at: float, after: str, job_id: s
 
 
 @slurm
+@pytest.mark.slow
 def test_a_killed_trainer_is_restarted_inside_the_job_and_the_weights_are_exact(reference, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     job_id, log = sbatch(SINGLE_NODE, run_dir, tiny_data, "--cpus-per-task=2", overrides=EVERY_2)
@@ -402,6 +406,7 @@ def test_a_killed_trainer_is_restarted_inside_the_job_and_the_weights_are_exact(
 
 
 @slurm
+@pytest.mark.slow
 def test_a_job_whose_trainers_crashed_requeues_and_resumes_exactly(reference, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     no_restarts = {"BFLY_MAX_RESTARTS": "0"}
@@ -427,6 +432,7 @@ def test_a_job_whose_trainers_crashed_requeues_and_resumes_exactly(reference, ti
 
 @slurm
 @pytest.mark.parametrize("retried", ["with progress", "without progress"])
+@pytest.mark.slow
 def test_a_crash_on_every_attempt_stops_with_one_line_saying_why(retried, slurm_cluster, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     env = {"BFLY_MAX_RESTARTS": "0", "BFLY_MAX_FAILURES": "1" if retried == "with progress" else "3"}
@@ -527,7 +533,8 @@ def test_launch_submit_trains_with_two_tasks_and_the_results_read_back(submitted
 
 
 @slurm
-@pytest.mark.parametrize("how", ["timeout", "preemption", pytest.param("scontrol requeue", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["timeout", "preemption", "scontrol requeue"])
 def test_launch_submit_job_checkpoints_requeues_and_resumes(how, reference, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     # submitit counts a signal as a time-out unless the job ran under 80% of a limit of 50 min or more.
@@ -556,6 +563,7 @@ def test_launch_submit_job_checkpoints_requeues_and_resumes(how, reference, tiny
 
 
 @slurm
+@pytest.mark.slow
 def test_launch_submit_job_requeues_after_a_crash_and_resumes_exactly(reference, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     out = launch_submit(run_dir, tiny_data, "--time", "10", overrides=EVERY_2)
@@ -582,6 +590,7 @@ def test_launch_submit_job_requeues_after_a_crash_and_resumes_exactly(reference,
 # --- without SLURM ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cluster_local_runs_the_same_job_on_this_machine(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     out = launch_submit(run_dir, tiny_data, "--cluster", "local", "--time", "10", timeout=300)

@@ -146,6 +146,7 @@ def test_two_process_ddp_trains_and_loss_falls(ddp_straight):
     assert len(losses) == 6 and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_two_process_resume_after_epochs_is_bit_identical(ddp_straight, tiny_data, tmp_path):
     straight, _ = ddp_straight
     run = tmp_path / "stopped"
@@ -168,6 +169,7 @@ def eval_at(world_size, ckpt, split="valid"):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_evaluation_is_exact_at_world_sizes_1_2_3(single_run):
     results = [eval_at(w, single_run / "last.pt") for w in (1, 2, 3)]
     for r in results:

@@ -348,6 +348,7 @@ def torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
     return proc
 
 
+@pytest.mark.slow
 def test_a_two_process_job_is_one_run_and_its_resume_continues_it(tmp_path):
     data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1, "test": 1})
     run_dir = tmp_path / "run"

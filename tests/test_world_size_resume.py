@@ -41,6 +41,7 @@ def saved(run) -> dict:
     return torch.load(run / ckpt.LAST, weights_only=True)
 
 
+@pytest.mark.slow
 def test_resume_2_to_1_to_2_processes_continues_step_count_and_schedule(tiny_data, tmp_path, tmp_path_factory):
     ref = reference_run(tmp_path_factory.getbasetemp(), 2, fault_args(tiny_data, tmp_path / "ref"))
     run = tmp_path / "run"
