@@ -210,6 +210,7 @@ def test_a_grid_of_4_runs_trains_on_this_machine(local_grid):
     assert first[0] != first[1]
 
 
+@pytest.mark.slow
 def test_each_run_of_the_grid_is_one_wandb_run_of_the_group(local_grid):
     from test_wandb import wandb_runs
 

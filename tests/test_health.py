@@ -45,6 +45,7 @@ def test_a_rank_slowed_in_its_loader_is_named_within_a_few_log_points(tiny_data,
     print(f"named at step {named_at}: {line}\n{launch.output.splitlines()[-3]}")
 
 
+@pytest.mark.slow
 def test_an_even_job_names_nobody_and_keeps_per_rank_figures(ref2):
     """The 2-process reference run of the fault tests: two equal ranks."""
     assert "straggler" not in (ref2 / "train.log").read_text()

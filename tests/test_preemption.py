@@ -301,6 +301,7 @@ def test_a_run_that_fails_on_a_bad_image_after_start_up_changes_only_train_log(
 # --- allowed and operational changes on resume ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_allowed_change_is_applied_logged_and_kept_in_the_history(stopped_run, tiny_data):
     args = fault_args(
         tiny_data,

@@ -199,6 +199,7 @@ def requeued_run(tmp_path_factory) -> dict[str, Any]:
     return {"run_dir": run_dir, "run_id": run_id, "metrics": metrics_done, "dirs": dirs}
 
 
+@pytest.mark.slow
 def test_each_job_continues_the_same_wandb_run(requeued_run):
     run_dir = requeued_run["run_dir"]
     jobs = wandb_runs(run_dir)
