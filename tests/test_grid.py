@@ -231,6 +231,7 @@ def report_rows(md: str) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in rows)}
 
 
+@pytest.mark.slow  # trains the 4-run grid (about 40 s)
 def test_report_gives_mean_and_std_over_seeds_of_the_group(local_grid, tmp_path):
     from test_report import assert_png
 
