@@ -225,21 +225,25 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def torchrun(
-    nproc: int, target: str, args: list[str], timeout: float = 300, env: dict[str, str] | None = None, **popen
-) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node=N` of a module (`bfly.train`) or a script (`....py`), output captured."""
-    program = [target] if target.endswith(".py") else ["-m", target]
-    cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+def run_python(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repository root, output captured, in the test tier's environment unless `env`."""
     return subprocess.run(
-        cmd + program + args,
+        [PYTHON, *args],
         cwd=REPO,
         env=subprocess_env() if env is None else env,
         capture_output=True,
         text=True,
         timeout=timeout,
-        **popen,
     )
+
+
+def torchrun(
+    nproc: int, target: str, args: list[str], timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=N` of a module (`bfly.train`) or a script (`....py`), output captured."""
+    program = [target] if target.endswith(".py") else ["-m", target]
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    return run_python(*launcher, *program, *args, timeout=timeout, env=env)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -12,7 +12,7 @@ import torch
 from bfly import attempts
 from bfly.stopping import EXIT_STOPPED
 
-from conftest import PYTHON, REPO, read_jsonl, subprocess_env
+from conftest import REPO, read_jsonl, run_python
 from probes.fault_launch import Launch, fault_args, run_to_end, train_cmd
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers through /proc")
@@ -71,14 +71,7 @@ def test_a_run_stopped_killed_and_resumed_to_the_end_has_one_record_per_attempt(
         assert v["torchvision"] and v["timm"] and v["cudnn"] is None and v["nccl"] is None  # CPU run
         assert a["gpus"] == []
 
-    report = subprocess.run(
-        [PYTHON, "-m", "bfly.report", str(run), "--attempts"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    report = run_python("-m", "bfly.report", str(run), "--attempts", timeout=60)
     assert report.returncode == 0, report.stderr
     rows = [line for line in report.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == 3
@@ -88,14 +81,7 @@ def test_a_run_stopped_killed_and_resumed_to_the_end_has_one_record_per_attempt(
 
 
 def test_report_attempts_names_a_run_without_a_history(tmp_path):
-    out = subprocess.run(
-        [PYTHON, "-m", "bfly.report", str(tmp_path), "--attempts"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_python("-m", "bfly.report", str(tmp_path), "--attempts", timeout=60)
     assert out.returncode == 2
     assert (
         out.stderr.strip()

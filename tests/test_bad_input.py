@@ -33,7 +33,17 @@ from bfly.data.sampling import epoch_permutation
 from bfly.models import build_model
 from bfly.train import main
 
-from conftest import MINI_ROOT, PYTHON, REPO, data_copy, folder_copy, read_jsonl, subprocess_env, tiny_overrides
+from conftest import (
+    MINI_ROOT,
+    PYTHON,
+    REPO,
+    data_copy,
+    folder_copy,
+    read_jsonl,
+    run_python,
+    subprocess_env,
+    tiny_overrides,
+)
 from probes.fault_launch import Launch, read_rows, replace_image, torchrun_cmd, write_rows
 
 PACKAGE = Path(bfly.__file__).resolve().parent  # a frame of bfly's own code names a file in here
@@ -426,14 +436,7 @@ def test_bflys_warnings_print_as_one_line(tiny_data, tmp_path):
     ws = Workspace(tmp_path, tiny_data)
     header, rows = read_rows(ws.csv())
     write_rows(ws.csv(), header, rows + [rows[4]])
-    proc = subprocess.run(
-        [PYTHON, "-m", "bfly.train", *ws.args(**{"run.stop_after_steps": 1})],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python("-m", "bfly.train", *ws.args(**{"run.stop_after_steps": 1}), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warned = [line for line in proc.stderr.splitlines() if "duplicate image path" in line]
     assert len(warned) == 1 and warned[0].startswith(f"warning: {ws.csv()}: split 'train' lists 1 duplicate"), warned
@@ -449,14 +452,7 @@ def tiny_picture(ws: Workspace, row: int, side: int) -> Path:
 def test_an_image_under_an_eighth_of_the_image_size_is_named_by_check(tiny_data, tmp_path):
     ws = Workspace(tmp_path, tiny_data)
     path = tiny_picture(ws, 5, 3)  # 3x4 px, data.image_size=32: under 32 / 8 = 4 px on a side
-    proc = subprocess.run(
-        [PYTHON, "-m", "bfly.train", "--check", *ws.args()],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_python("-m", "bfly.train", "--check", *ws.args(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warned = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("warning ")]
     assert len(warned) == 1 and f": {path} (3x4)" in warned[0], proc.stdout

@@ -1,13 +1,12 @@
 """Config: YAML + key=value overrides, typed; every mistake names the key (and the file)."""
 
-import subprocess
 import warnings
 
 import pytest
 
 from bfly.config import ConfigError, changed_keys, dump_yaml, flat, from_dict, load_config, replace, to_dict
 
-from conftest import PYTHON, REPO, subprocess_env
+from conftest import REPO, run_python
 
 
 def test_defaults_and_overrides_are_typed():
@@ -90,25 +89,11 @@ def test_shipped_configs_load(name):
 
 
 def test_cli_help_lists_every_key_and_bad_key_exits_2():
-    out = subprocess.run(
-        [PYTHON, "-m", "bfly.train", "--help"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_python("-m", "bfly.train", "--help", timeout=120)
     assert out.returncode == 0
     for key in ("model.name", "train.batch_size", "optim.lr", "run.resume", "dist.bucket_cap_mb", "wandb.mode"):
         assert key in out.stdout
-    bad = subprocess.run(
-        [PYTHON, "-m", "bfly.train", "train.bacth_size=3"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = run_python("-m", "bfly.train", "train.bacth_size=3", timeout=120)
     assert bad.returncode == 2
     assert "unknown config key 'train.bacth_size'" in bad.stderr
     assert "Traceback" not in bad.stderr

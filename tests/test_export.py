@@ -1,7 +1,6 @@
 """python -m bfly.export: weights and a program a teammate loads without bfly, giving the checkpoint's logits."""
 
 import json
-import subprocess
 
 import torch
 import torchvision
@@ -12,7 +11,7 @@ from torchvision import transforms
 from bfly.data.metadata import load_metadata
 from bfly.trained import load_trained
 
-from conftest import PYTHON, REPO, subprocess_env
+from conftest import run_python
 
 
 def load_without_bfly(model_dir):
@@ -35,14 +34,7 @@ def load_without_bfly(model_dir):
 def test_export_round_trip_gives_the_checkpoints_logits(trained_run, tmp_path):
     out = tmp_path / "model"
     best = trained_run / "best.pt"
-    done = subprocess.run(
-        [PYTHON, "-m", "bfly.export", "--checkpoint", str(best), "--out", str(out), "--split", "test"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_python("-m", "bfly.export", "--checkpoint", str(best), "--out", str(out), "--split", "test", timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     print(done.stdout)
     assert "model.safetensors in torchvision.models.resnet50 (strict load): max |diff| " in done.stdout
@@ -71,14 +63,7 @@ def test_export_round_trip_gives_the_checkpoints_logits(trained_run, tmp_path):
 def test_export_of_a_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path):
     bad = tmp_path / "best.pt"
     bad.write_text("not a checkpoint\n")
-    done = subprocess.run(
-        [PYTHON, "-m", "bfly.export", "--checkpoint", str(bad), "--out", str(tmp_path / "m")],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_python("-m", "bfly.export", "--checkpoint", str(bad), "--out", str(tmp_path / "m"), timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith(f"bfly.export: error: {bad}: truncated or corrupt checkpoint")
     assert len(done.stderr.strip().splitlines()) == 1

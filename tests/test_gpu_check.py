@@ -28,7 +28,7 @@ from bfly import cells, gpu_check
 from bfly.cells import Cell, Outcome, run_cells
 from bfly.throughput import Row
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, run_python, subprocess_env
 
 # 540 s from the process's start, 10 s of it kept for the verdict: the fifth planned cell (resnet50-eager)
 # runs only if the first four finish early.
@@ -44,14 +44,7 @@ def plan_of(out: str) -> dict[str, str]:
 
 def plan_command(*args: str) -> str:
     """The printed plan of `python -m bfly.gpu_check`, whose start-up counts against the budget."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bfly.gpu_check", *args, "--plan"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_python("-m", "bfly.gpu_check", *args, "--plan", timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -215,14 +208,7 @@ run_cells([Cell("stuck", "stuck", 1, stuck), Cell("after", "after", 0, lambda ru
 
 def test_a_cell_stuck_outside_python_is_ended_by_the_watchdog_with_json_and_verdict(tmp_path):
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-c", STUCK, str(tmp_path)],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_python("-c", STUCK, str(tmp_path), timeout=60)
     took = time.monotonic() - start
     assert proc.returncode == 1 and took < 2 + cells.GRACE_S + 30, proc.stderr  # + start-up on a busy machine
     assert "VERDICT ['timeout', 'pending']" in proc.stdout
@@ -326,14 +312,11 @@ def run_smoke(tmp_path: Path, cells: list[str], timeout: float) -> tuple[subproc
     env = subprocess_env(PYTHONPATH=f"{blocked_modules(tmp_path)}:{REPO}")
     env.pop("WANDB_MODE")
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "bfly.gpu_check", str(out), "--device", "cpu", "--smoke", "--cells", ",".join(cells)]
-        + ["--budget-s", str(timeout - 30)],  # the hard budget ends it in time, JSON and verdict written
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    proc = run_python(
+        *["-m", "bfly.gpu_check", str(out), "--device", "cpu", "--smoke", "--cells", ",".join(cells)],
+        *["--budget-s", str(timeout - 30)],  # the hard budget ends it in time, JSON and verdict written
         timeout=timeout,
+        env=env,
     )
     took = time.monotonic() - start
     return proc, json.loads((out / "gpu_check.json").read_text()), took
@@ -395,14 +378,7 @@ def test_gpu_smoke_runs_every_cell_with_inductor_and_bf16(tmp_path, part):
     keys = GPU_SMOKE_PARTS[part]
     assert sum(gpu_check.ESTIMATES[k][2] for k in keys) <= 540 - 10 - 30  # start-up and the verdict fit too
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bfly.gpu_check", str(out), "--smoke", "--cells", ",".join(keys)],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=570,
-    )
+    proc = run_python("-m", "bfly.gpu_check", str(out), "--smoke", "--cells", ",".join(keys), timeout=570)
     result = json.loads((out / "gpu_check.json").read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert all(c["status"] == "ok" for c in result["cells"]), [(c["key"], c["error"]) for c in result["cells"]]

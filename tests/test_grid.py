@@ -23,7 +23,7 @@ pytest.importorskip("submitit")
 from launch.cluster_args import UsageError
 from launch.submit import main as submit
 
-from conftest import PYTHON, REPO, read_jsonl, subprocess_env, tiny_dataset, tiny_overrides
+from conftest import PYTHON, REPO, read_jsonl, run_python, subprocess_env, tiny_dataset, tiny_overrides
 
 CPU = ["--gpus-per-node", "0", "--tasks-per-node", "1"]
 GRID = ["--sweep", "optim.lr=0.05,0.1", "--sweep", "model.name=resnet50,vgg19_bn", "--seeds", "0,1,2"]
@@ -237,15 +237,8 @@ def test_report_gives_mean_and_std_over_seeds_of_the_group(local_grid, tmp_path)
 
     runs = local_grid["base"] / "runs" / "lr-grid"
     out = tmp_path / "report"
-    cmd = [PYTHON, "-m", "bfly.report", "--group", "lr-grid", "--root", str(local_grid["base"] / "runs")]
-    done = subprocess.run(
-        [*cmd, "--out", str(out), "--confusion", "none"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cmd = ["-m", "bfly.report", "--group", "lr-grid", "--root", str(local_grid["base"] / "runs")]
+    done = run_python(*cmd, "--out", str(out), "--confusion", "none", timeout=300)
     assert done.returncode == 0, done.stderr
     md = (out / "summary.md").read_text()
     rows = report_rows(md)
@@ -264,13 +257,8 @@ def test_report_gives_mean_and_std_over_seeds_of_the_group(local_grid, tmp_path)
 
     # The same runs given as directories: the same table.
     by_dirs = tmp_path / "by-dirs"
-    done = subprocess.run(
-        [PYTHON, "-m", "bfly.report", *[str(runs / n) for n in NAMES], "--out", str(by_dirs), "--confusion", "none"],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_python(
+        "-m", "bfly.report", *[str(runs / n) for n in NAMES], "--out", str(by_dirs), "--confusion", "none", timeout=300
     )
     assert done.returncode == 0, done.stderr
     assert report_rows((by_dirs / "summary.md").read_text()) == rows

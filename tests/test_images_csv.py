@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from bfly.train import main as train_main
 from test_bad_input import FIRST_READ, Bad, Workspace, is_the_error, run_bad_case_under_torchrun, torchrun_summary
 from test_evaluate_predict import parse_predictions
 
-from conftest import MINI_ROOT, PYTHON, REPO, subprocess_env, torchrun
+from conftest import MINI_ROOT, run_python, torchrun
 from probes.fault_launch import children, read_rows, replace_image, write_rows
 
 PHOTO = MINI_ROOT / "valid/ADONIS/1.jpg"
@@ -107,14 +106,7 @@ def test_training_under_torchrun_names_the_huge_image_on_the_rank_that_met_it(ti
 def test_a_large_image_under_the_hard_limit_trains_with_one_warning_naming_it(tiny_data, tmp_path):
     ws = Workspace(tmp_path, tiny_data)
     path = huge_jpeg(replace_image(ws.data, "train", FIRST_READ, "large.jpg"), 12000)
-    proc = subprocess.run(
-        [PYTHON, "-m", "bfly.train", *ws.args(**{"data.workers": 2, "run.stop_after_steps": 1})],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python("-m", "bfly.train", *ws.args(**{"data.workers": 2, "run.stop_after_steps": 1}), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warned = [line for line in proc.stderr.splitlines() if "decompression-bomb limit" in line]
     assert len(warned) == 1, proc.stderr[-3000:]  # read once, by one worker

@@ -11,19 +11,12 @@ import pytest
 
 from bfly.train import main
 
-from conftest import PYTHON, REPO, subprocess_env, tiny_overrides
+from conftest import PYTHON, REPO, run_python, subprocess_env, tiny_overrides
 
 
 def check(*args: str) -> subprocess.CompletedProcess:
     """The real CLI, output to pipes as in a SLURM log."""
-    return subprocess.run(
-        [PYTHON, "-m", "bfly.train", "--check", *args],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_python("-m", "bfly.train", "--check", *args, timeout=120)
 
 
 def plan_line(out: str, what: str) -> str:

@@ -3,14 +3,13 @@ the folder layout (no CSV) trains; the progress line tells loss, train accuracy,
 share of time spent waiting for data and, on CUDA, the peak GPU memory, as plain lines in a log."""
 
 import re
-import subprocess
 
 import pytest
 import torch
 
 from bfly.runlog import RunLog
 
-from conftest import PYTHON, REPO, folder_copy, subprocess_env, tiny_overrides
+from conftest import folder_copy, run_python, tiny_overrides
 
 PROGRESS = re.compile(
     r"epoch (\d+)/(\d+) step (\d+)/(\d+) eta \d+:\d\d:\d\d loss [\d.]+ acc (\d+\.\d)% "
@@ -21,9 +20,7 @@ PROGRESS = re.compile(
 def test_import_bfly_train_imports_neither_timm_nor_wandb():
     # timm costs about a second per process (and imports wandb); every rank of every restart paid it.
     code = "import sys, bfly.train; print(sorted(m for m in ('timm', 'wandb') if m in sys.modules))"
-    out = subprocess.run(
-        [PYTHON, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120
-    )
+    out = run_python("-c", code, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -35,14 +32,7 @@ def folder_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("folders")
     data = folder_copy(base / "data", {"train": 6, "valid": 2, "test": 2})
     run_dir = base / "run"
-    out = subprocess.run(
-        [PYTHON, "-m", "bfly.train", *tiny_overrides(data, run_dir, **{"train.epochs": 1})],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_python("-m", "bfly.train", *tiny_overrides(data, run_dir, **{"train.epochs": 1}), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return data, run_dir, out.stdout
 
@@ -83,13 +73,8 @@ def test_progress_line_format(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_progress_line_shows_peak_gpu_memory_on_cuda(tiny_data, tmp_path):
-    out = subprocess.run(
-        [PYTHON, "-m", "bfly.train", *tiny_overrides(tiny_data, tmp_path / "run", **{"train.epochs": 1})],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = run_python(
+        "-m", "bfly.train", *tiny_overrides(tiny_data, tmp_path / "run", **{"train.epochs": 1}), timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("epoch 1/1 step ")]
