@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bfly.config import Config, ConfigError, load_config, parse_override, run_dir_of
+from bfly.core.config import Config, ConfigError, load_config, parse_override, run_dir_of
 from launch.grid import GridError, axes, expand, run_overrides, safe
 
 CLUSTERS = ("slurm", "local", "debug")

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bfly.config import SEED_KEY
+from bfly.core.config import SEED_KEY
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+-]+")  # what a file name keeps; the rest becomes "_"
 

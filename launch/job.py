@@ -1,4 +1,4 @@
-"""What every task of a submitted job runs: one trainer process, `bfly.train.run_job` in-process.
+"""What every task of a submitted job runs: one trainer process, `bfly.job.train.run_job` in-process.
 
 One SLURM task per GPU: submitit starts the tasks, so torchrun is not involved; the distributed
 environment torchrun would give (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) is exported
@@ -29,8 +29,8 @@ from typing import Any
 
 import submitit
 
-from bfly import retry
-from bfly.runlog import read_metrics
+from bfly.job import retry
+from bfly.run.runlog import read_metrics
 
 
 class TrainingFailed(RuntimeError):
@@ -47,7 +47,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.threads = threads
 
     def __call__(self) -> dict[str, Any] | None:
-        from bfly.train import run_job  # imports torch: only inside the job
+        from bfly.job.train import run_job  # imports torch: only inside the job
 
         os.chdir(self.workdir)
         dist = export_distributed_env()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import submitit
 
-from bfly.config import flat, to_dict
+from bfly.core.config import flat, to_dict
 from launch.cluster_args import TrainSpec, UsageError, parse, train_specs
 from launch.executor import make_executor, sbatch_text
 from launch.job import TrainJob
@@ -43,7 +43,7 @@ def data_key(spec: TrainSpec) -> str:
 def preflight(args: argparse.Namespace, specs: list[TrainSpec]) -> bool:
     """bfly.train --check for each run, at the world size the job will have; the images of each
     distinct data config are decoded once. True if all pass."""
-    from bfly.preflight import preflight as check
+    from bfly.job.preflight import preflight as check
 
     world = args.nodes * args.tasks_per_node
     checked: dict[str, str] = {}  # data key -> the run whose check decoded its images

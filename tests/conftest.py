@@ -206,7 +206,7 @@ def one_epoch_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
 def trained_run(tmp_path_factory) -> Path:
     """A finished 1-epoch run: best.pt, last.pt, metrics.jsonl (valid and test evaluated); trained once
     per session (kept under the session's base folder)."""
-    from bfly.train import main as train_main
+    from bfly.job.train import main as train_main
 
     base = tmp_path_factory.getbasetemp() / "trained-run"
     run_dir = base / "run"

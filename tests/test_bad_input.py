@@ -27,11 +27,11 @@ import torch
 from PIL import Image
 
 import bfly
-from bfly.data.metadata import DataError, load_metadata
-from bfly.data.pil_input import open_rgb
-from bfly.data.sampling import epoch_permutation
-from bfly.models import build_model
-from bfly.train import main
+from bfly.core.data.metadata import DataError, load_metadata
+from bfly.core.data.pil_input import open_rgb
+from bfly.core.data.sampling import epoch_permutation
+from bfly.core.models import build_model
+from bfly.job.train import main
 
 from conftest import (
     MINI_ROOT,
@@ -414,7 +414,7 @@ def test_an_image_without_read_permission_says_cannot_read_when_opened(tmp_path)
     path = tmp_path / "private.jpg"
     path.write_bytes((MINI_ROOT / "valid/ADONIS/1.jpg").read_bytes())
     path.chmod(0)
-    opens = f"from bfly.data.pil_input import open_rgb; open_rgb({str(path)!r})"
+    opens = f"from bfly.core.data.pil_input import open_rgb; open_rgb({str(path)!r})"
     proc = subprocess.run(
         as_plain_user([PYTHON, "-c", opens]), cwd=REPO, env=subprocess_env(), capture_output=True, text=True
     )

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bfly import bench, throughput
-from bfly.throughput import Row, Settings
+from bfly.tools import bench, throughput
+from bfly.tools.throughput import Row, Settings
 
 CPU = torch.device("cpu")
 MINI = Path(__file__).resolve().parent.parent / "data" / "butterfly-mini"
@@ -89,8 +89,8 @@ def test_a_failing_cell_becomes_a_row(tmp_path):
 
 def test_the_benchmark_times_the_trainer_training_builds(tmp_path):
     """bfly.bench and bfly.train assemble through bfly.stack: same optimizer, loss, AMP policy and wrapping."""
-    from bfly import stack
-    from bfly.models import build_model
+    from bfly.core import stack
+    from bfly.core.models import build_model
 
     s = tiny(tmp_path)
     benched = throughput.make_trainer(build_model("resnet50", throughput.NUM_CLASSES), CPU, s)

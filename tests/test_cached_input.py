@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bfly.config import ConfigError, load_config
-from bfly.data.cached_input import CachedEvalInput, CachedTrainInput
-from bfly.data.decode_cache import cache_path, open_cache
-from bfly.data.metadata import DataError, load_metadata
-from bfly.data.sampling import StepPlan, rank_micro_batches
-from bfly.data.transforms import build_eval_transform
+from bfly.core.config import ConfigError, load_config
+from bfly.core.data.cached_input import CachedEvalInput, CachedTrainInput
+from bfly.core.data.decode_cache import cache_path, open_cache
+from bfly.core.data.metadata import DataError, load_metadata
+from bfly.core.data.sampling import StepPlan, rank_micro_batches
+from bfly.core.data.transforms import build_eval_transform
 
 CPU = torch.device("cpu")
 CLASSES = ("ALPHA", "BETA", "GAMMA")
@@ -315,7 +315,7 @@ def train_args(root: Path, tmp_path: Path, run: Path, *extra: str) -> list[str]:
 
 
 def test_one_epoch_of_training_on_the_cached_path_then_an_exact_mid_epoch_resume(tiny_root, tmp_path):
-    from bfly.train import main
+    from bfly.job.train import main
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(train_args(tiny_root, tmp_path, straight)) == 0

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from bfly import checkpoint as ckpt
-from bfly.config import ConfigError, load_config
+from bfly.core import checkpoint as ckpt
+from bfly.core.config import ConfigError, load_config
 
 
 def state(value: float) -> dict:
@@ -100,7 +100,7 @@ def test_checkpoint_every_epochs_must_be_positive():
 
 
 def test_checkpoint_every_epochs_thins_the_epoch_checkpoints_and_the_stall_is_recorded(tiny_data, tmp_path):
-    from bfly.train import main
+    from bfly.job.train import main
 
     from conftest import read_jsonl, tiny_overrides
 

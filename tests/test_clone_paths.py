@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import bfly.train
+import bfly.job.train
 
 from conftest import REPO, our_frames
 
@@ -29,7 +29,7 @@ def test_a_frame_of_torch_inside_a_clone_named_bfly_is_not_ours():
 
 
 def test_a_frame_of_our_package_is_ours_however_it_was_imported():
-    train_py = Path(bfly.train.__file__)
+    train_py = Path(bfly.job.train.__file__)
     ours = f'Traceback (most recent call last):\n  File "{train_py}", line 3, in main\n'
     assert our_frames(ours + TORCHRUN_FRAME) == [str(train_py)]
     assert our_frames(f'  File "{train_py.resolve()}", line 3, in main\n') == [str(train_py.resolve())]

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from bfly.config import ConfigError, changed_keys, dump_yaml, flat, from_dict, load_config, replace, to_dict
+from bfly.core.config import ConfigError, changed_keys, dump_yaml, flat, from_dict, load_config, replace, to_dict
 
 from conftest import REPO, run_python
 

@@ -31,8 +31,8 @@ TESTS = """
 import subprocess, sys
 import pytest
 import torch
-from bfly.config import load_config
-from bfly.stack import configure_backends, pick_device
+from bfly.core.config import load_config
+from bfly.core.stack import configure_backends, pick_device
 from conftest import subprocess_env
 
 def test_in_process_training_picks_the_cpu():

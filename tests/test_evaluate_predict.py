@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bfly import evaluate, predict, trained
-from bfly.checkpoint import load
-from bfly.data.transforms import build_eval_transform
+from bfly.core import trained
+from bfly.core.checkpoint import load
+from bfly.core.data.transforms import build_eval_transform
+from bfly.tools import evaluate, predict
 
 from conftest import MINI_ROOT as MINI, REPO, tiny_dataset, torchrun
 

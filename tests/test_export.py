@@ -8,8 +8,8 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 from torchvision import transforms
 
-from bfly.data.metadata import load_metadata
-from bfly.trained import load_trained
+from bfly.core.data.metadata import load_metadata
+from bfly.core.trained import load_trained
 
 from conftest import run_python
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bfly import checkpoint as ckpt
-from bfly.data.sampling import StepPlan, rank_micro_batches
-from bfly.stopping import EXIT_STOPPED
-from bfly.train import main
+from bfly.core import checkpoint as ckpt
+from bfly.core.data.sampling import StepPlan, rank_micro_batches
+from bfly.core.stopping import EXIT_STOPPED
+from bfly.job.train import main
 
 from conftest import PYTHON, REPO, data_copy, our_frames, read_jsonl, subprocess_env, tiny_overrides
 from probes.fault_launch import (
@@ -102,7 +102,7 @@ def test_sigkill_at_random_points(tiny_data, tmp_path, ref2, step, rank):
 
 
 def paused_write(run: Path) -> dict[str, str]:
-    """The environment that pauses the second last.pt write of a run half-way (bfly.env.checkpoint_pause_file)."""
+    """The environment that pauses the second last.pt write of a run half-way (bfly.core.env.checkpoint_pause_file)."""
     return {"BFLY_TEST_PAUSE_CHECKPOINT": str(run.parent / "paused")}
 
 

@@ -1,4 +1,4 @@
-"""Batched per-sample augmentation (bfly.data.gpu_augment), checked on the CPU."""
+"""Batched per-sample augmentation (bfly.core.data.gpu_augment), checked on the CPU."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from bfly.data.gpu_augment import (
+from bfly.core.data.gpu_augment import (
     PARAM_COLUMNS,
     AugmentSpec,
     GpuAugment,
@@ -18,7 +18,7 @@ from bfly.data.gpu_augment import (
     identity_params,
     seed_uniforms,
 )
-from bfly.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from bfly.core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CPU = torch.device("cpu")
 COL = {name: i for i, name in enumerate(PARAM_COLUMNS)}

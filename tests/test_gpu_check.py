@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bfly import cells, gpu_check
-from bfly.cells import Cell, Outcome, run_cells
-from bfly.throughput import Row
+from bfly.tools import cells, gpu_check
+from bfly.tools.cells import Cell, Outcome, run_cells
+from bfly.tools.throughput import Row
 
 from conftest import REPO, run_python, subprocess_env
 
@@ -185,8 +185,8 @@ def running(pid: int) -> bool:
 STUCK = """
 import signal, subprocess, sys, time
 from pathlib import Path
-from bfly.cells import Cell, run_cells
-from bfly.throughput import Row
+from bfly.tools.cells import Cell, run_cells
+from bfly.tools.throughput import Row
 
 out = Path(sys.argv[1])
 children = []
@@ -221,8 +221,9 @@ def test_a_cell_stuck_outside_python_is_ended_by_the_watchdog_with_json_and_verd
 SIGTERMED = """
 import sys, time
 from pathlib import Path
-from bfly import cells, gpu_check
-from bfly.cells import Cell, run_cells
+from bfly.tools import cells
+from bfly.tools import gpu_check
+from bfly.tools.cells import Cell, run_cells
 import signal
 signal.signal(signal.SIGTERM, gpu_check.stop_on_sigterm)
 out = Path(sys.argv[1])

@@ -12,14 +12,14 @@ from unittest import mock
 import pytest
 import torch
 
-from bfly import checkpoint as ckpt, distributed, stack
-from bfly.config import ConfigError, load_config, to_dict
-from bfly.data.cached_input import CachedTrainInput, ResidentSplit
-from bfly.data.metadata import load_metadata
-from bfly.data.sampling import StepPlan
-from bfly.engine import evaluate, new_sums
-from bfly.env import DistEnv
-from bfly.stack import pick_device
+from bfly.core import checkpoint as ckpt, distributed, stack
+from bfly.core.config import ConfigError, load_config, to_dict
+from bfly.core.data.cached_input import CachedTrainInput, ResidentSplit
+from bfly.core.data.metadata import load_metadata
+from bfly.core.data.sampling import StepPlan
+from bfly.core.engine import evaluate, new_sums
+from bfly.core.env import DistEnv
+from bfly.core.stack import pick_device
 from fakecuda import devices, fake_gpu
 
 from conftest import MINI_ROOT, tiny_overrides
@@ -48,7 +48,7 @@ def test_more_processes_than_gpus_is_one_line_naming_both_numbers_and_the_fix():
 
 
 def test_bfly_train_refuses_two_ranks_on_one_gpu_before_nccl_starts(tiny_data, tmp_path, monkeypatch, capsys):
-    from bfly.train import main as train_main
+    from bfly.job.train import main as train_main
 
     for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
@@ -167,7 +167,7 @@ def test_auto_placement_keeps_a_split_larger_than_a_quarter_of_free_memory_on_th
 def test_evaluate_on_a_gpu_sets_the_backend_flags_training_evaluated_with(trained_run, tmp_path, capsys):
     """bfly.evaluate's numbers match training's own evaluation only with training's kernels (TF32,
     cudnn.benchmark): the command sets them as training does."""
-    from bfly.evaluate import main as evaluate_main
+    from bfly.tools.evaluate import main as evaluate_main
 
     with fake_gpu():
         code = evaluate_main(
@@ -178,7 +178,7 @@ def test_evaluate_on_a_gpu_sets_the_backend_flags_training_evaluated_with(traine
 
 
 def test_predict_on_a_gpu_sets_the_backend_flags(trained_run, capsys):
-    from bfly.predict import main as predict_main
+    from bfly.tools.predict import main as predict_main
 
     image = next((MINI_ROOT / "test").rglob("*.jpg"))
     with fake_gpu():
@@ -187,7 +187,7 @@ def test_predict_on_a_gpu_sets_the_backend_flags(trained_run, capsys):
 
 
 def test_the_benchmark_trainer_sets_what_training_sets_and_honours_its_cudnn_switch():
-    from bfly import throughput
+    from bfly.tools import throughput
 
     s = throughput.Settings(batch_size=4, image_size=32, cudnn_benchmark=False)
     with fake_gpu():

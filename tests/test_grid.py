@@ -318,7 +318,7 @@ def seed_run(path: Path, lr: float, seed: int, valid: list[float], group: str = 
 
 def test_settings_come_from_the_training_keys_that_differ(tmp_path, capsys):
     """Runs without wandb.varies (trained one by one): a setting is the training keys that differ."""
-    from bfly.report import main as report
+    from bfly.tools.report import main as report
 
     runs = tmp_path / "runs"
     seed_run(runs / "a0", 0.1, 0, [0.2, 0.5])
@@ -337,7 +337,7 @@ def test_settings_come_from_the_training_keys_that_differ(tmp_path, capsys):
 
 
 def test_report_of_an_unknown_group_names_it(tmp_path, capsys):
-    from bfly.report import main as report
+    from bfly.tools.report import main as report
 
     (tmp_path / "runs").mkdir()
     assert report(["--group", "nope", "--root", str(tmp_path / "runs")]) == 2

@@ -2,7 +2,7 @@
 
 Real processes, real torchrun, gloo on CPU, two DataLoader workers per trainer; the stalls are real
 (SIGSTOP of a trainer or of a loader worker, SIGKILL of torchrun's agent) or a trainer sleeping where a
-real stall would be (BFLY_TEST_STALL, bfly.env.stall_hooks). Limits are short (run.hang_timeout_s=5).
+real stall would be (BFLY_TEST_STALL, bfly.core.env.stall_hooks). Limits are short (run.hang_timeout_s=5).
 For each: the exit status, the seconds from the stall to the job's end, the rank the line names, the
 stuck frame in the stack files, no process left behind (/proc), and a resume afterwards that ends
 bit-identical to an uninterrupted run. A slow rank, a long evaluation and a long checkpoint write are
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from bfly.config import load_config
-from bfly.env import StallHook, stall_hooks
-from bfly.stopping import EXIT_HANG
-from bfly.watchdog import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, configure_nccl, nccl_settings
+from bfly.core.config import load_config
+from bfly.core.env import StallHook, stall_hooks
+from bfly.core.stopping import EXIT_HANG
+from bfly.job.watchdog import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, configure_nccl, nccl_settings
 
 from conftest import PYTHON, REPO, read_jsonl
 from probes.fault_launch import (
@@ -107,7 +107,7 @@ def stack_file(run: Path, rank: int) -> str:
 def main_thread_stack(text: str) -> str:
     """The stack of the thread that was not the watchdog's and not a helper's: the one running bfly.train."""
     for block in text.split("\n\n"):
-        if "bfly/train.py" in block and "in _command" in block:
+        if "bfly/job/train.py" in block and "in _command" in block:
             return block
     raise AssertionError(f"no main-thread stack in:\n{text[:3000]}")
 
@@ -293,7 +293,7 @@ def test_trainers_blocked_in_start_up_do_not_survive_their_agent(tiny_data, tmp_
     workers = launch.workers(2)
     pids = list(workers.values())
     deadline = time.monotonic() + 120
-    while not all(catches_sigterm(p) for p in pids):  # the trainers' start-up has begun (bfly.train.run_job)
+    while not all(catches_sigterm(p) for p in pids):  # the trainers' start-up has begun (bfly.job.train.run_job)
         assert time.monotonic() < deadline, launch.output[-3000:]
         time.sleep(0.2)
     time.sleep(3)  # rank 0 in the rendezvous, rank 1 asleep before it

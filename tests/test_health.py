@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from bfly.env import DistEnv
-from bfly.health import FIELDS, STRAGGLER_POINTS, RankHealth
+from bfly.core.env import DistEnv
+from bfly.run.health import FIELDS, STRAGGLER_POINTS, RankHealth
 
 from conftest import read_jsonl
 from probes.fault_launch import Launch, fault_args, torchrun_cmd

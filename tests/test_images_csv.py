@@ -25,12 +25,13 @@ import pytest
 import torch
 from PIL import Image
 
-from bfly import evaluate, predict, trained
-from bfly.data.decode_cache import decode_resized
-from bfly.data.metadata import load_metadata
-from bfly.data.pil_input import open_rgb
-from bfly.data.transforms import build_eval_transform
-from bfly.train import main as train_main
+from bfly.core import trained
+from bfly.core.data.decode_cache import decode_resized
+from bfly.core.data.metadata import load_metadata
+from bfly.core.data.pil_input import open_rgb
+from bfly.core.data.transforms import build_eval_transform
+from bfly.job.train import main as train_main
+from bfly.tools import evaluate, predict
 from test_bad_input import FIRST_READ, Bad, Workspace, is_the_error, run_bad_case_under_torchrun, torchrun_summary
 from test_evaluate_predict import parse_predictions
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bfly.data.metadata import KAGGLE_FILE, DataError, DatasetMeta, Split, load_metadata
+from bfly.core.data.metadata import KAGGLE_FILE, DataError, DatasetMeta, Split, load_metadata
 
 from conftest import MINI_ROOT as MINI, folder_copy
 

@@ -9,8 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from bfly.models import MODEL_NAMES, build_model, resnet50
-from bfly.models.resnet import Bottleneck
+from bfly.core.models import MODEL_NAMES, build_model, resnet50
+from bfly.core.models.resnet import Bottleneck
 
 NUM_CLASSES = 100
 PARAM_COUNTS = {"resnet50": 23_712_932, "vgg19": 139_979_940, "vgg19_bn": 139_990_948}

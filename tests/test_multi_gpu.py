@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from bfly import checkpoint as ckpt
-from bfly.config import DistConfig, load_config
-from bfly.data.inputs import shm_warning
-from bfly.data.pil_input import PREFETCH_BUDGET, PilTrainInput, batch_bytes, prefetch_factor, shm_bytes
-from bfly.data.sampling import StepPlan
-from bfly.ema import ModelEma
-from bfly.engine import device_clock, evaluate
-from bfly.models import build_model
-from bfly.stack import check_ddp_plan, compile_sync_bn_warning
+from bfly.core import checkpoint as ckpt
+from bfly.core.config import DistConfig, load_config
+from bfly.core.data.inputs import shm_warning
+from bfly.core.data.pil_input import PREFETCH_BUDGET, PilTrainInput, batch_bytes, prefetch_factor, shm_bytes
+from bfly.core.data.sampling import StepPlan
+from bfly.core.ema import ModelEma
+from bfly.core.engine import device_clock, evaluate
+from bfly.core.models import build_model
+from bfly.core.stack import check_ddp_plan, compile_sync_bn_warning
 
 from conftest import read_jsonl, tiny_overrides, torchrun
 
@@ -130,7 +130,7 @@ def test_a_compiled_training_run_never_recompiles(tiny_data, tmp_path):
     """The trainer with model.compile=true (inductor, ResNet50 at 32 px; 40 s on 2 cores with a warm
     inductor cache, 140 s cold): two epochs with two evaluated splits each, under dynamo's
     error_on_recompile. Evaluating the compiled module instead made 3 graphs and took 256 s cold."""
-    from bfly.train import main
+    from bfly.job.train import main
 
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -272,8 +272,8 @@ def test_prefetch_keeps_a_loaders_batches_under_the_budget_and_at_least_two():
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # workers are never started here
 def test_the_train_loader_gets_the_sized_prefetch(mini_root_meta):
-    from bfly.data.metadata import load_metadata
-    from bfly.data.transforms import build_eval_transform
+    from bfly.core.data.metadata import load_metadata
+    from bfly.core.data.transforms import build_eval_transform
 
     split = load_metadata(mini_root_meta, splits=["train"]).splits["train"]
     inp = PilTrainInput(split, build_eval_transform(224), StepPlan.make(256, 1, 0), 0, 0, CPU, 4, False, 224)

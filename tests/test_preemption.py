@@ -3,7 +3,7 @@ terminal really send, the launcher dying, two runs on one directory, a refused r
 
 Every trial runs the real CLI with `data.workers=2` (DataLoader worker processes, like the shipped
 default of 4) and checks, on top of a clean stop: a checkpoint at the current step, one line per rank,
-every process out within seconds, exit status 75 (bfly.stopping.EXIT_STOPPED; torchrun reports it in
+every process out within seconds, exit status 75 (bfly.core.stopping.EXIT_STOPPED; torchrun reports it in
 its failure summary) and a resume that ends bit-identical to an uninterrupted run.
 
 Default tier: a SIGTERM to a DDP job's whole process group, a Ctrl-C on a terminal, kill -9 of the
@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bfly import checkpoint as ckpt
-from bfly.rundir import LOCK, Holder, RunDirBusy, RunDirLock, this_process
-from bfly.stopping import EXIT_STOPPED
-from bfly.train import main
+from bfly.core import checkpoint as ckpt
+from bfly.core.stopping import EXIT_STOPPED
+from bfly.job.train import main
+from bfly.run.rundir import LOCK, Holder, RunDirBusy, RunDirLock, this_process
 
 from conftest import our_frames, read_jsonl
 from probes.fault_launch import STEPS, Launch, fault_args, run_to_end, torchrun_cmd, train_cmd
@@ -280,7 +280,7 @@ def test_a_run_that_fails_on_a_bad_image_after_start_up_changes_only_train_log(
 
     data = data_copy(tiny_data, tmp_path / "data")
     saved = torch.load(stopped_run / ckpt.LAST, weights_only=True)
-    from bfly.data.sampling import StepPlan, rank_micro_batches
+    from bfly.core.data.sampling import StepPlan, rank_micro_batches
 
     step = saved["step_in_epoch"]
     index = list(rank_micro_batches(60, StepPlan.make(12, 1, 0), 0, 0, 0))[step][0].index

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bfly.train import main
+from bfly.job.train import main
 
 from conftest import PYTHON, REPO, run_python, subprocess_env, tiny_overrides
 

@@ -3,7 +3,7 @@ printed once; nothing at all when off (the default)."""
 
 import json
 
-from bfly.train import main
+from bfly.job.train import main
 
 from conftest import tiny_overrides
 

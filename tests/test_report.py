@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bfly import report
-from bfly.checkpoint import load
+from bfly.core.checkpoint import load
+from bfly.tools import report
 
 from conftest import REPO
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bfly import checkpoint as ckpt
-from bfly.config import ConfigError, load_config
-from bfly.train import main
+from bfly.core import checkpoint as ckpt
+from bfly.core.config import ConfigError, load_config
+from bfly.job.train import main
 
 from probes.fault_launch import Launch, assert_same_weights, fault_args, run_to_end, train_cmd
 

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from bfly.retry import EXIT_DIR, STATE, after_failure, decide, exit_records, job_status
-from bfly.stopping import EXIT_HANG, EXIT_STOPPED
+from bfly.core.stopping import EXIT_HANG, EXIT_STOPPED
+from bfly.job.retry import EXIT_DIR, STATE, after_failure, decide, exit_records, job_status
 
 from conftest import PYTHON, REPO, subprocess_env, tiny_overrides
 from probes.fault_launch import Launch, torchrun_cmd

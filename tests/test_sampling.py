@@ -2,8 +2,8 @@
 
 import pytest
 
-from bfly.config import ConfigError
-from bfly.data.sampling import StepPlan, eval_shard, rank_micro_batches, steps_per_epoch
+from bfly.core.config import ConfigError
+from bfly.core.data.sampling import StepPlan, eval_shard, rank_micro_batches, steps_per_epoch
 
 
 def step_sets(n, batch, world, micro, epoch=0, start=0, seed=0):

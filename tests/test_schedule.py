@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from bfly.config import OptimConfig
-from bfly.models import resnet50
-from bfly.optim import build_optimizer, lr_at, param_groups
+from bfly.core.config import OptimConfig
+from bfly.core.models import resnet50
+from bfly.core.optim import build_optimizer, lr_at, param_groups
 
 
 def test_linear_warmup_reaches_the_peak_on_the_last_warmup_step():

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from bfly.runlog import RunLog
+from bfly.run.runlog import RunLog
 
 from conftest import folder_copy, run_python, tiny_overrides
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from bfly.train import main
+from bfly.job.train import main
 
 from conftest import REPO, read_jsonl, tiny_overrides, torchrun
 
@@ -29,7 +29,7 @@ def test_a_run_directory_holds_config_metrics_log_and_checkpoints(single_run):
 
 def test_last_pt_holds_what_the_checkpoint_format_says(single_run):
     """bfly.checkpoint writes the format in one place: a real last.pt has exactly the keys last_payload gives."""
-    from bfly import checkpoint as ckpt
+    from bfly.core import checkpoint as ckpt
 
     state = torch.load(single_run / "last.pt", weights_only=True)
     ident = ckpt.identity(state["config"], state["class_names"], state["train_images"], 0, 0, None)
@@ -53,7 +53,7 @@ def test_last_pt_holds_what_the_checkpoint_format_says(single_run):
 
 def test_a_bug_keeps_its_traceback_a_user_error_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
     """Only ConfigError / DataError / CheckpointError (and a busy run directory) are user errors (exit 2)."""
-    from bfly import stack
+    from bfly.core import stack
 
     assert main(tiny_overrides(tiny_data, tmp_path / "a", **{"train.batch_size": 120})) == 2  # 60 train images
     err = capsys.readouterr().err

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 from timm.data import Mixup, auto_augment as timm_aa, create_transform
 from torchvision import transforms
 
-from bfly.data.transforms import (
+from bfly.core.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ToRGB,

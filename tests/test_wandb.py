@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 import yaml
 
-from bfly.checkpoint import load
-from bfly.config import ConfigError
-from bfly.stopping import EXIT_STOPPED
+from bfly.core.checkpoint import load
+from bfly.core.config import ConfigError
+from bfly.core.stopping import EXIT_STOPPED
 
 import conftest
 from conftest import one_epoch_overrides, tiny_dataset
@@ -171,7 +171,7 @@ WANDB_KEYS = {
 
 @pytest.fixture(scope="module")
 def requeued_run(tmp_path_factory) -> dict[str, Any]:
-    from bfly.train import main as train_main
+    from bfly.job.train import main as train_main
 
     base = tmp_path_factory.mktemp("wandb-single")
     data = tiny_dataset(base / "data", {"train": 1, "valid": 1, "test": 1})
@@ -312,7 +312,7 @@ def kill_wandb_service() -> None:
 
 def test_a_signal_that_also_stops_wandb_still_leaves_a_checkpoint(tmp_path, capsys):
     """SLURM preemption signals every process of the job, wandb's service included."""
-    from bfly.train import main as train_main
+    from bfly.job.train import main as train_main
 
     data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1, "test": 1})
     run_dir = tmp_path / "run"
@@ -416,11 +416,11 @@ def test_an_unknown_wandb_mode_variable_is_a_clear_error(monkeypatch, tmp_path):
 def without_wandb(monkeypatch):
     """As if wandb were not installed: importing it raises ImportError."""
     monkeypatch.setitem(sys.modules, "wandb", None)
-    monkeypatch.delitem(sys.modules, "bfly.wandb_log", raising=False)
+    monkeypatch.delitem(sys.modules, "bfly.run.wandb_log", raising=False)
 
 
 def test_training_without_wandb_installed(without_wandb, tmp_path, capsys, monkeypatch):
-    from bfly.train import main as train_main
+    from bfly.job.train import main as train_main
 
     wandb_env(monkeypatch, tmp_path / "home")
     data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1, "test": 1})
@@ -439,7 +439,7 @@ def test_training_without_wandb_installed(without_wandb, tmp_path, capsys, monke
 
 
 def test_wandb_mode_variable_disables_logging(tmp_path, monkeypatch):
-    from bfly.train import main as train_main
+    from bfly.job.train import main as train_main
 
     wandb_env(monkeypatch, tmp_path / "home")
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -503,7 +503,7 @@ def test_a_proxy_is_what_must_answer(monkeypatch):
 def test_auto_mode_goes_offline_in_seconds_when_the_server_cannot_be_reached(tmp_path, capsys):
     """A key is configured (shared home on a cluster) but the compute node has no route out: wandb alone
     would retry for 90 s at every start and requeue."""
-    from bfly.train import main as train_main
+    from bfly.job.train import main as train_main
 
     data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1, "test": 1})
     real_init, seconds = wandb_log._init, []
@@ -534,7 +534,7 @@ def test_auto_mode_goes_offline_in_seconds_when_the_server_cannot_be_reached(tmp
 
 def test_auto_mode_falls_back_to_offline_when_wandb_cannot_reach_its_server(tmp_path, capsys):
     """The server answers, but wandb still cannot log online (here: it is not a wandb server)."""
-    from bfly.train import main as train_main
+    from bfly.job.train import main as train_main
 
     data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1, "test": 1})
     with fresh_wandb(tmp_path / "home") as (mp, _), socket.socket() as server:
@@ -554,7 +554,7 @@ def test_auto_mode_falls_back_to_offline_when_wandb_cannot_reach_its_server(tmp_
 
 def test_the_slurm_ids_of_the_job_are_in_the_run(tmp_path):
     """A task of SLURM job array 4240 (task 2, job id 4242): the ids are in the run's `job` config."""
-    from bfly.train import main as train_main
+    from bfly.job.train import main as train_main
 
     data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1, "test": 1})
     with fresh_wandb(tmp_path / "home") as (mp, _):

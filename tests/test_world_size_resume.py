@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from bfly import checkpoint as ckpt
-from bfly.optim import lr_at
+from bfly.core import checkpoint as ckpt
+from bfly.core.optim import lr_at
 
 from conftest import read_jsonl
 from probes.fault_launch import STEPS, fault_args, progress_step, reference_run, run_to_end, torchrun_cmd, train_cmd

@@ -9,13 +9,13 @@ import sys
 
 import torch
 
-from bfly import checkpoint, distributed
-from bfly.config import from_dict
-from bfly.data.inputs import build_eval_input
-from bfly.data.metadata import load_metadata
-from bfly.engine import evaluate
-from bfly.env import dist_env
-from bfly.models import build_model
+from bfly.core import checkpoint, distributed
+from bfly.core.config import from_dict
+from bfly.core.data.inputs import build_eval_input
+from bfly.core.data.metadata import load_metadata
+from bfly.core.engine import evaluate
+from bfly.core.env import dist_env
+from bfly.core.models import build_model
 
 path, split = sys.argv[1], sys.argv[2]
 env = dist_env()

@@ -1,7 +1,7 @@
 """Start-up of bfly.train on run directories that cannot hold its checkpoints, on real file systems.
 
 Run in a private mount namespace (the test starts it under `unshare --mount`): mounts three small
-tmpfs (read-only, full, too small for a checkpoint), runs `bfly.train.main` on each and prints one
+tmpfs (read-only, full, too small for a checkpoint), runs `bfly.job.train.main` on each and prints one
 JSON line per case. Prints "mount failed" and exits 0 where mounting is not allowed.
     unshare --mount --propagation private python tests/probes/fault_disk.py WORKDIR OVERRIDES...
 """
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from bfly.train import main
+from bfly.job.train import main
 
 
 def mount(where: Path, options: str) -> None:

@@ -1,0 +1,296 @@
+"""Retrying a job that failed: one policy for the sbatch scripts and launch.submit's jobs.
+
+Two levels:
+
+* Inside a job, torchrun restarts the trainers after one fails (`--max-restarts=$BFLY_MAX_RESTARTS`,
+  default 2, in our sbatch scripts); they resume from last.pt. A restart after a user error is refused
+  at once: the error would only repeat.
+* Across jobs, a job that failed by a crash (status 1) or a hang (EXIT_HANG) is requeued up to
+  BFLY_MAX_FAILURES times (default 3, counted per SLURM job, apart from the time-limit requeues), and
+  only while the run makes progress: a failure with no newer checkpoint than at the previous failure
+  requeue stops the job. Never after a user error (status 2). A job stopped by a signal with its
+  checkpoint written (EXIT_STOPPED, or 0 under our sbatch scripts) keeps its own path: the time-limit
+  and preemption requeue.
+
+The failure count and the checkpoint step of the last failure requeue are kept in the run directory
+(retries.json), so they survive the requeue. torchrun reports any failed trainer as its own status 1:
+under our sbatch scripts each trainer records its exit status in <run dir>/.bfly-exit
+(BFLY_EXIT_STATUS_DIR), and the job's status is read from there.
+
+    python -m bfly.retry begin [--config X] [key=value ...]   # before torchrun: prints the records' folder
+    python -m bfly.retry after [--config X] [key=value ...]   # after it failed: prints `requeue` or exits
+                                                              # with the job's status
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bfly.core import env as environ
+from bfly.core.stopping import EXIT_HANG, EXIT_STOPPED
+
+EXIT_CRASH = 1
+EXIT_USER_ERROR = 2
+STATE = "retries.json"
+EXIT_DIR = ".bfly-exit"
+
+
+def cause(status: int) -> str:
+    if status == EXIT_USER_ERROR:
+        return "user error (status 2)"
+    if status == EXIT_HANG:
+        return f"hang (status {EXIT_HANG})"
+    if status == EXIT_STOPPED:
+        return f"stopped by a signal (status {EXIT_STOPPED})"
+    return f"crash (status {status})"
+
+
+@dataclass(frozen=True)
+class Decision:
+    requeue: bool
+    reason: str  # one line
+    taken_here: bool = True  # False: another rank of the job took it for this attempt (it requeues)
+
+
+def decide(status: int, failures: int, max_failures: int, step_before: int | None, step_now: int | None) -> Decision:
+    """Requeue a job that ended with `status`? failures: failure requeues of this job so far; step_before:
+    the run's checkpoint step at the last of them (None: there was none); step_now: its checkpoint step
+    now (None: no checkpoint)."""
+    what = cause(status)
+    if status == 0:
+        return Decision(False, "finished")
+    if status == EXIT_STOPPED:
+        return Decision(False, f"{what}: the time-limit and preemption requeue applies, not this one")
+    if status == EXIT_USER_ERROR:
+        return Decision(False, f"{what}: not requeueing, it would fail the same way; fix it and submit again")
+    if failures >= max_failures:
+        return Decision(
+            False,
+            f"{what}: not requeueing, {failures} failure(s) requeued already (BFLY_MAX_FAILURES={max_failures})",
+        )
+    if step_before is not None and (step_now or 0) <= step_before:
+        at = f"step {step_now}" if step_now is not None else "no checkpoint"
+        return Decision(False, f"{what}: not requeueing, no progress since the last retry (still at {at})")
+    start = f"checkpoint at step {step_now}" if step_now is not None else "the start (no checkpoint yet)"
+    return Decision(True, f"{what}: requeueing, failure {failures + 1} of {max_failures}; it resumes from {start}")
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The global step a resume would start from (the run's newest complete checkpoint); None: none."""
+    from bfly.core import checkpoint as ckpt
+
+    try:
+        found = ckpt.load_resumable(run_dir, lambda _: None)
+    except ckpt.CheckpointError:
+        return None
+    return int(found[0]["global_step"]) if found else None
+
+
+# --- what each trainer leaves for the launcher -------------------------------------------------------
+
+
+def record_exit(status: int) -> None:
+    """A trainer's exit status, where the launcher reads it (BFLY_EXIT_STATUS_DIR; unset: not recorded).
+    A trainer killed by a signal records nothing: the launcher counts that as a crash. A process records once:
+    its first decided status stands (a user error recorded before the process group closes is not turned
+    into another status by what happens while it exits)."""
+    where = environ.exit_status_dir()
+    if where is None:
+        return
+    rank = environ.dist_env().rank
+    restart = environ.restart_count()[0]
+    # One file per rank and torchrun round: a restarted trainer reads the previous round's while the
+    # fastest trainer of its own round may already have written its own.
+    path = where / f"rank-{rank}.restart-{restart}.json"
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text())["pid"] == os.getpid():
+            return
+    record = {
+        "status": status,
+        "rank": rank,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "restart": restart,
+        "time": time.time(),
+    }
+    with contextlib.suppress(OSError):  # a full or read-only disk must not hide the real exit status
+        where.mkdir(parents=True, exist_ok=True)
+        tmp = where / f".rank-{rank}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+
+
+def exit_records(where: Path, restart: int | None = None) -> list[dict[str, Any]]:
+    """The statuses of the trainers of torchrun round `restart` (default: the last round that recorded any)."""
+    records = []
+    for path in sorted(where.glob("rank-*.json")) if where.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            records.append(json.loads(path.read_text()))
+    last = max((r["restart"] for r in records), default=0) if restart is None else restart
+    return [r for r in records if r["restart"] == last]
+
+
+def job_status(records: list[dict[str, Any]]) -> tuple[int, str]:
+    """The status of a job whose launcher (torchrun) failed, and which ranks said what. A user error on any
+    rank makes it a user error; a hang on any rank a hang; anything else is a crash."""
+    by_status: dict[int, list[str]] = {}
+    for r in records:
+        by_status.setdefault(r["status"], []).append(f"{r['rank']} ({r['host']})")
+    detail = "; ".join(f"status {s} on rank {', '.join(ranks)}" for s, ranks in sorted(by_status.items()))
+    detail = detail or "no trainer recorded a status (killed)"
+    for status in (EXIT_USER_ERROR, EXIT_HANG):
+        if status in by_status:
+            return status, detail
+    return EXIT_CRASH, detail
+
+
+def refused_restart() -> int | None:
+    """In a trainer that torchrun restarted: EXIT_USER_ERROR if the previous round ended with a user error
+    (restarting would fail the same way), else None."""
+    where = environ.exit_status_dir()
+    restart, _ = environ.restart_count()
+    if where is None or restart == 0:
+        return None
+    previous = exit_records(where, restart - 1)
+    failed = [r for r in previous if r["status"] == EXIT_USER_ERROR]
+    if not failed:
+        return None
+    if environ.dist_env().is_main:
+        print(
+            f"bfly.train: error: not restarting: the previous start ended with a user error on rank "
+            f"{failed[0]['rank']} ({failed[0]['host']}); its message is above",
+            file=sys.stderr,
+            flush=True,
+        )
+    return EXIT_USER_ERROR
+
+
+def restart_line() -> str | None:
+    """Rank 0 of restarted trainers: which restart this is and why (for the console and train.log)."""
+    restart, allowed = environ.restart_count()
+    if restart == 0:
+        return None
+    where = environ.exit_status_dir()
+    previous = exit_records(where, restart - 1) if where else []
+    why = job_status(previous)[1] if previous else "a trainer failed"
+    return f"restart {restart} of {allowed} inside this job (torchrun --max-restarts) after: {why}"
+
+
+# --- the state kept in the run directory ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked_state(run_dir: Path):
+    """retries.json, read and rewritten under a lock (several ranks of a submitit job may fail at once)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / STATE, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        state = json.loads(text) if text.strip() else {}
+        yield state
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(state) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def after_failure(run_dir: Path, status: int, detail: str) -> Decision:
+    """The decision for this job attempt's failure, taken once per attempt (SLURM job id and restart
+    count): every rank that asks gets the same one. The reason is written to train.log once."""
+    job = environ.slurm_job_id() or "local"
+    attempt = f"{job}.{environ.slurm_restart_count()}"
+    with _locked_state(run_dir) as state:
+        if state.get("attempt") == attempt:
+            return Decision(state["requeue"], state["reason"], taken_here=False)
+        if state.get("job") != job:  # a new submission gets a new budget
+            state.update(job=job, failures=0, step=None)
+        step_now = checkpoint_step(run_dir)
+        decision = decide(status, state["failures"], environ.max_failures(), state["step"], step_now)
+        if decision.requeue:
+            state.update(failures=state["failures"] + 1, step=step_now)
+        reason = f"{decision.reason} [{detail}]"
+        state.update(attempt=attempt, requeue=decision.requeue, reason=reason, cause=cause(status))
+    _to_train_log(run_dir, f"job {job} attempt {environ.slurm_restart_count() + 1} failed: {reason}")
+    return Decision(decision.requeue, reason)
+
+
+def log_attempt(run_dir: Path, torchrun: bool) -> str:
+    """What a job attempt starts with: its number, the failure requeues so far and why the last was;
+    written to train.log (when the run directory exists) and returned for the job's log."""
+    job = environ.slurm_job_id() or "local"
+    state: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        state = json.loads((run_dir / STATE).read_text())
+    failures = state.get("failures", 0) if state.get("job") == job else 0
+    line = (
+        f"job {job} attempt {environ.slurm_restart_count() + 1}: {failures} failure requeue(s) of "
+        f"BFLY_MAX_FAILURES={environ.max_failures()}"
+    )
+    if torchrun:
+        line += f", torchrun restarts up to BFLY_MAX_RESTARTS={environ.max_restarts()}"
+    if failures and state.get("requeue"):
+        line += f"; last requeued after {state.get('cause')}"
+    _to_train_log(run_dir, line)
+    return line
+
+
+def _to_train_log(run_dir: Path, msg: str) -> None:
+    from bfly.run.runlog import RunLog
+
+    if not run_dir.is_dir():
+        return
+    log = RunLog(run_dir, is_main=True)
+    log.attach(0)
+    log.to_file(msg)
+    log.close()
+
+
+# --- the sbatch scripts' side -------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("begin", "after"):
+        print(__doc__, file=sys.stderr)
+        return EXIT_USER_ERROR
+    when, train_args = argv[0], argv[1:]
+    from bfly.core.config import ConfigError, load_config, run_dir_of
+    from bfly.core.errors import one_line
+    from bfly.job.train import parse_args
+
+    targs = parse_args(train_args)
+    try:
+        run_dir = run_dir_of(load_config(targs.config, targs.overrides))
+    except ConfigError as e:
+        print(f"bfly: error: {one_line(e)}: not training, not requeueing", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    if when == "begin":
+        # Records of an earlier attempt must not be read as this one's.
+        for old in (run_dir / EXIT_DIR).glob("*") if (run_dir / EXIT_DIR).is_dir() else []:
+            old.unlink(missing_ok=True)
+        print(f"bfly: {log_attempt(run_dir, torchrun=True)}", file=sys.stderr, flush=True)
+        print(run_dir / EXIT_DIR)  # for BFLY_EXIT_STATUS_DIR
+        print(environ.max_restarts())
+        return 0
+    status, detail = job_status(exit_records(run_dir / EXIT_DIR))
+    decision = after_failure(run_dir, status, detail)
+    print(f"bfly: {decision.reason}", file=sys.stderr, flush=True)
+    if decision.requeue:
+        print("requeue")
+        return 0
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Per-rank health at log points: where each rank's step time goes, and which rank holds the others up.
+
+Under DDP every rank waits for the slowest at each gradient all-reduce, so a slow rank (a bad node, a
+throttled GPU, a slow disk) slows the whole job while rank 0's own figures look normal. Every
+train.log_every steps each rank measures, per step over the window since the last log point:
+
+* data wait: waiting for its next batch (bfly.engine's measure);
+* collective wait: time blocked in DDP's collectives, waiting for the other ranks: from the moment its
+  last gradient was ready (a hook on each parameter) until the backward pass returned (the gradient
+  all-reduce), plus DDP's buffer broadcast before each forward pass (hooks on the wrapper and the
+  module; not under model.compile, where only the all-reduce wait is measured);
+* compute: the rest of the step (forward, backward, optimizer);
+* peak memory: the GPU's peak allocation, or on CPU the process's peak resident size.
+
+The figures travel on the collective that already runs at log points (the ranks' agreement on a stop
+request): one all-reduce of a [world size, 6] tensor in which each rank fills its own row. Rank 0 names
+a straggler when one rank's own work (step time less its collective wait) is over STRAGGLER_RATIO x
+the median of the other ranks' at STRAGGLER_POINTS log points in a row: a warning in the console and
+train.log, and `slow rank R (host) 2.1x` in the progress lines while it lasts. Per-rank figures go to
+wandb at each log point (rank<R>/data_ms, ...) and, as the epoch's means, to metrics.jsonl ("health").
+
+On CPU (gloo) these are host times of synchronous work: exact. On a GPU no synchronisation is added:
+data wait is exact, compute and collective wait are the host's side of them (the host queues kernels
+ahead of the GPU), so a rank slowed in its input path is named, one slowed on its GPU may not be.
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from bfly.core import distributed
+from bfly.core.env import DistEnv, slow_rank_for_test
+
+STRAGGLER_RATIO = 1.3
+STRAGGLER_POINTS = 3
+FIELDS = ("step_ms", "data_ms", "comm_ms", "compute_ms", "mem_gb")  # per step, each rank's row after the stop flag
+
+
+class RankHealth:
+    """One per trainer process of a distributed run."""
+
+    def __init__(self, model: nn.Module, env: DistEnv, device: torch.device, hosts: list[str]):
+        self.env, self.device, self.hosts = env, device, hosts
+        self._grad_ready: float | None = None
+        self._comm_s = 0.0
+        self._row = [0.0] * len(FIELDS)
+        self.latest: torch.Tensor | None = None  # [world, FIELDS] at the last log point (rank 0)
+        self._candidates: list[int | None] = []  # per log point: the rank over the ratio, or None
+        self.straggler: tuple[int, float] | None = None  # (rank, ratio) while one is named
+        self._epoch_rows: list[torch.Tensor] = []
+        self._forward_entered: float | None = None
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._on_grad)
+        inner = None if hasattr(model, "_orig_mod") else getattr(model, "module", None)
+        if isinstance(inner, nn.Module):  # DDP, not compiled: its forward syncs buffers before the module's
+            model.register_forward_pre_hook(self._on_ddp_forward)
+            inner.register_forward_pre_hook(self._on_module_forward)
+
+    @classmethod
+    def start(cls, model: nn.Module, env: DistEnv, device: torch.device) -> RankHealth | None:
+        """None for a single process (nothing to compare). Gathers the hosts once, at start-up."""
+        if not env.distributed:
+            return None
+        return cls(model, env, device, distributed.all_gather_objects(socket.gethostname()))
+
+    def _on_grad(self, _: torch.Tensor) -> None:
+        self._grad_ready = time.perf_counter()
+
+    def _on_ddp_forward(self, *_: Any) -> None:
+        self._forward_entered = time.perf_counter()
+
+    def _on_module_forward(self, *_: Any) -> None:
+        if self._forward_entered is not None:
+            self._comm_s += time.perf_counter() - self._forward_entered
+            self._forward_entered = None
+
+    def after_backward(self) -> None:
+        if self._grad_ready is not None:
+            self._comm_s += time.perf_counter() - self._grad_ready
+            self._grad_ready = None
+
+    def window(self, rates: dict[str, float]) -> None:
+        """This rank's figures of the window that ends at this log point (rates: bfly.engine's)."""
+        steps = max(rates["window_steps"], 1)
+        window_ms, data_ms, comm_ms = (
+            rates["window_s"] * 1e3,
+            rates["data_wait"] * rates["window_s"] * 1e3,
+            self._comm_s * 1e3,
+        )
+        compute_ms = max(window_ms - data_ms - comm_ms, 0.0)
+        self._row = [
+            window_ms / steps,
+            data_ms / steps,
+            comm_ms / steps,
+            compute_ms / steps,
+            _peak_memory_gb(self.device),
+        ]
+        self._comm_s = 0.0
+
+    def exchange(self, stop_requested: bool) -> bool:
+        """The log point's collective: every rank's stop flag and figures; True on every rank if any rank
+        asked to stop. Rank 0 then updates the straggler."""
+        table = torch.zeros(self.env.world_size, 1 + len(FIELDS), dtype=torch.float64, device=self.device)
+        table[self.env.rank] = torch.tensor([float(stop_requested), *self._row], dtype=torch.float64)
+        distributed.all_reduce_sum(table)
+        table = table.cpu()
+        if self.env.is_main:
+            self.latest = table[:, 1:]
+            self._epoch_rows.append(self.latest)
+            self._update_straggler()
+        return bool(table[:, 0].max() > 0)
+
+    def _update_straggler(self) -> None:
+        assert self.latest is not None
+        step, comm = self.latest[:, FIELDS.index("step_ms")], self.latest[:, FIELDS.index("comm_ms")]
+        own = (step - comm).tolist()  # each rank's own work: what it did not spend waiting for the others
+        slowest = max(range(len(own)), key=own.__getitem__)
+        others = statistics.median(own[:slowest] + own[slowest + 1 :])
+        ratio = own[slowest] / max(others, 1e-9)
+        self._candidates = [*self._candidates[-(STRAGGLER_POINTS - 1) :], slowest if ratio > STRAGGLER_RATIO else None]
+        named = self._candidates[0] if len(set(self._candidates)) == 1 else None
+        if len(self._candidates) == STRAGGLER_POINTS and named is not None:
+            self.straggler = (named, ratio)
+        elif self.straggler is not None and all(c != self.straggler[0] for c in self._candidates):
+            self.straggler = None
+
+    def warning(self, previous: tuple[int, float] | None) -> str | None:
+        """The line to log when the straggler changed since `previous` (rank 0)."""
+        if self.straggler is None or self.latest is None:
+            if previous is not None:
+                return f"rank {previous[0]} ({self.hosts[previous[0]]}) keeps up again"
+            return None
+        if previous is not None and previous[0] == self.straggler[0]:
+            return None
+        rank, ratio = self.straggler
+        row = dict(zip(FIELDS, self.latest[rank].tolist(), strict=True))
+        others = [r for r in range(len(self.hosts)) if r != rank]
+        waits = statistics.median(self.latest[others, FIELDS.index("comm_ms")].tolist())
+        return (
+            f"rank {rank} ({self.hosts[rank]}) is a straggler: {ratio:.1f}x the other ranks' own work per step "
+            f"for {STRAGGLER_POINTS} log points (data wait {row['data_ms']:.0f} ms, compute "
+            f"{row['compute_ms']:.0f} ms per step); the others wait {waits:.0f} ms per step for it in DDP's collectives"
+        )
+
+    def progress_fields(self) -> dict[str, str]:
+        if self.straggler is None:
+            return {}
+        rank, ratio = self.straggler
+        return {"slow": f"rank {rank} ({self.hosts[rank]}) {ratio:.1f}x"}
+
+    def step_record(self) -> dict[str, float]:
+        """Per-rank figures of the last log point, for wandb (rank 0)."""
+        if self.latest is None:
+            return {}
+        return {
+            f"rank{r}/{k}": v for r, row in enumerate(self.latest.tolist()) for k, v in zip(FIELDS, row, strict=True)
+        }
+
+    def epoch_summary(self) -> dict[str, Any]:
+        """The epoch's per-rank means over its log points and the straggler at its end, for metrics.jsonl."""
+        rows, self._epoch_rows = self._epoch_rows, []
+        if not rows:
+            return {}
+        mean = torch.stack(rows).mean(0)
+        summary: dict[str, Any] = {"hosts": self.hosts}
+        for i, key in enumerate(FIELDS):
+            summary[key] = [round(v, 3) for v in mean[:, i].tolist()]
+        summary["mem_gb"] = [
+            round(v, 3) for v in torch.stack(rows)[:, :, FIELDS.index("mem_gb")].max(0).values.tolist()
+        ]
+        summary["straggler"] = (
+            {"rank": self.straggler[0], "host": self.hosts[self.straggler[0]], "ratio": round(self.straggler[1], 2)}
+            if self.straggler
+            else None
+        )
+        return summary
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # Linux reports the peak resident size in KiB, macOS in bytes.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def slowed_for_test(batches: Iterable[Any], rank: int) -> Iterable[Any]:
+    """The test hook BFLY_TEST_SLOW_RANK (bfly.env): the named rank waits longer for each batch."""
+    slow = slow_rank_for_test()
+    if slow is None or slow[0] != rank:
+        return batches
+    return _delayed(batches, slow[1])
+
+
+def _delayed(batches: Iterable[Any], seconds: float) -> Iterator[Any]:
+    for batch in batches:
+        time.sleep(seconds)
+        yield batch

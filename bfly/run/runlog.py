@@ -1,0 +1,226 @@
+"""What a run leaves behind and prints: log file, metrics.jsonl, rank-0 progress line.
+
+Other ranks are quiet. Extra sinks (wandb) receive the same step and epoch records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from bfly.core.config import ConfigError
+from bfly.core.env import stdout_is_tty, wandb_mode_override, wandb_mode_setting
+
+
+class Sink(Protocol):
+    # The dashboard's id of this run: kept in checkpoints so that a resume continues the same run.
+    @property
+    def run_id(self) -> str: ...
+    def log_step(self, record: dict[str, Any], step: int) -> None: ...
+    def log_epoch(self, record: dict[str, Any], step: int) -> None: ...
+    def log_config_change(self, changes: dict[str, dict[str, Any]], step: int) -> None: ...
+    def note_hang(self, line: str) -> None: ...
+    def finish(
+        self,
+        completed: bool,
+        signal_name: str | None,
+        last_eval: dict[str, Any] | None,
+        meta: Any,
+        samples: int,
+        probabilities: Callable[[list], Any],
+    ) -> None: ...
+
+
+class RunLog:
+    """Rank 0 prints and keeps train.log. Nothing is written to the run directory until `attach`, which
+    the trainer calls once every start-up check has passed: a refused run leaves the directory as it was.
+    Lines printed before are written to train.log then."""
+
+    def __init__(self, run_dir: Path, is_main: bool, sinks: list[Sink] | None = None):
+        self.run_dir, self.is_main = run_dir, is_main
+        self.sinks = sinks or []
+        self.tty = stdout_is_tty()
+        self._log: TextIO | None = None
+        self._pending: list[str] = []
+        self._metrics_from_epoch: int | None = None  # drop metrics.jsonl records from here on, at the first write
+
+    def attach(self, resume_epoch: int) -> None:
+        if not self.is_main:
+            return
+        self._log = open(self.run_dir / "train.log", "a")
+        for line in self._pending:
+            self._log.write(line)
+        self._pending.clear()
+        self._log.flush()
+        self._metrics_from_epoch = resume_epoch
+
+    @property
+    def attached(self) -> bool:
+        return self._log is not None
+
+    def info(self, msg: str) -> None:
+        if not self.is_main:
+            return
+        self._end_progress()
+        print(msg, flush=True)
+        self.to_file(msg)
+
+    def to_file(self, msg: str) -> None:
+        """train.log only (an error the caller prints itself)."""
+        if not self.is_main:
+            return
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n"
+        if self._log is None:
+            self._pending.append(line)
+            return
+        try:
+            self._log.write(line)
+            self._log.flush()
+        except OSError:  # a full disk must not hide the error being reported
+            pass
+
+    def warn(self, msg: str) -> None:
+        self.info(f"warning: {msg}")
+
+    def progress(
+        self, epoch: int, epochs: int, step: int, steps: int, eta_s: float, fields: dict[str, float | str]
+    ) -> None:
+        """One plain line; numbers get 4 significant digits, strings (already formatted) pass as they are."""
+        if not self.is_main:
+            return
+        text = f"epoch {epoch + 1}/{epochs} step {step}/{steps} eta {_hms(eta_s)} " + " ".join(
+            f"{k} {v}" if isinstance(v, str) else f"{k} {v:.4g}" for k, v in fields.items()
+        )
+        if self.tty:
+            sys.stdout.write("\r" + text + "\033[K")
+            sys.stdout.flush()
+            self._open_line = True
+        else:
+            print(text, flush=True)
+
+    def _end_progress(self) -> None:
+        if getattr(self, "_open_line", False):
+            sys.stdout.write("\n")
+            self._open_line = False
+
+    def step(self, record: dict[str, Any], step: int) -> None:
+        if self.is_main:
+            for sink in self.sinks:
+                sink.log_step(record, step)
+
+    def epoch(self, record: dict[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        if self._metrics_from_epoch is not None:  # on resume: no record of an epoch twice
+            truncate_metrics(self.run_dir, self._metrics_from_epoch)
+            self._metrics_from_epoch = None
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log_epoch(record, step)
+
+    def close(self) -> None:
+        if self._log:
+            self._end_progress()
+            with contextlib.suppress(OSError):
+                self._log.close()
+
+
+def open_wandb(log: RunLog, mode: str, start: Callable[[], Sink]) -> Sink | None:
+    """Rank 0: adds the wandb sink (`start` opens it) to `log`, or says why not. mode: wandb.mode.
+    wandb is imported lazily: training without logging must not need it installed."""
+    setting = wandb_mode_setting(mode)  # what the user set, to name it
+    mode = wandb_mode_override() or mode  # WANDB_MODE wins, as in wandb itself
+    if mode == "disabled":
+        return None
+    try:
+        importlib.import_module("bfly.run.wandb_log")  # imports wandb
+    except ImportError as e:
+        if mode != "auto":
+            raise ConfigError(f"{setting} but wandb cannot be imported ({e}); pip install wandb") from None
+        log.warn("wandb is not installed: logging to metrics.jsonl only (wandb.mode=disabled silences this)")
+        return None
+    sink = start()
+    log.sinks.append(sink)
+    return sink
+
+
+def step_record(
+    loss: float, top1: float, rates: dict[str, float], world_size: int, epoch: int, gpu_mem_gb: float | None
+) -> tuple[dict[str, Any], dict[str, float | str]]:
+    """(record for the sinks, fields of the progress line) at a log point. loss/top1: this epoch so far
+    (rank 0's share); rates from bfly.engine; data_wait is the share of wall time this rank waited for its
+    next batch (the input path's cost)."""
+    record = {
+        "train/loss": loss,
+        "train/top1": top1,
+        "lr": rates["lr"],
+        "img_per_s": rates["img_per_s"] * world_size,
+        "data_wait": rates["data_wait"],
+        "epoch": epoch,
+    }
+    fields: dict[str, float | str] = {
+        "loss": loss,
+        "acc": f"{top1:.1%}",
+        "img/s": record["img_per_s"],
+        "lr": rates["lr"],
+        "data": f"{rates['data_wait']:.0%}",
+    }
+    if gpu_mem_gb is not None:
+        record["gpu_mem_gb"] = gpu_mem_gb
+        fields["mem"] = f"{gpu_mem_gb:.1f}G"
+    return record, fields
+
+
+def epoch_record(
+    epoch: int, step: int, sums: dict[str, Any], lr: float, epoch_s: float, images_before: int
+) -> dict[str, Any]:
+    """The metrics.jsonl record of a finished epoch's training (the evaluation adds its splits). `sums`: the
+    epoch's totals over all ranks; images_before: images of the epoch counted before this job (a resume)."""
+    count = max(int(sums["count"].item()), 1)
+    return {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": sums["loss"].item() / count,
+        "train_top1": sums["correct"].item() / count,
+        "train_top5": sums["correct5"].item() / count,
+        "lr": lr,
+        "epoch_s": epoch_s,
+        "img_per_s": (count - images_before) / max(epoch_s, 1e-9),
+    }
+
+
+def epoch_line(r: dict[str, Any], epochs: int) -> str:
+    """The console line of an epoch record (metrics.jsonl)."""
+    parts = [f"epoch {r['epoch'] + 1}/{epochs}", f"train loss {r['train_loss']:.4f} acc {r['train_top1']:.2%}"]
+    for split in ("valid", "test"):
+        if f"{split}_top5" in r:
+            parts.append(f"{split} top1 {r[f'{split}_top1']:.2%} top5 {r[f'{split}_top5']:.2%}")
+    parts.append(f"{r['epoch_s']:.1f}s {r['img_per_s']:.0f} img/s")
+    parts.append(f"ckpt stall {r['ckpt_stall_s']:.2f}s")
+    return " | ".join(parts)
+
+
+def truncate_metrics(run_dir: Path, before_epoch: int) -> None:
+    """On resume, drop records of epochs the checkpoint does not contain (no repeats in the file)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < before_epoch]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,1 @@
+"""Tools beside the trainer: evaluation, prediction, export, reports, benchmarks, the GPU check."""
