@@ -246,14 +246,9 @@ def log_attempt(run_dir: Path, torchrun: bool) -> str:
 
 
 def _to_train_log(run_dir: Path, msg: str) -> None:
-    from bfly.run.runlog import RunLog
+    from bfly.run.runlog import append_to_train_log
 
-    if not run_dir.is_dir():
-        return
-    log = RunLog(run_dir, is_main=True)
-    log.attach(0)
-    log.to_file(msg)
-    log.close()
+    append_to_train_log(run_dir, msg)
 
 
 # --- the sbatch scripts' side -------------------------------------------------------------------------

@@ -35,234 +35,143 @@ import faulthandler
 import functools
 import json
 import os
+import select
 import signal
 import socket
-import statistics
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bfly.core.env import (
-    DistEnv,
-    StallHook,
-    restart_count,
-    restart_store_shared,
-    set_defaults,
-    store_address,
-)
+from bfly.core.env import DistEnv, restart_count, restart_store_shared, store_address
 from bfly.core.stopping import EXIT_HANG, STOP_SIGNALS
-from bfly.job import retry
+from bfly.job.ending import bounded, exit_hang, forked_children, kill_stopped, proc_state, write_stacks
+from bfly.job.hang import Seen, View, frozen_ranks, judge
+from bfly.job.heartbeat import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, watched
+from bfly.job.nccl import configure_nccl, dump_nccl_trace, nccl_settings
+from bfly.run.runlog import append_to_train_log
 
-WARM_STEPS = 3  # steps of a job that keep the start-up limit (the first compiled steps)
-STEP_MULTIPLE = 10  # a step this many times the median is still no hang
-WAITING = ("rendezvous", "forward-backward", "collective")  # phases that may be waiting for another rank
-STARTUP_PHASES = ("startup", "rendezvous", "checkpoint")
+__all__ = [
+    "STEP_MULTIPLE",
+    "WARM_STEPS",
+    "Heartbeat",
+    "Limits",
+    "Watchdog",
+    "configure_nccl",
+    "nccl_settings",
+    "watched",
+]
+
 RESTART_HINT = (
     "torchrun restarted these workers without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted workers can "
     "hang in the rendezvous (pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun"
 )
 
 
-@dataclass(frozen=True)
-class Limits:
-    hang_s: float  # run.hang_timeout_s (0: no hang detection)
-    startup_s: float  # run.startup_timeout_s
-    stop_grace_s: float  # run.stop_grace_s (0: wait for the stop however long)
+class StoreLink:
+    """This rank's side of the job's rendezvous store (a TCPStore every rank reaches across nodes): it
+    publishes this rank's record, reads the other ranks', and carries a declared hang to every rank."""
 
-    @classmethod
-    def of(cls, run: Any) -> Limits:
-        """From the config's `run` section."""
-        return cls(run.hang_timeout_s, run.startup_timeout_s, run.stop_grace_s)
+    def __init__(self, address: tuple[str, int] | None, prefix: str, env: DistEnv, timeout_s: float):
+        self.address, self.prefix, self.env, self.timeout_s = address, prefix, env, timeout_s
+        self.store: Any = None
 
-    @property
-    def poll_s(self) -> float:
-        """How often the watchdog publishes and judges: a fifth of the shortest limit, 0.5 to 10 s."""
-        shortest = min(x for x in (self.hang_s, self.startup_s, self.stop_grace_s, 50.0) if x > 0)
-        return min(max(shortest / 5, 0.5), 10.0)
-
-
-class Heartbeat:
-    """What the training loop updates (attribute writes only); the watchdog thread reads it."""
-
-    def __init__(self, rank: int = 0, hooks: list[StallHook] | None = None):
-        self.rank = rank
-        self.phase = "startup"
-        self.step = 0  # global step
-        self.since = time.monotonic()  # when it last moved
-        self.steps = 0  # optimizer steps of this job
-        self.step_times: deque[float] = deque(maxlen=50)
-        self._last_step: float | None = None
-        self._hooks = [h for h in (hooks or []) if h.rank == rank]
-
-    def enter(self, phase: str) -> None:
-        self.phase, self.since = phase, time.monotonic()
-        if phase in ("eval", "checkpoint"):  # not part of a step's time
-            self._last_step = None
-
-    @contextlib.contextmanager
-    def during(self, phase: str) -> Iterator[None]:
-        before = self.phase
-        self.enter(phase)
-        self.stall_for_test(phase)
+    def exchange(self, mine: dict[str, Any], seen: dict[int, Seen], now: float) -> str | None:
+        """Publishes `mine`, updates `seen` with the others' records that changed; returns the hang line
+        another rank declared, if one did."""
+        if self.address is None or self.env.world_size == 1:
+            return None
+        if self.store is None:
+            self.store = self._connect()
+            if self.store is None:
+                return None
         try:
-            yield
-        finally:
-            self.enter(before)
-
-    def step_done(self, global_step: int) -> None:
-        now = time.monotonic()
-        if self._last_step is not None:
-            self.step_times.append(now - self._last_step)
-        self._last_step, self.since = now, now
-        self.step, self.steps = global_step, self.steps + 1
-
-    def limit(self, limits: Limits) -> float:
-        """Seconds without progress that are a hang in the current phase."""
-        return limits.startup_s if self.phase in STARTUP_PHASES else self.steady_limit(limits)
-
-    def steady_limit(self, limits: Limits) -> float:
-        """The limit of a training step, whatever the phase: the start-up one for this job's first steps."""
-        if self.steps < WARM_STEPS:
-            return limits.startup_s
-        typical = statistics.median(self.step_times) if self.step_times else 0.0
-        return max(limits.hang_s, STEP_MULTIPLE * typical)
-
-    def stall_for_test(self, phase: str) -> None:
-        """bfly.core.env.stall_hooks: sleep here, where a real stall would be (the stack dump shows this frame)."""
-        for hook in self._hooks:
-            if hook.phase != phase:
-                continue
-            if hook.from_step is None:
-                time.sleep(hook.seconds)
-            elif self.step >= hook.from_step:
-                self._hooks.remove(hook)
-                end = time.monotonic() + hook.seconds
-                while time.monotonic() < end:  # a stop signal interrupts sleep: stay stalled
-                    time.sleep(min(1.0, max(end - time.monotonic(), 0.0)))
-            return
-
-
-def watched(batches: Iterable, beat: Heartbeat, waiting: str = "data", working: str = "forward-backward") -> Iterator:
-    """The batches, with the heartbeat in `waiting` while the next one is fetched and in `working` while the
-    caller uses it; once they are exhausted, in "collective" (what follows an epoch or an evaluation)."""
-    it = iter(batches)
-    while True:
-        beat.enter(waiting)
-        beat.stall_for_test(waiting)
-        try:
-            item = next(it)
-        except StopIteration:
-            beat.enter("collective")
-            return
-        beat.enter(working)
-        yield item
-
-
-# --- NCCL ----------------------------------------------------------------------------------------------
-
-
-def nccl_settings(run_dir: Path, timeout_s: int) -> dict[str, str]:
-    """NCCL's own watchdog, made explicit and consistent with bfly's: a collective that does not finish
-    within dist.timeout_s tears the process down (async error handling, the default made explicit), with
-    the flight recorder's record of the last collectives dumped into run.dir/hang/ first; the monitor
-    that kills a process whose NCCL watchdog itself is stuck waits a minute longer. bfly's watchdog
-    (run.hang_timeout_s, below dist.timeout_s) normally names the hang first and saves the flight
-    recorder's record itself (dump_nccl_trace)."""
-    trace = str(run_dir / "hang" / "nccl-trace-rank")  # NCCL appends the rank
-    return {
-        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",  # tear down the process on a failed or timed-out collective
-        "TORCH_NCCL_BLOCKING_WAIT": "0",  # the watchdog, not a blocking wait, times collectives out
-        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # flight recorder: the last 2000 collectives
-        "TORCH_FR_BUFFER_SIZE": "2000",
-        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": trace,
-        "TORCH_FR_DUMP_TEMP_FILE": trace,
-        "TORCH_NCCL_ENABLE_MONITORING": "1",
-        "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(timeout_s + 60),
-    }
-
-
-def configure_nccl(run_dir: Path, timeout_s: int) -> dict[str, str]:
-    """Before the NCCL process group starts; a variable the user set wins. Returns the settings in effect."""
-    (run_dir / "hang").mkdir(parents=True, exist_ok=True)
-    return set_defaults(nccl_settings(run_dir, timeout_s))
-
-
-def dump_nccl_trace(path: Path) -> bool:
-    """The NCCL flight recorder's record of this process's collectives (readable with torch's
-    `torchfrtrace`); False without NCCL."""
-    try:
-        import torch.distributed as dist
-
-        if not (dist.is_initialized() and dist.get_backend() == "nccl"):
-            return False
-        from torch._C import _distributed_c10d
-
-        path.write_bytes(_distributed_c10d._dump_nccl_trace())  # type: ignore[attr-defined]
-        return True
-    except Exception:  # a diagnostic: never in the way of ending the job
-        return False
-
-
-# --- processes seen through /proc ----------------------------------------------------------------------
-
-STATES = {
-    "R": "running",
-    "S": "sleeping",
-    "T": "stopped",
-    "t": "stopped (traced)",
-    "Z": "dead (zombie)",
-    "X": "dead",
-    "D": "in uninterruptible I/O",
-}
-
-
-def proc_state(pid: int) -> str | None:
-    """The state letter of a local process (R, S, D, T, Z, ...), None when there is none."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+            self.store.set(self._key(self.env.rank), json.dumps(mine))
+            others = [r for r in range(self.env.world_size) if r != self.env.rank]
+            present = [self._key(r) for r in others if r in seen or self.store.check([self._key(r)])]
+            for raw in self.store.multi_get(present) if present else []:
+                record = json.loads(bytes(raw))
+                old = seen.get(record["rank"])
+                if old is None or old.record["seq"] != record["seq"]:
+                    seen[record["rank"]] = Seen(record, now)
+            if self.store.check([f"{self.prefix}/hang"]):
+                return bytes(self.store.get(f"{self.prefix}/hang")).decode()
+        except Exception:  # the store's host is stopped or gone: judge on what was seen last
+            return None
         return None
-    return stat.rsplit(")", 1)[1].split()[0]
 
+    def declare(self, line: str) -> None:
+        """Tells the other ranks (they read it at their next poll)."""
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self.store.set(f"{self.prefix}/hang", line)
 
-def forked_children(pid: int | None = None) -> list[int]:
-    """This process's forked children (DataLoader workers: same command line), from /proc."""
-    pid = pid or os.getpid()
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    def _key(self, rank: int) -> str:
+        return f"{self.prefix}/rank{rank}"
+
+    def _connect(self) -> Any:
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        host, port = self.address  # type: ignore[misc]
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and Path(f"/proc/{entry}/cmdline").read_bytes() == cmdline:
-                kids.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return sorted(kids)
+            return TCPStore(
+                host, port, is_master=False, timeout=timedelta(seconds=self.timeout_s), wait_for_workers=False
+            )
+        except Exception:  # not up yet (rank 0 hosts it once it reaches the rendezvous)
+            return None
 
 
-# --- the watchdog --------------------------------------------------------------------------------------
+class StopSignals:
+    """Stop signals, as they arrive, on a pipe the thread reads: Python runs signal handlers in the main
+    thread only, and not while it is blocked in C code (a collective, the rendezvous). The C-level
+    handler writes the wakeup file descriptor even then."""
 
+    def __init__(self) -> None:
+        self._fds: tuple[int, int] | None = None
+        self._previous = -1
 
-@dataclass
-class Seen:
-    """Another rank's record and when (on this clock) it last changed."""
+    def watch(self) -> None:
+        """From the main thread (elsewhere: nothing is watched)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            self._previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(r)
+            os.close(w)
+            return
+        self._fds = (r, w)
 
-    record: dict[str, Any]
-    changed: float
+    def arrived(self) -> str | None:
+        """The name of the first stop signal that arrived since the last call, if any."""
+        if not self._fds:
+            return None
+        try:
+            data = os.read(self._fds[0], 512) if select.select([self._fds[0]], [], [], 0)[0] else b""
+        except OSError:
+            return None
+        stops = [int(s) for s in STOP_SIGNALS]
+        return next((signal.Signals(num).name for num in data if num in stops), None)
+
+    def close(self) -> None:
+        if self._fds and threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(self._previous)
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = None
 
 
 class Watchdog:
+    """A daemon thread per process: every poll it publishes this rank's heartbeat, reads the others', judges
+    (bfly.job.hang), and ends the process on a hang or a stop it cannot honour in time."""
+
     def __init__(
         self,
         beat: Heartbeat,
@@ -275,19 +184,18 @@ class Watchdog:
         self.beat, self.env, self.limits, self.run_dir = beat, env, limits, run_dir
         self.address, self.hint = address, hint
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.prefix = f"bfly/watchdog/{restart_count()[0]}"
+        prefix = f"bfly/watchdog/{restart_count()[0]}"
+        self.link = StoreLink(address, prefix, env, max(limits.poll_s, 2.0))
         self.on_hang: list[Callable[[str], None]] = []  # rank 0: the wandb sink
         # Every rank, just before it exits with EXIT_HANG, with the line that says why: attempts.jsonl's end.
         self.before_exit: list[Callable[[str], None]] = []
         self.declared: str | None = None  # the hang line, once declared
-        self.store: Any = None
         self.seen: dict[int, Seen] = {}
         self.started = time.monotonic()
         self.stop_signal: tuple[str, float] | None = None
         self._seq = 0
         self._closed = threading.Event()
-        self._wakeup: tuple[int, int] | None = None
-        self._previous_wakeup = -1
+        self._signals = StopSignals()
         self._thread = threading.Thread(target=self._run, name="bfly-watchdog", daemon=True)
 
     @classmethod
@@ -297,26 +205,12 @@ class Watchdog:
         if hint and env.is_main:
             print(f"warning: {hint}", file=sys.stderr, flush=True)
         dog = cls(beat, env, limits, run_dir, store_address(env), hint)
-        dog._watch_signals()
+        if limits.stop_grace_s > 0:
+            dog._signals.watch()
         if caught:
             dog.stop_signal = (caught, time.monotonic())
         dog._thread.start()
         return dog
-
-    def _watch_signals(self) -> None:
-        """Stop signals, as they arrive, on a pipe the thread reads: Python runs signal handlers in the main
-        thread only, and not while it is blocked in C code (a collective, the rendezvous)."""
-        if self.limits.stop_grace_s <= 0 or threading.current_thread() is not threading.main_thread():
-            return
-        r, w = os.pipe()
-        os.set_blocking(w, False)
-        try:
-            self._previous_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        except ValueError:
-            os.close(r)
-            os.close(w)
-            return
-        self._wakeup = (r, w)
 
     def close(self) -> None:
         """The trainer is done (its outcome decided): the watchdog stops judging."""
@@ -324,11 +218,7 @@ class Watchdog:
         self._thread.join(timeout=5)
         with contextlib.suppress(Exception):
             faulthandler.cancel_dump_traceback_later()
-        if self._wakeup and threading.current_thread() is threading.main_thread():
-            signal.set_wakeup_fd(self._previous_wakeup)
-            for fd in self._wakeup:
-                os.close(fd)
-            self._wakeup = None
+        self._signals.close()
 
     def settle(self) -> bool:
         """After a failed collective: True when a hang is declared (within one poll, if this rank was stalled
@@ -355,13 +245,31 @@ class Watchdog:
                 print(f"bfly.train: watchdog error [rank {self.env.rank}]: {e!r}", file=sys.stderr, flush=True)
 
     def _tick(self, now: float) -> None:
-        self._read_signals(now)
-        beat = self.beat
-        idle, limit = now - beat.since, beat.limit(self.limits)
+        caught = self._signals.arrived()
+        if caught and self.stop_signal is None:
+            self.stop_signal = (caught, now)
         if self.limits.hang_s > 0:
             # Backstop for a main thread that holds the GIL while stuck (this thread could not run): the
             # interpreter's own timer prints every thread's stack and exits.
-            faulthandler.dump_traceback_later(max(limit - idle, 0) + 120 + 5 * self.limits.poll_s, exit=True)
+            left = max(self.beat.limit(self.limits) - (now - self.beat.since), 0)
+            faulthandler.dump_traceback_later(left + 120 + 5 * self.limits.poll_s, exit=True)
+        mine = self._record(now)
+        self.seen[self.env.rank] = Seen(mine, now)
+        declared = self.link.exchange(mine, self.seen, now)
+        if declared:
+            self._end(declared)
+        if self.stop_signal and self.limits.stop_grace_s > 0:
+            name, at = self.stop_signal
+            if now - at > self.limits.stop_grace_s:
+                self._end_unstoppable(name, now - at, mine)
+        verdict = judge(self.view(now), self.limits)
+        if verdict:
+            self._end(verdict.line(self.run_dir / "hang", self.hint))
+
+    def _record(self, now: float) -> dict[str, Any]:
+        """This rank's heartbeat as published: what the other ranks judge it by."""
+        beat = self.beat
+        idle, limit = now - beat.since, beat.limit(self.limits)
         mine = {
             "seq": self._seq,
             "rank": self.env.rank,
@@ -376,169 +284,49 @@ class Watchdog:
         if beat.phase in ("data", "eval") and idle > limit / 2:
             mine["workers"] = [[pid, proc_state(pid)] for pid in forked_children()]
         self._seq += 1
-        self.seen[self.env.rank] = Seen(mine, now)
-        verdict = self._exchange(mine, now)
-        if verdict:
-            self._end(verdict)
-        if self.stop_signal and self.limits.stop_grace_s > 0:
-            name, at = self.stop_signal
-            if now - at > self.limits.stop_grace_s:
-                self._end_unstoppable(name, now - at, mine)
-        if self.limits.hang_s > 0:
-            line = self._judge(now)
-            if line:
-                self._end(line)
+        return mine
 
-    def _read_signals(self, now: float) -> None:
-        if not self._wakeup:
-            return
-        try:
-            data = os.read(self._wakeup[0], 512) if _readable(self._wakeup[0]) else b""
-        except OSError:
-            return
-        for num in data:
-            if num in [int(s) for s in STOP_SIGNALS] and self.stop_signal is None:
-                self.stop_signal = (signal.Signals(num).name, now)
-
-    def _exchange(self, mine: dict[str, Any], now: float) -> str | None:
-        """Publishes this rank's record, reads the others'; returns another rank's hang verdict if one is set."""
-        if self.address is None or self.env.world_size == 1:
-            return None
-        if self.store is None:
-            self.store = self._connect()
-            if self.store is None:
-                return None
-        try:
-            self.store.set(f"{self.prefix}/rank{self.env.rank}", json.dumps(mine))
-            others = [r for r in range(self.env.world_size) if r != self.env.rank]
-            present = [
-                f"{self.prefix}/rank{r}" for r in others if r in self.seen or self._has(f"{self.prefix}/rank{r}")
-            ]
-            for raw in self.store.multi_get(present) if present else []:
-                record = json.loads(bytes(raw))
-                old = self.seen.get(record["rank"])
-                if old is None or old.record["seq"] != record["seq"]:
-                    self.seen[record["rank"]] = Seen(record, now)
-            if self.store.check([f"{self.prefix}/hang"]):
-                return bytes(self.store.get(f"{self.prefix}/hang")).decode()
-        except Exception:  # the store's host is stopped or gone: judge on what was seen last
-            return None
-        return None
-
-    def _has(self, key: str) -> bool:
-        return bool(self.store.check([key]))
-
-    def _connect(self) -> Any:
-        from datetime import timedelta
-
-        from torch.distributed import TCPStore
-
-        host, port = self.address  # type: ignore[misc]
-        try:
-            return TCPStore(
-                host, port, is_master=False, timeout=timedelta(seconds=max(self.limits.poll_s, 2.0)),
-                wait_for_workers=False,
-            )  # fmt: skip
-        except Exception:  # not up yet (rank 0 hosts it once it reaches the rendezvous)
-            return None
-
-    def stalled_for(self, rank: int, now: float, steady: bool = False) -> tuple[float, float]:
-        """(seconds since `rank` last made progress, its limit), as seen from here. steady: the limit of a
-        training step, not the longer one of a checkpoint write (see _judge)."""
-        seen = self.seen.get(rank)
-        if seen is None:  # never heard of: not started, or cannot reach the store
-            return now - self.started, self.limits.startup_s
-        age = seen.record["idle"] + (now - seen.changed)
-        if self.frozen(rank, now) and rank in self.seen:
-            # Its own limit is as old as its last record (perhaps from its first steps): the ranks move in
-            # step, so this rank's step limit stands for it.
-            return age, self.beat.steady_limit(self.limits)
-        return age, seen.record["steady" if steady else "limit"]
-
-    def frozen(self, rank: int, now: float) -> bool:
-        """Its heartbeat stopped being published (stopped, dead, or unreachable)."""
-        if rank == self.env.rank:
-            return False
-        seen = self.seen.get(rank)
-        return seen is None or now - seen.changed > 3 * self.limits.poll_s + 2
-
-    def _judge(self, now: float) -> str | None:
-        """The hang line when no rank has made progress within its limit, else None."""
-        ranks = range(self.env.world_size)
-        frozen = [r for r in ranks if self.frozen(r, now)]
-        # A rank whose heartbeat stopped (a stopped or dead process) will not finish what it was doing: the
-        # others, waiting for it, get no longer limit for being in a checkpoint.
-        stalled = {r: self.stalled_for(r, now, steady=bool(frozen)) for r in ranks}
-        if any(age <= limit for age, limit in stalled.values()):
-            return None
-        busy = [r for r in ranks if r in self.seen and self.seen[r].record["phase"] not in WAITING]
-        steps = {r: self.seen[r].record["step"] for r in ranks if r in self.seen}
-        behind = [r for r in steps if steps[r] == min(steps.values())] if len(set(steps.values())) > 1 else []
-        culprits = frozen or busy or behind or list(ranks)
-        age, limit = min(stalled.values())  # the rank that moved last, and its limit
-        named = "; ".join(self._describe(r, stalled[r][0], r in frozen) for r in culprits)
-        line = (
-            f"hang: no rank has made progress for {age:.0f} s (limit {limit:.0f} s); "
-            f"stalled: {named}; stacks of the live processes in {self.run_dir / 'hang'}; "
-            f"ending the job (exit {EXIT_HANG})"
+    def view(self, now: float) -> View:
+        """What this rank knows at `now`, the /proc state of frozen ranks on this host included."""
+        view = View(
+            self.env.rank,
+            self.env.world_size,
+            self.host,
+            self.seen,
+            now,
+            self.started,
+            self.beat.steady_limit(self.limits),
+            store=f"{self.address[0]}:{self.address[1]}" if self.address else "",
         )
-        startup = any(r not in self.seen or self.seen[r].record["phase"] in ("startup", "rendezvous") for r in culprits)
-        if startup and self.hint:
-            line += f"; {self.hint}"
-        return line
+        local = [r for r in frozen_ranks(view, self.limits) if r in self.seen and self._is_local(r)]
+        return replace(view, states={r: proc_state(self.seen[r].record["pid"]) for r in local})
 
-    def _describe(self, rank: int, age: float, frozen: bool) -> str:
-        seen = self.seen.get(rank)
-        if seen is None:
-            where = f" at {self.address[0]}:{self.address[1]}" if self.address else ""
-            return f"rank {rank} sent no heartbeat (not started, or cannot reach the rendezvous store{where})"
-        rec = seen.record
-        who = f"rank {rank} ({rec['host']}, pid {rec['pid']})"
-        if frozen:
-            local = rec["host"] == self.host
-            state = proc_state(rec["pid"]) if local else None
-            if state is None and local:
-                who += " is gone"
-            elif state is not None:
-                verdict = STATES[state] if state in "TtZX" else "not responding"
-                who += f" is {verdict} (process state {state})"
-            else:
-                who += " is not responding (stopped, dead or unreachable)"
-        phase = {
-            "startup": "has not reached the rendezvous (start-up)",
-            "rendezvous": "in the rendezvous",
-            "data": "waiting for data",
-        }.get(rec["phase"], f"in {rec['phase']}")
-        workers = rec.get("workers") or []
-        if rec["phase"] == "data" and workers:
-            phase += " from loader worker(s) " + ", ".join(
-                f"pid {pid} ({STATES.get(state, state) if state else 'gone'})" for pid, state in workers
-            )
-        return f"{who}, {phase}, last step {rec['step']}, {age:.0f} s since its last progress"
+    def _is_local(self, rank: int) -> bool:
+        return self.seen[rank].record["host"] == self.host
 
     # --- ending ---
 
     def _end(self, line: str) -> None:
         """Writes this process's stacks; the first live rank reports `line`; then the process ends."""
         self.declared = line
-        now = time.monotonic()
-        live = [r for r in range(self.env.world_size) if not self.frozen(r, now)]
+        view = self.view(time.monotonic())
+        frozen = frozen_ranks(view, self.limits)
+        live = [r for r in range(self.env.world_size) if r not in frozen]
         reporter = min(live, default=self.env.rank) == self.env.rank
-        if self.store is not None:
-            with contextlib.suppress(Exception):
-                self.store.set(f"{self.prefix}/hang", line)
+        self.link.declare(line)
         dumped = self.dump(line)
         if reporter:
             print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
-            self._append_to_log(line)
+            append_to_train_log(self.run_dir, line)
             for callback in self.on_hang:
-                _bounded(functools.partial(callback, line), 20)
+                bounded(functools.partial(callback, line), 20)
         elif not dumped:
             print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
-        self._end_stopped_peers(now)
+        # A stopped trainer of this job on this host is ended here (it can run nothing, not even a handler).
+        kill_stopped(self.seen[r].record["pid"] for r in frozen if r in self.seen and self._is_local(r))
         # Let the other ranks read the verdict (this process may host the store) before ending.
         time.sleep(self.limits.poll_s + 2 if self.env.world_size > 1 else 0)
-        self._exit()
+        exit_hang(self.before_exit, line)
 
     def _end_unstoppable(self, signal_name: str, waited: float, mine: dict[str, Any]) -> None:
         line = (
@@ -550,77 +338,16 @@ class Watchdog:
         self.declared = line
         self.dump(line)
         print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
-        self._exit()
-
-    def _end_stopped_peers(self, now: float) -> None:
-        """A stopped trainer of this job on this host (state T: it can run nothing, not even a signal handler)
-        is ended here; its launcher would wait 30 s more (torchrun) or forever (a plain process)."""
-        try:
-            mine = Path("/proc/self/cmdline").read_bytes()
-        except OSError:
-            return
-        for rank in range(self.env.world_size):
-            rec = self.seen[rank].record if rank in self.seen else None
-            if not rec or rank == self.env.rank or rec["host"] != self.host or not self.frozen(rank, now):
-                continue
-            with contextlib.suppress(OSError):
-                if proc_state(rec["pid"]) in ("T", "t") and Path(f"/proc/{rec['pid']}/cmdline").read_bytes() == mine:
-                    os.kill(rec["pid"], signal.SIGKILL)
+        exit_hang(self.before_exit, line)
 
     @property
     def dump_path(self) -> Path:
         return self.run_dir / "hang" / f"rank{self.env.rank}-{self.host}.txt"
 
     def dump(self, line: str) -> bool:
-        """Every thread's stack (the main thread's too, wherever it is stuck) into run.dir/hang/."""
-        path = self.dump_path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w") as f:
-                beat = self.beat
-                f.write(f"{line}\n\nrank {self.env.rank} on {self.host}, pid {self.pid}: phase {beat.phase}, ")
-                f.write(f"step {beat.step}, {time.monotonic() - beat.since:.0f} s since its last progress\n")
-                kids = forked_children()
-                if kids:
-                    f.write("loader workers: " + ", ".join(f"pid {p} (state {proc_state(p)})" for p in kids) + "\n")
-                f.write("\n")
-                f.flush()
-                faulthandler.dump_traceback(f, all_threads=True)
-            dump_nccl_trace(path.with_name(f"nccl-rank{self.env.rank}-{self.host}.pkl"))
-            return True
-        except OSError:
-            faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        """Every thread's stack (the main thread's too, wherever it is stuck) into run.dir/hang/, and the NCCL
+        flight recorder's record beside it."""
+        if not write_stacks(self.dump_path, line, self.beat, f"rank {self.env.rank} on {self.host}, pid {self.pid}"):
             return False
-
-    def _append_to_log(self, line: str) -> None:
-        with contextlib.suppress(OSError):
-            with open(self.run_dir / "train.log", "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
-
-    def _exit(self) -> None:
-        """Ends this process now, from this thread: the main thread may never return from where it is stuck.
-        Loader workers go first (a stopped one would stay stopped forever). The status is recorded for the
-        launcher's retry decision first (bfly.retry: a hang is retried, unlike a user error)."""
-        retry.record_exit(EXIT_HANG)
-        for callback in self.before_exit:
-            _bounded(functools.partial(callback, self.declared or "a stop that could not be honoured"), 10)
-        for pid in forked_children():
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(EXIT_HANG)
-
-
-def _readable(fd: int) -> bool:
-    import select
-
-    return bool(select.select([fd], [], [], 0)[0])
-
-
-def _bounded(fn: Callable[[], None], seconds: float) -> None:
-    """Runs `fn` in a thread for at most `seconds` (a report to wandb must not keep a hung job alive)."""
-    t = threading.Thread(target=fn, daemon=True)
-    t.start()
-    t.join(seconds)
+        dump_nccl_trace(self.dump_path.with_name(f"nccl-rank{self.env.rank}-{self.host}.pkl"))
+        return True

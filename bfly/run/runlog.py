@@ -75,7 +75,7 @@ class RunLog:
         """train.log only (an error the caller prints itself)."""
         if not self.is_main:
             return
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n"
+        line = stamped(msg)
         if self._log is None:
             self._pending.append(line)
             return
@@ -130,6 +130,22 @@ class RunLog:
             self._end_progress()
             with contextlib.suppress(OSError):
                 self._log.close()
+
+
+def stamped(msg: str) -> str:
+    """A line of train.log: local time, then the message."""
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n"
+
+
+def append_to_train_log(run_dir: Path, msg: str) -> None:
+    """One stamped line at the end of run_dir/train.log, from outside the run's RunLog (the watchdog's
+    thread, the launcher's retry decision). Nothing when the run directory does not exist (yet) or the
+    line cannot be written: a full disk must not hide what is being reported."""
+    if not run_dir.is_dir():
+        return
+    with contextlib.suppress(OSError):
+        with open(run_dir / "train.log", "a") as f:
+            f.write(stamped(msg))
 
 
 def open_wandb(log: RunLog, mode: str, start: Callable[[], Sink]) -> Sink | None:

@@ -1,0 +1,162 @@
+"""The judgement: from what one rank knows of every rank's heartbeat, is the job hung, and who stalled?
+
+A pure function of its input (no clock, no /proc, no store): `judge(view, limits)` gives a `Verdict` or
+None. The rules:
+
+* a rank is frozen when its published record stopped changing for 3 polls + 2 s (a stopped or dead
+  process, or one that cannot reach the store); the judging rank itself never is;
+* each rank has made no progress for `age` seconds (its last record's idle time plus the time since it
+  changed; a rank never heard of: since the judging watchdog started, against the start-up limit) and
+  has a limit: the one its own record states for its phase (start-up, rendezvous, checkpoint and its
+  first WARM_STEPS steps: run.startup_timeout_s; otherwise the larger of run.hang_timeout_s and
+  STEP_MULTIPLE x its median step). A frozen rank's own limit is as old as its last record, so the
+  judging rank's step limit stands for it; and once any rank is frozen, the others are held to their
+  step limit, not the longer one of a checkpoint (a stopped peer will not let them finish it);
+* the job is hung when every rank's age is past its limit; a whole job resumed after a suspension
+  (every heartbeat old at once, then fresh again) is no hang, since the fresh records changed;
+* the stalled ranks are the frozen ones, else those busy in their own work (a phase that is not
+  waiting for another rank), else those furthest behind in steps, else all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bfly.core.stopping import EXIT_HANG
+from bfly.job.heartbeat import Limits
+
+WAITING = ("rendezvous", "forward-backward", "collective")  # phases that may be waiting for another rank
+STATES = {
+    "R": "running",
+    "S": "sleeping",
+    "T": "stopped",
+    "t": "stopped (traced)",
+    "Z": "dead (zombie)",
+    "X": "dead",
+    "D": "in uninterruptible I/O",
+}
+
+
+@dataclass
+class Seen:
+    """A rank's published record and when (on the judging rank's clock) it last changed."""
+
+    record: dict[str, Any]
+    changed: float
+
+
+@dataclass(frozen=True)
+class View:
+    """What the judging rank knows at `now`."""
+
+    rank: int  # the judging rank
+    world_size: int
+    host: str  # the judging rank's host
+    seen: Mapping[int, Seen]  # every rank's last record, the judging rank's own included
+    now: float
+    started: float  # when the judging rank's watchdog started
+    own_steady: float  # the judging rank's step limit (Heartbeat.steady_limit)
+    states: Mapping[int, str | None] = field(default_factory=dict)  # /proc state of frozen ranks on this host
+    store: str = ""  # the rendezvous store's host:port, named for a rank never heard of
+
+
+@dataclass(frozen=True)
+class Verdict:
+    stalled: tuple[int, ...]  # the ranks named as stalled
+    age: float  # seconds since the rank that moved last made progress
+    limit: float  # that rank's limit
+    named: str  # how the stalled ranks are described
+    startup: bool  # a stalled rank is in start-up or the rendezvous (or never heard of)
+
+    def line(self, hang_dir: Path, hint: str | None = None) -> str:
+        """The line printed, written to train.log and sent to wandb."""
+        line = (
+            f"hang: no rank has made progress for {self.age:.0f} s (limit {self.limit:.0f} s); "
+            f"stalled: {self.named}; stacks of the live processes in {hang_dir}; "
+            f"ending the job (exit {EXIT_HANG})"
+        )
+        return line + (f"; {hint}" if self.startup and hint else "")
+
+
+def is_frozen(view: View, rank: int, limits: Limits) -> bool:
+    """Its heartbeat stopped being published (stopped, dead, or unreachable)."""
+    if rank == view.rank:
+        return False
+    seen = view.seen.get(rank)
+    return seen is None or view.now - seen.changed > 3 * limits.poll_s + 2
+
+
+def frozen_ranks(view: View, limits: Limits) -> list[int]:
+    return [r for r in range(view.world_size) if is_frozen(view, r, limits)]
+
+
+def stalled_for(view: View, rank: int, limits: Limits, steady: bool = False) -> tuple[float, float]:
+    """(seconds since `rank` last made progress, its limit). steady: the limit of a training step, not
+    the longer one of a checkpoint write."""
+    seen = view.seen.get(rank)
+    if seen is None:  # never heard of: not started, or cannot reach the store
+        return view.now - view.started, limits.startup_s
+    age = seen.record["idle"] + (view.now - seen.changed)
+    if is_frozen(view, rank, limits):
+        # Its own limit is as old as its last record (perhaps from its first steps): the ranks move in
+        # step, so this rank's step limit stands for it.
+        return age, view.own_steady
+    return age, seen.record["steady" if steady else "limit"]
+
+
+def judge(view: View, limits: Limits) -> Verdict | None:
+    """The verdict when no rank has made progress within its limit, else None (and always None when hang
+    detection is off)."""
+    if limits.hang_s <= 0:
+        return None
+    ranks = range(view.world_size)
+    frozen = frozen_ranks(view, limits)
+    # A rank whose heartbeat stopped (a stopped or dead process) will not finish what it was doing: the
+    # others, waiting for it, get no longer limit for being in a checkpoint.
+    stalled = {r: stalled_for(view, r, limits, steady=bool(frozen)) for r in ranks}
+    if any(age <= limit for age, limit in stalled.values()):
+        return None
+    seen = view.seen
+    busy = [r for r in ranks if r in seen and seen[r].record["phase"] not in WAITING]
+    steps = {r: seen[r].record["step"] for r in ranks if r in seen}
+    behind = [r for r in steps if steps[r] == min(steps.values())] if len(set(steps.values())) > 1 else []
+    culprits = frozen or busy or behind or list(ranks)
+    age, limit = min(stalled.values())  # the rank that moved last, and its limit
+    named = "; ".join(describe(view, r, stalled[r][0], r in frozen) for r in culprits)
+    startup = any(r not in seen or seen[r].record["phase"] in ("startup", "rendezvous") for r in culprits)
+    return Verdict(tuple(culprits), age, limit, named, startup)
+
+
+def describe(view: View, rank: int, age: float, frozen: bool) -> str:
+    """A stalled rank as the hang line names it: who, where, in what state, doing what."""
+    seen = view.seen.get(rank)
+    if seen is None:
+        where = f" at {view.store}" if view.store else ""
+        return f"rank {rank} sent no heartbeat (not started, or cannot reach the rendezvous store{where})"
+    rec = seen.record
+    who = f"rank {rank} ({rec['host']}, pid {rec['pid']})"
+    if frozen:
+        who += _frozen_state(rec["host"] == view.host, view.states.get(rank))
+    phase = {
+        "startup": "has not reached the rendezvous (start-up)",
+        "rendezvous": "in the rendezvous",
+        "data": "waiting for data",
+    }.get(rec["phase"], f"in {rec['phase']}")
+    workers = rec.get("workers") or []
+    if rec["phase"] == "data" and workers:
+        phase += " from loader worker(s) " + ", ".join(
+            f"pid {pid} ({STATES.get(state, state) if state else 'gone'})" for pid, state in workers
+        )
+    return f"{who}, {phase}, last step {rec['step']}, {age:.0f} s since its last progress"
+
+
+def _frozen_state(local: bool, state: str | None) -> str:
+    """What is known of a frozen rank's process: its /proc state where it runs on this host."""
+    if not local:
+        return " is not responding (stopped, dead or unreachable)"
+    if state is None:
+        return " is gone"
+    return f" is {STATES[state] if state in 'TtZX' else 'not responding'} (process state {state})"
