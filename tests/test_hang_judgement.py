@@ -10,7 +10,7 @@ and steady_limit, built here from a real Heartbeat), so the warm-up and step-tim
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -61,6 +61,7 @@ class Case:
     states: dict[int, str | None] = field(default_factory=dict)  # /proc states of frozen ranks on this host
     started_ago: float = 1_000
     own_steady: float = STEADY
+    last_poll_ago: float = 1.0  # the judging rank's previous poll
 
     def view(self) -> View:
         seen = {r: Seen(rec, NOW - self.changed_ago.get(r, 0.0)) for r, rec in self.records.items()}
@@ -74,6 +75,7 @@ class Case:
             self.own_steady,
             self.states,
             "node-a:29500",
+            NOW - self.last_poll_ago,
         )
 
 
@@ -220,7 +222,17 @@ TABLE: dict[str, tuple[Case, tuple[int, ...] | None, list[str]]] = {
         None,
         [],
     ),
-    "a resumed job's fresh records after every rank's were old at once: no hang": (
+    "a whole job resumed after a suspension, at its first poll (every record old at once): no hang": (
+        Case(
+            {0: record(0, "collective", idle=300), 1: record(1, "forward-backward", idle=0.5)},
+            changed_ago={1: 300},
+            states={1: "R"},
+            last_poll_ago=300,
+        ),
+        None,
+        [],
+    ),
+    "a whole job resumed after a suspension, at its next poll (the records fresh): no hang": (
         Case({0: record(0, "forward-backward", idle=0.2), 1: record(1, "forward-backward", idle=0.3)}),
         None,
         [],
@@ -263,6 +275,16 @@ def test_a_start_up_hang_carries_the_restart_hint_and_a_training_one_does_not():
     training, _, _ = TABLE["one rank behind the others, all waiting, is the one named"]
     assert judge(startup.view(), LIMITS).line(Path("h"), "export X").endswith("; export X")  # type: ignore[union-attr]
     assert "export X" not in judge(training.view(), LIMITS).line(Path("h"), "export X")  # type: ignore[union-attr]
+
+
+def test_the_same_old_records_are_a_hang_when_the_judging_rank_polled_on_time():
+    resumed, _, _ = TABLE[
+        "a whole job resumed after a suspension, at its first poll (every record old at once): no hang"
+    ]
+    case = replace(resumed, last_poll_ago=3 * LIMITS.poll_s + 2)  # late, but not as late as a stopped process
+    verdict = judge(case.view(), LIMITS)
+    assert verdict is not None and verdict.stalled == (1,)
+    assert "is not responding (process state R)" in verdict.named
 
 
 def test_no_hang_is_judged_when_hang_detection_is_off():

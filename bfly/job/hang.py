@@ -12,8 +12,10 @@ None. The rules:
   STEP_MULTIPLE x its median step). A frozen rank's own limit is as old as its last record, so the
   judging rank's step limit stands for it; and once any rank is frozen, the others are held to their
   step limit, not the longer one of a checkpoint (a stopped peer will not let them finish it);
-* the job is hung when every rank's age is past its limit; a whole job resumed after a suspension
-  (every heartbeat old at once, then fresh again) is no hang, since the fresh records changed;
+* the job is hung when every rank's age is past its limit;
+* but not judged at a poll that comes late, 3 polls + 2 s after the judging rank's previous one: its own
+  process was stopped (Ctrl-Z, a suspended SLURM job), and every record is old for that reason alone.
+  The next poll judges the records published after the job went on;
 * the stalled ranks are the frozen ones, else those busy in their own work (a phase that is not
   waiting for another rank), else those furthest behind in steps, else all.
 """
@@ -61,6 +63,7 @@ class View:
     own_steady: float  # the judging rank's step limit (Heartbeat.steady_limit)
     states: Mapping[int, str | None] = field(default_factory=dict)  # /proc state of frozen ranks on this host
     store: str = ""  # the rendezvous store's host:port, named for a rank never heard of
+    last_poll: float | None = None  # when the judging rank polled before `now` (None: not known)
 
 
 @dataclass(frozen=True)
@@ -81,12 +84,17 @@ class Verdict:
         return line + (f"; {hint}" if self.startup and hint else "")
 
 
+def stale_after(limits: Limits) -> float:
+    """Seconds without a new record (or, for the judging rank, without a poll) that mean it was stopped."""
+    return 3 * limits.poll_s + 2
+
+
 def is_frozen(view: View, rank: int, limits: Limits) -> bool:
     """Its heartbeat stopped being published (stopped, dead, or unreachable)."""
     if rank == view.rank:
         return False
     seen = view.seen.get(rank)
-    return seen is None or view.now - seen.changed > 3 * limits.poll_s + 2
+    return seen is None or view.now - seen.changed > stale_after(limits)
 
 
 def frozen_ranks(view: View, limits: Limits) -> list[int]:
@@ -109,8 +117,8 @@ def stalled_for(view: View, rank: int, limits: Limits, steady: bool = False) -> 
 
 def judge(view: View, limits: Limits) -> Verdict | None:
     """The verdict when no rank has made progress within its limit, else None (and always None when hang
-    detection is off)."""
-    if limits.hang_s <= 0:
+    detection is off, or this poll came late: the judging rank's own process was stopped)."""
+    if limits.hang_s <= 0 or (view.last_poll is not None and view.now - view.last_poll > stale_after(limits)):
         return None
     ranks = range(view.world_size)
     frozen = frozen_ranks(view, limits)

@@ -194,6 +194,7 @@ class Watchdog:
         self.started = time.monotonic()
         self.stop_signal: tuple[str, float] | None = None
         self._seq = 0
+        self._polled = self.started  # when the thread last polled
         self._closed = threading.Event()
         self._signals = StopSignals()
         self._thread = threading.Thread(target=self._run, name="bfly-watchdog", daemon=True)
@@ -245,6 +246,7 @@ class Watchdog:
                 print(f"bfly.train: watchdog error [rank {self.env.rank}]: {e!r}", file=sys.stderr, flush=True)
 
     def _tick(self, now: float) -> None:
+        last_poll, self._polled = self._polled, now
         caught = self._signals.arrived()
         if caught and self.stop_signal is None:
             self.stop_signal = (caught, now)
@@ -262,7 +264,7 @@ class Watchdog:
             name, at = self.stop_signal
             if now - at > self.limits.stop_grace_s:
                 self._end_unstoppable(name, now - at, mine)
-        verdict = judge(self.view(now), self.limits)
+        verdict = judge(replace(self.view(now), last_poll=last_poll), self.limits)
         if verdict:
             self._end(verdict.line(self.run_dir / "hang", self.hint))
 
