@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-MINI_ROOT = Path(__file__).resolve().parent.parent / "data" / "butterfly-mini"
+from bfly.tools.child import REPO, child_env, run
+
+MINI_ROOT = REPO / "data" / "butterfly-mini"
 
 # --- the CPU tier stays on the CPU ---
 
@@ -89,8 +91,7 @@ def mini_copy_meta(tmp_path: Path) -> Path:
 
 # --- end of data metadata / transforms fixtures ---
 
-# --- training fixtures (lead) ---
-REPO = Path(__file__).resolve().parent.parent
+# --- training fixtures ---
 PYTHON = sys.executable
 
 
@@ -218,23 +219,18 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}, **extra)
+    """The test tier's environment for a child process (bfly.tools.child.child_env): one thread per
+    process, no rank of this process's own."""
+    env = child_env(None, OMP_NUM_THREADS="1", **extra)
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
 
 
 def run_python(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python ARGS` from the repository root, output captured, in the test tier's environment unless `env`."""
-    return subprocess.run(
-        [PYTHON, *args],
-        cwd=REPO,
-        env=subprocess_env() if env is None else env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """`python ARGS` from the repository root, output captured, in the test tier's environment unless `env`;
+    every process it started is ended with it (bfly.tools.child.run, as the GPU check runs its commands)."""
+    return run([PYTHON, *args], timeout, subprocess_env() if env is None else env)
 
 
 def torchrun(

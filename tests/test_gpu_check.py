@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from bfly.tools import cells, gpu_check
-from bfly.tools.cells import Cell, Outcome, run_cells
+from bfly.tools.cells import Cell, CellOutcome, run_cells
 from bfly.tools.throughput import Row
 
 from conftest import REPO, run_python, subprocess_env
@@ -163,7 +163,7 @@ def test_a_child_process_that_overruns_is_killed_at_the_cells_deadline(tmp_path)
     def child_cell(run) -> list[Row]:
         with gpu_check.Child(["sleep", "300"], tmp_path / "child.log", ctx) as child:
             pids.append(child.proc.pid)
-            child.finish(run.left())
+            child.wait(run.left())
         return []
 
     (out,) = run_cells(
@@ -206,7 +206,7 @@ run_cells([Cell("stuck", "stuck", 1, stuck), Cell("after", "after", 0, lambda ru
 """
 
 
-def test_a_cell_stuck_outside_python_is_ended_by_the_watchdog_with_json_and_verdict(tmp_path):
+def test_a_cell_stuck_outside_python_is_ended_by_its_guard_with_json_and_verdict(tmp_path):
     start = time.monotonic()
     proc = run_python("-c", STUCK, str(tmp_path), timeout=60)
     took = time.monotonic() - start
@@ -255,8 +255,8 @@ def test_sigterm_during_a_cell_still_writes_the_json_and_the_verdict(tmp_path):
     assert result["finished"] is True and result["cells"][0]["status"] == "stopped"
 
 
-def outcome(key: str, status: str = "ok", rows: list[Row] | None = None, error: str = "") -> Outcome:
-    return Outcome(key, key, 1, status, 1.0, error, rows or [])
+def outcome(key: str, status: str = "ok", rows: list[Row] | None = None, error: str = "") -> CellOutcome:
+    return CellOutcome(key, key, 1, status, 1.0, error, rows or [])
 
 
 def speed_rows(ratio: float, e2e: float, img_s: float) -> list[Row]:

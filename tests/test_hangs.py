@@ -25,11 +25,11 @@ from bfly.core.config import load_config
 from bfly.core.env import StallHook, stall_hooks
 from bfly.core.stopping import EXIT_HANG
 from bfly.job.watchdog import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, configure_nccl, nccl_settings
+from bfly.tools.child import descendants
 
 from conftest import PYTHON, REPO, read_jsonl
 from probes.fault_launch import (
     Launch,
-    _descendants,
     assert_same_weights,
     fault_args,
     progress_step,
@@ -119,7 +119,7 @@ def test_a_single_process_stalled_in_its_data_path_is_named_dumped_and_ended(tin
     run = tmp_path / "run"
     launch = Launch(train_cmd(hang_args(tiny_data, run)), timeout=240, env=stall(0, "data"))
     launch.wait_step(STALL_STEP - 1)
-    pids = [launch.proc.pid, *_descendants(launch.proc.pid)]
+    pids = [launch.proc.pid, *descendants(launch.proc.pid)]
     stalled = time.monotonic()
     assert launch.wait(HANG_S * STEP_MULTIPLE + 120) == EXIT_HANG, launch.output[-4000:]
     took = time.monotonic() - stalled
@@ -188,7 +188,7 @@ def hang_and_resume(data: Path, run: Path, ref: Path, env: dict[str, str], act=N
     Returns the hang line and the seconds from the stall to the end."""
     launch = Launch(torchrun_cmd(2, hang_args(data, run)), timeout=480, env=env)
     launch.wait_step(STALL_STEP - 1)
-    pids = [launch.proc.pid, *_descendants(launch.proc.pid)]
+    pids = [launch.proc.pid, *descendants(launch.proc.pid)]
     if act:
         act(launch)
     stalled = time.monotonic()
@@ -245,7 +245,7 @@ def test_a_stopped_loader_worker_is_named_with_its_pid(tiny_data, tmp_path, ref2
 
     def sigstop_a_worker_of_rank_1(launch: Launch) -> None:
         trainer = launch.workers(2)[1]
-        workers = [p for p in _descendants(trainer) if Path(f"/proc/{p}/cmdline").read_bytes().count(b"bfly.train")]
+        workers = [p for p in descendants(trainer) if Path(f"/proc/{p}/cmdline").read_bytes().count(b"bfly.train")]
         stopped["pids"] = workers
         for pid in workers:  # both: the trainer cannot get its next batch from either
             os.kill(pid, signal.SIGSTOP)
@@ -297,7 +297,7 @@ def test_trainers_blocked_in_start_up_do_not_survive_their_agent(tiny_data, tmp_
         assert time.monotonic() < deadline, launch.output[-3000:]
         time.sleep(0.2)
     time.sleep(3)  # rank 0 in the rendezvous, rank 1 asleep before it
-    kids = [p for w in pids for p in _descendants(w)]
+    kids = [p for w in pids for p in descendants(w)]
     killed = time.monotonic()
     launch.proc.kill()
     launch.proc.wait(10)

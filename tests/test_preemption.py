@@ -74,7 +74,7 @@ def resume_and_compare(run: Path, ref: Path, data: Path, nproc: int) -> None:
 def test_sigterm_to_the_whole_process_group_of_a_ddp_job_with_loader_workers(tiny_data, tmp_path, ref2):
     """What SLURM does on preemption, `scancel` and `scontrol requeue`, and `timeout` for its child."""
     run = tmp_path / "run"
-    launch = Launch(torchrun_cmd(2, fault_args(tiny_data, run, **WORKERS)), timeout=300, group=True)
+    launch = Launch(torchrun_cmd(2, fault_args(tiny_data, run, **WORKERS)), timeout=300)
     stop_and_check(launch, run, 2, lambda: launch.signal_group(signal.SIGTERM), "SIGTERM")
     # torchrun's agent got the SIGTERM too: it exits through its own SignalException, whatever the workers say.
     resume_and_compare(run, ref2, tiny_data, 2)
@@ -125,7 +125,7 @@ MATRIX = [(sig, target) for sig in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2") f
 @pytest.mark.parametrize("sig,target", MATRIX, ids=[f"{s}-{t}" for s, t in MATRIX])
 def test_every_stop_signal_to_every_target_with_loader_workers(tiny_data, tmp_path, ref2, sig, target):
     run = tmp_path / "run"
-    launch = Launch(torchrun_cmd(2, fault_args(tiny_data, run, **WORKERS)), timeout=300, group=True)
+    launch = Launch(torchrun_cmd(2, fault_args(tiny_data, run, **WORKERS)), timeout=300)
     signum = getattr(signal, sig)
     # The agent dies of a SIGUSR1/2 (torchrun does not handle them): the trainers see the SIGTERM of
     # their parent's death (sent to the group, whichever of the two reaches them first).
@@ -141,9 +141,7 @@ def test_every_stop_signal_to_every_target_with_loader_workers(tiny_data, tmp_pa
 @pytest.mark.slow
 def test_sigterm_to_a_single_process_under_timeout_exits_75(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
-    launch = Launch(
-        ["timeout", "-s", "TERM", "1000", *train_cmd(fault_args(tiny_data, run, **WORKERS))], timeout=300, group=True
-    )
+    launch = Launch(["timeout", "-s", "TERM", "1000", *train_cmd(fault_args(tiny_data, run, **WORKERS))], timeout=300)
     rc = stop_and_check(launch, run, 1, lambda: launch.signal_group(signal.SIGTERM), "SIGTERM")
     assert rc == EXIT_STOPPED and "Traceback" not in launch.output
     resume_and_compare(run, ref1, tiny_data, 1)
@@ -152,7 +150,7 @@ def test_sigterm_to_a_single_process_under_timeout_exits_75(tiny_data, tmp_path,
 @pytest.mark.slow
 def test_a_second_signal_during_the_checkpoint_write_changes_nothing(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
-    launch = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300, group=True)
+    launch = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300)
 
     def twice() -> None:
         launch.signal_group(signal.SIGTERM)

@@ -4,7 +4,7 @@ Made for a GPU node's acceptance run that must end within a fixed time: the budg
 process's start (interpreter and imports included) and keeps a margin for the verdict. A cell runs
 only if its estimate fits in the time left, and never longer than that time (nor twice its estimate
 and 30 s): an alarm interrupts it, and if it does not return to Python within a grace period (a call
-stuck in C), a watchdog writes the JSON, calls `finish` and ends the process. A cell's rows are printed
+stuck in C), a guard thread writes the JSON, calls `finish` and ends the process. A cell's rows are printed
 the moment it ends, the JSON file is rewritten after every cell and whenever a cell reports partial
 rows (a time-out still leaves everything measured so far), a failing cell prints its traceback on
 stderr and the next cell runs. bfly.gpu_check defines the cells; this module knows nothing about GPUs.
@@ -27,7 +27,7 @@ from typing import Any
 from bfly.tools.throughput import Row, format_table
 
 VERDICT_MARGIN_S = 10.0  # kept at the end of the budget for the verdict and the last JSON
-GRACE_S = 10.0  # how long an interrupted cell may take to return before the watchdog ends the process
+GRACE_S = 10.0  # how long an interrupted cell may take to return before its guard ends the process
 
 
 class CellTimeout(BaseException):
@@ -49,7 +49,9 @@ class Cell:
 
 
 @dataclass
-class Outcome:
+class CellOutcome:
+    """How a cell went: its status, its rows, and how long it ran."""
+
     key: str
     title: str
     estimate_s: float
@@ -109,7 +111,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)  # a reader (or a time-out) never sees half a file
 
 
-def outcome_dict(o: Outcome) -> dict[str, Any]:
+def outcome_dict(o: CellOutcome) -> dict[str, Any]:
     return {
         "key": o.key,
         "title": o.title,
@@ -126,104 +128,133 @@ def _raise_timeout(signum: int, frame: object) -> None:
     raise CellTimeout
 
 
+class Ledger:
+    """The cells' outcomes and the JSON file that holds them; the main thread and a cell's guard thread
+    both write it."""
+
+    def __init__(
+        self,
+        cells: list[Cell],
+        budget_s: float,
+        json_path: Path,
+        header: Callable[[list[CellOutcome]], dict[str, Any]],
+        finish: Callable[[list[CellOutcome]], None],
+        started: float,
+    ):
+        self.outcomes = [CellOutcome(c.key, c.title, c.estimate_s) for c in cells]
+        self.budget_s, self.json_path, self.started = budget_s, json_path, started
+        self._header, self._finish = header, finish
+        self._lock = threading.Lock()
+
+    def save(self, finished: bool = False) -> None:
+        with self._lock:
+            data = self._header(self.outcomes) | {
+                "budget_s": self.budget_s,
+                "elapsed_s": round(time.monotonic() - self.started, 1),
+                "finished": finished,
+                "cells": [outcome_dict(o) for o in self.outcomes],
+            }
+            write_json_atomic(self.json_path, data)
+
+    def conclude(self) -> None:
+        """The last JSON and the verdict, whatever happened."""
+        self.save(True)
+        self._finish(self.outcomes)
+
+    def stopped(self, e: BaseException) -> None:
+        for out in self.outcomes:
+            if out.status in ("pending", "running"):
+                out.status, out.error = ("stopped", f"run stopped ({type(e).__name__})")
+
+
 def run_cells(
     cells: list[Cell],
     budget_s: float,
     json_path: Path,
-    header: Callable[[list[Outcome]], dict[str, Any]],
-    finish: Callable[[list[Outcome]], None] = lambda outcomes: None,
+    header: Callable[[list[CellOutcome]], dict[str, Any]],
+    finish: Callable[[list[CellOutcome]], None] = lambda outcomes: None,
     on_abort: Callable[[], None] = lambda: None,
     started: float | None = None,
-) -> list[Outcome]:
+) -> list[CellOutcome]:
     """Run `cells` in order (from the main thread). `header(outcomes)` gives the JSON's other fields;
     `finish(outcomes)` prints the verdict, once, whatever happens; `on_abort` ends what a stuck cell
-    started (child processes) before the watchdog exits. `started`: time.monotonic() of the process's
+    started (child processes) before the guard exits. `started`: time.monotonic() of the process's
     start (default: now minus its age)."""
     started = time.monotonic() - process_age_s() if started is None else started
     end = started + budget_s - VERDICT_MARGIN_S  # cells end by then
-    outcomes = [Outcome(c.key, c.title, c.estimate_s) for c in cells]
-    lock = threading.Lock()  # the watchdog and the main thread both write the JSON
+    ledger = Ledger(cells, budget_s, json_path, header, finish, started)
     done = threading.Event()
-
-    def save(finished: bool) -> None:
-        with lock:
-            data = header(outcomes) | {
-                "budget_s": budget_s,
-                "elapsed_s": round(time.monotonic() - started, 1),
-                "finished": finished,
-                "cells": [outcome_dict(o) for o in outcomes],
-            }
-            write_json_atomic(json_path, data)
-
-    def conclude() -> None:
-        save(True)
-        finish(outcomes)
-
     previous = signal.signal(signal.SIGALRM, _raise_timeout)
-    save(False)
+    ledger.save(False)
     try:
-        for cell, out in zip(cells, outcomes):
+        for cell, out in zip(cells, ledger.outcomes):
             now = time.monotonic()
-            left = end - now
-            if cell.estimate_s > left:
-                out.status = "skipped"
-                out.error = (
-                    f"{now - started:.0f}s spent + ~{cell.estimate_s:.0f}s estimated > budget {budget_s:.0f}s "
-                    f"less {VERDICT_MARGIN_S:.0f}s for the verdict"
-                )
-                print(f"\n== {cell.key}: skipped ({out.error})", flush=True)
-                save(False)
+            if _skipped(cell, out, now, end, ledger):
                 continue
-            out.limit_s = round(min(left, cell.limit_s()), 1)
+            out.limit_s = round(min(end - now, cell.limit_s()), 1)
             print(
                 f"\n== {cell.key}: {cell.title} (at {now - started:.0f}s, ~{cell.estimate_s:.0f}s, "
                 f"stopped after {out.limit_s:.0f}s)",
                 flush=True,
             )
 
-            def partial(rows: list[Row], out: Outcome = out) -> None:
+            def partial(rows: list[Row], out: CellOutcome = out) -> None:
                 out.rows = list(rows)
-                save(False)
+                ledger.save(False)
 
-            _run_one(cell, out, CellRun(now + out.limit_s, partial), save, conclude, on_abort, done)
+            _run_one(cell, out, CellRun(now + out.limit_s, partial), ledger, on_abort, done)
     except BaseException as e:  # SIGTERM (SystemExit) or ^C: the running cell is marked, the verdict still written
-        for out in outcomes:
-            if out.status in ("pending", "running"):
-                out.status, out.error = ("stopped", f"run stopped ({type(e).__name__})")
+        ledger.stopped(e)
         raise
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-        conclude()
-    return outcomes
+        ledger.conclude()
+    return ledger.outcomes
 
 
-def _run_one(
-    cell: Cell,
-    out: Outcome,
-    run: CellRun,
-    save: Callable[[bool], None],
-    conclude: Callable[[], None],
-    on_abort: Callable[[], None],
-    done: threading.Event,
+def _skipped(cell: Cell, out: CellOutcome, now: float, end: float, ledger: Ledger) -> bool:
+    """A cell whose estimate does not fit in the time left is skipped, and says why."""
+    if cell.estimate_s <= end - now:
+        return False
+    out.status = "skipped"
+    out.error = (
+        f"{now - ledger.started:.0f}s spent + ~{cell.estimate_s:.0f}s estimated > budget {ledger.budget_s:.0f}s "
+        f"less {VERDICT_MARGIN_S:.0f}s for the verdict"
+    )
+    print(f"\n== {cell.key}: skipped ({out.error})", flush=True)
+    ledger.save(False)
+    return True
+
+
+def _guard(
+    cell: Cell, out: CellOutcome, run: CellRun, ledger: Ledger, on_abort: Callable[[], None], done: threading.Event
 ) -> None:
-    out.status = "running"
-    save(False)
+    """Ends the check when the cell is stuck where the alarm cannot reach it (a C call): the JSON and the
+    verdict are written, what the cell started is ended, and the process exits 1."""
     t = time.monotonic()
-    done.clear()
 
-    def watchdog() -> None:
-        # The alarm only interrupts Python code: a cell stuck in a C call never sees it.
+    def guard() -> None:
         if done.wait(run.left() + GRACE_S):
             return
         out.status, out.seconds = "timeout", round(time.monotonic() - t, 1)
         out.error = f"still running {GRACE_S:.0f}s after its {out.limit_s:.0f}s; the check was ended"
         print(f"bfly: cell {cell.key} did not stop at its time limit; ending the check", file=sys.stderr, flush=True)
         on_abort()
-        conclude()
+        ledger.conclude()
         os._exit(1)
 
-    threading.Thread(target=watchdog, name=f"watchdog-{cell.key}", daemon=True).start()
+    threading.Thread(target=guard, name=f"guard-{cell.key}", daemon=True).start()
+
+
+def _run_one(
+    cell: Cell, out: CellOutcome, run: CellRun, ledger: Ledger, on_abort: Callable[[], None], done: threading.Event
+) -> None:
+    out.status = "running"
+    ledger.save(False)
+    t = time.monotonic()
+    done.clear()
+    _guard(cell, out, run, ledger, on_abort, done)
     signal.setitimer(signal.ITIMER_REAL, max(run.left(), 0.001))
     try:
         out.rows = cell.run(run) or out.rows
@@ -249,7 +280,7 @@ def _run_one(
         + (f": {out.error.splitlines()[0]}" if out.error else ""),
         flush=True,
     )
-    save(False)
+    ledger.save(False)
 
 
 @dataclass

@@ -31,32 +31,29 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import queue
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from bfly.core.data.decode_cache import available_cores
-from bfly.core.data.metadata import DataError, load_metadata
+from bfly.core.data.metadata import DataError, DatasetMeta, load_metadata
 from bfly.core.stack import pick_device
 from bfly.run.runlog import read_metrics
-from bfly.tools import throughput
+from bfly.tools import child as harness, throughput
 from bfly.tools.cells import (
     Cell,
+    CellOutcome,
     CellRun,
     Check,
-    Outcome,
     at_least,
     check,
     format_verdict,
@@ -66,7 +63,7 @@ from bfly.tools.cells import (
 )
 from bfly.tools.throughput import Row, Settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = harness.REPO
 DEFAULT_DATA = "data/compact"  # the compact copy of the dataset, small enough to ship to a node (bfly.compact)
 PROGRESS = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+) ")
 
@@ -107,112 +104,39 @@ class Context:
         return ESTIMATES[key][(1 if self.device.type == "cpu" else 2) if self.smoke else 0]
 
     def end_children(self) -> None:
-        for child in list(self.children):
-            child.kill()
+        for running in list(self.children):
+            running.end()
 
 
 # --- child processes -------------------------------------------------------------------------------
 
 
-class Child:
-    """A command in its own process group; all output goes to `log`, and all but progress lines to stdout."""
+class Child(harness.Child):
+    """A cell's command (bfly.tools.child): all output goes to `log`, all but progress lines to stdout, and
+    it is ended with whatever the cell started should the cell be stuck (Context.end_children)."""
 
     def __init__(self, cmd: list[str], log: Path, ctx: Context):
-        device = ctx.device
-        env = dict(os.environ)
-        if device.type == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""  # --device cpu on a GPU machine: the children stay on the CPU too
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-        env.update(PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self.log = log
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        # --device cpu on a GPU machine: the children stay on the CPU too.
+        env = harness.child_env(None, **({"CUDA_VISIBLE_DEVICES": ""} if ctx.device.type == "cpu" else {}))
         print(f"   $ {' '.join(cmd)}", flush=True)
-        # Own process group (same Unix session, so whatever ends ours ends it too): a signal goes to
-        # torchrun and its workers together, as `timeout` or a user's ^C does.
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            preexec_fn=os.setpgrp,
-        )
-        self._pump = threading.Thread(target=self._read, daemon=True)
-        self._pump.start()
+        super().__init__(cmd, env, log, on_line=_echo)
         self._ctx = ctx
         ctx.children.add(self)
 
-    def __enter__(self) -> Child:
-        return self
-
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:  # the cell failed or was interrupted: no process outlives it
-            self.kill()
-            self.proc.wait()
+        super().__exit__(*exc)  # the cell failed or was interrupted: no process outlives it
         self._ctx.children.discard(self)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None  # stdout=PIPE
-        with open(self.log, "w") as f:
-            for line in self.proc.stdout:
-                f.write(line)
-                f.flush()
-                self.lines.append(line.rstrip("\n"))
-                if not PROGRESS.match(line):
-                    print(f"   | {line}", end="", flush=True)
-                self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, pattern: re.Pattern, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                raise TimeoutError(
-                    f"no line matching {pattern.pattern!r} within {timeout:.0f}s; see {self.log}"
-                ) from None
-            if line is None:
-                raise RuntimeError(
-                    f"exited with code {self.proc.wait()} before a line matching {pattern.pattern!r}; see {self.log}"
-                )
-            if m := pattern.match(line):
-                return m
-
-    def signal_group(self, sig: int) -> None:
-        os.killpg(self.proc.pid, sig)
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def finish(self, timeout: float, every_s: float = 5.0, tick: Callable[[], None] = lambda: None) -> int:
-        """The exit status; `tick` is called every `every_s` seconds while waiting (partial results)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                code = self.proc.wait(min(every_s, max(0.0, deadline - time.monotonic())))
-                break
-            except subprocess.TimeoutExpired:
-                if time.monotonic() >= deadline:
-                    self.kill()
-                    raise TimeoutError(f"still running after {timeout:.0f}s, killed; see {self.log}") from None
-                tick()
-        self._pump.join(10)
-        return code
-
     def search(self, pattern: str) -> re.Match | None:
-        return next((m for line in self.lines if (m := re.match(pattern, line))), None)
+        return next((m for _, line in self.lines if (m := re.match(pattern, line))), None)
 
     def tail(self, n: int = 5) -> str:
-        return "\n".join(self.lines[-n:])
+        return "\n".join(line for _, line in self.lines[-n:])
+
+
+def _echo(line: str) -> None:
+    if not PROGRESS.match(line):
+        print(f"   | {line}", flush=True)
 
 
 def fresh_dir(path: Path) -> Path:
@@ -272,9 +196,8 @@ def trainer_cell(ctx: Context, run: CellRun) -> list[Row]:
     with Child(torchrun_cmd(args), run_dir / "job1.log", ctx) as first:
         seen = first.wait_for(PROGRESS, run.left())  # the first progress line: compiled, training mid-epoch
         first.signal_group(signal.SIGTERM)
-        first.finish(
-            min(120, run.left())
-        )  # torchrun itself exits non-zero on SIGTERM: the worker's lines tell what happened
+        # torchrun itself exits non-zero on SIGTERM: the worker's lines tell what happened
+        first.wait(min(120, run.left()))
     stopped = first.search(r"stopped by SIGTERM: checkpoint at epoch 1 step (\d+) written")
     steps = int(seen[4])
     if not stopped:
@@ -287,7 +210,7 @@ def trainer_cell(ctx: Context, run: CellRun) -> list[Row]:
     print("   (torchrun's SignalException above is how it exits on SIGTERM; the worker checkpointed)", flush=True)
     t1 = time.perf_counter()
     with Child(torchrun_cmd(args), run_dir / "job2.log", ctx) as second:
-        code = second.finish(run.left())
+        code = second.wait(run.left())
     t2 = time.perf_counter()
     if code != 0:
         raise RuntimeError(f"the resumed job exited with code {code}; last lines:\n{second.tail()}")
@@ -317,10 +240,10 @@ def fp16_cell(ctx: Context, run: CellRun) -> list[Row]:
     args = trainer_args(ctx, run_dir, "train.amp=fp16", "model.compile=false", f"run.stop_after_steps={steps}")
     t0 = time.perf_counter()
     with Child(torchrun_cmd(args), run_dir / "job.log", ctx) as child:
-        code = child.finish(run.left())
+        code = child.wait(run.left())
     if code != 0 or not child.search(r"stopped by run.stop_after_steps"):
         raise RuntimeError(f"fp16 run exited with code {code}; last lines:\n{child.tail()}")
-    losses = [float(m[1]) for line in child.lines if (m := re.search(r"^epoch .* loss (\S+)", line))]
+    losses = [float(m[1]) for _, line in child.lines if (m := re.search(r"^epoch .* loss (\S+)", line))]
     saved = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     scale = saved["scaler"]["scale"] if saved.get("scaler") else None
     if not losses or not all(math.isfinite(x) for x in losses) or scale is None:
@@ -420,7 +343,7 @@ def accuracy_cell(ctx: Context, run: CellRun) -> list[Row]:
             run.partial([partial_accuracy_row(records, compiled)])
 
     with Child(cmd + overrides, out / "reproduce.log", ctx) as child:
-        code = child.finish(run.left(), tick=report_epochs)
+        code = child.wait(run.left(), tick=report_epochs)
     if code != 0:
         raise RuntimeError(f"bfly.reproduce exited with code {code}; last lines:\n{child.tail()}")
     (r,) = json.loads((out / "results.json").read_text())
@@ -475,50 +398,63 @@ def build_cells(ctx: Context, keys: list[str]) -> list[Cell]:
     return [Cell(k, TITLES[k], ctx.estimate(k), runs[k], max_s) for k in keys]
 
 
-def verdict(outcomes: list[Outcome], image_size: int) -> list[Check]:
-    by = {o.key: o for o in outcomes}
+class Results:
+    """The cells' outcomes as the verdict reads them."""
 
-    def missing(key: str) -> str:
-        o = by.get(key)
+    def __init__(self, outcomes: list[CellOutcome]):
+        self.by = {o.key: o for o in outcomes}
+
+    def missing(self, key: str) -> str:
+        o = self.by.get(key)
         return "not planned" if o is None else f"cell {o.status}" + (f": {o.error.splitlines()[0]}" if o.error else "")
 
-    def why(key: str, r: Row | None) -> str:
-        return r.note if r and r.note.startswith("FAILED") else missing(key)
+    def why(self, key: str, r: Row | None) -> str:
+        return r.note if r and r.note.startswith("FAILED") else self.missing(key)
 
-    def row(key: str, case_end: str) -> Row | None:
-        o = by.get(key)
+    def row(self, key: str, case_end: str) -> Row | None:
+        o = self.by.get(key)
         return next((r for r in o.rows if r.case.endswith(case_end)), None) if o and o.status == "ok" else None
 
+
+def verdict(outcomes: list[CellOutcome], image_size: int) -> list[Check]:
+    found = Results(outcomes)
+    return [*trainer_checks(found), *speed_checks(found, image_size), *accuracy_checks(found)]
+
+
+def trainer_checks(found: Results) -> list[Check]:
     checks = []
     for key, what in (
         ("trainer", "trainer: SIGTERM mid-epoch, resumed at that step, finished"),
         ("fp16", "trainer: fp16 + GradScaler, finite loss"),
     ):
-        o = by.get(key)
+        o = found.by.get(key)
         checks.append(
             Check(what, "ok", "PASS")
             if o and o.status == "ok"
             else Check(
-                what, missing(key), "MISSING" if o is None or o.status in ("skipped", "pending", "stopped") else "FAIL"
+                what,
+                found.missing(key),
+                "MISSING" if o is None or o.status in ("skipped", "pending", "stopped") else "FAIL",
             )
         )
+    return checks
+
+
+def speed_checks(found: Results, image_size: int) -> list[Check]:
+    checks = []
     ratios = (
         ("(ours), synthetic", "ours/torchvision", RATIO_VS_TORCHVISION),
         ("real data via cached", "end-to-end/synthetic", E2E_VS_SYNTHETIC),
     )
     for key in ("resnet50-eager", "resnet50-compiled", "vgg19_bn-eager", "vgg19_bn-compiled"):
         for case_end, label, least in ratios:
-            r = row(key, case_end)
+            r = found.row(key, case_end)
             checks.append(
                 check(
-                    f"{key} {label} >= {least:.2f}",
-                    r.ratio if r else None,
-                    at_least(least),
-                    ".2f",
-                    why(key, r),
+                    f"{key} {label} >= {least:.2f}", r.ratio if r else None, at_least(least), ".2f", found.why(key, r)
                 )
             )
-    cached = row("resnet50-compiled", "real data via cached")
+    cached = found.row("resnet50-compiled", "real data via cached")
     checks.append(
         check(
             f"resnet50 compiled end to end >= {RESNET50_COMPILED_IMG_S:,} img/s at 224 px"
@@ -526,29 +462,30 @@ def verdict(outcomes: list[Outcome], image_size: int) -> list[Check]:
             cached.img_s if cached else None,
             at_least(RESNET50_COMPILED_IMG_S),
             ",.0f",
-            why("resnet50-compiled", cached),
+            found.why("resnet50-compiled", cached),
         )
     )
-    acc = row("accuracy", "(configs/resnet50.yaml)")
-    checks.append(
+    return checks
+
+
+def accuracy_checks(found: Results) -> list[Check]:
+    acc = found.row("accuracy", "(configs/resnet50.yaml)")
+    return [
         check(
             f"resnet50 test top-1 >= {TEST_TOP1:.1%}",
             acc.extra["test_top1"] if acc else None,
             at_least(TEST_TOP1),
             ".2%",
-            missing("accuracy"),
-        )
-    )
-    checks.append(
+            found.missing("accuracy"),
+        ),
         check(
             f"resnet50 training <= {TRAIN_S} s",
             acc.extra["train_s"] if acc else None,
             lambda v: v <= TRAIN_S,
             ".0f",
-            missing("accuracy"),
-        )
-    )
-    return checks
+            found.missing("accuracy"),
+        ),
+    ]
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -602,17 +539,35 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(plan_lines(cells, args.budget_s, process_age_s())), flush=True)
     if args.plan:
         return 0
+    meta = checked_setup(args, data)
+    if meta is None:
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    image_size = speed_settings(ctx).image_size
+    env = throughput.environment()
+    print(f"on {env}; data {data}: {sum(len(s.paths) for s in meta.splits.values())} images", flush=True)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    header, finish = reporting(args, data, env, image_size)
+    outcomes = run_cells(cells, args.budget_s, args.out / "gpu_check.json", header, finish, ctx.end_children)
+    failed = any(
+        o.status in ("failed", "timeout") or any(r.note.startswith("FAILED") for r in o.rows) for o in outcomes
+    )
+    return 1 if failed else 0
+
+
+def checked_setup(args: argparse.Namespace, data: Path) -> DatasetMeta | None:
+    """The data's metadata when the device and the data can run the cells; else None, the error printed."""
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
             "bfly.gpu_check: error: no CUDA device here; `--device cpu --smoke` checks the plumbing on a CPU",
             file=sys.stderr,
         )
-        return 2
+        return None
     if args.device == "cpu" and not args.smoke:
         print("bfly.gpu_check: error: full-size cells on a CPU would take hours; add --smoke", file=sys.stderr)
-        return 2
+        return None
     try:
-        meta = load_metadata(data)  # a wrong --data fails now, with the CSV's name
+        return load_metadata(data)  # a wrong --data fails now, with the CSV's name
     except DataError as e:
         print(
             f"bfly.gpu_check: error: {e}"
@@ -623,14 +578,15 @@ def main(argv: list[str] | None = None) -> int:
             ),
             file=sys.stderr,
         )
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    image_size = speed_settings(ctx).image_size
-    env = throughput.environment()
-    print(f"on {env}; data {data}: {sum(len(s.paths) for s in meta.splits.values())} images", flush=True)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+        return None
 
-    def header(outcomes: list[Outcome]) -> dict:
+
+def reporting(
+    args: argparse.Namespace, data: Path, env: dict[str, Any], image_size: int
+) -> tuple[Callable[[list[CellOutcome]], dict], Callable[[list[CellOutcome]], None]]:
+    """(the JSON's header, the verdict printed at the end) for run_cells."""
+
+    def header(outcomes: list[CellOutcome]) -> dict:
         return {
             "environment": env,
             "data": str(data),
@@ -639,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             "verdict": [c.__dict__ for c in verdict(outcomes, image_size)],
         }
 
-    def finish(outcomes: list[Outcome]) -> None:  # whatever happened: normal end, SIGTERM, a stuck cell
+    def finish(outcomes: list[CellOutcome]) -> None:  # whatever happened: normal end, SIGTERM, a stuck cell
         print(
             f"\nbfly.gpu_check: {process_age_s():.0f}s since start; verdict"
             + (" (smoke run: tiny sizes, the figures mean nothing)" if args.smoke else "")
@@ -648,11 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_verdict(verdict(outcomes, image_size)), flush=True)
         print(f"rows and verdict: {args.out / 'gpu_check.json'}", flush=True)
 
-    outcomes = run_cells(cells, args.budget_s, args.out / "gpu_check.json", header, finish, ctx.end_children)
-    failed = any(
-        o.status in ("failed", "timeout") or any(r.note.startswith("FAILED") for r in o.rows) for o in outcomes
-    )
-    return 1 if failed else 0
+    return header, finish
 
 
 if __name__ == "__main__":

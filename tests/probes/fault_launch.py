@@ -1,9 +1,9 @@
 """Launching real training processes for the fault-injection tests (tests/test_faults.py and friends).
 
-A `Launch` starts `python -m bfly.train` or `torchrun ... -m bfly.train` with stdout and stderr
-merged and read live, so a test can wait for a training step, find a worker's pid by its RANK,
-send it a real signal, and bound every wait: on a timeout the whole process tree is killed (by pid)
-and the test fails with the output's tail. Linux only (/proc).
+A `Launch` starts `python -m bfly.train` or `torchrun ... -m bfly.train` the way the GPU check starts
+its commands (bfly.tools.child), stdout and stderr merged and read live, so a test can wait for a
+training step, find a worker's pid by its RANK, send it a real signal, and bound every wait: on a
+timeout every process it started is killed and the test fails with the output's tail. Linux only (/proc).
 
 Reference runs (uninterrupted, same config) are cached per session: every test that compares its
 final weights with an uninterrupted run of the same config reuses one.
@@ -13,23 +13,19 @@ from __future__ import annotations
 
 import atexit
 import csv
-import fcntl
-import os
-import pty
 import re
-import signal
-import subprocess
 import sys
-import termios
-import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
+from bfly.tools.child import Child, children
+
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
-from conftest import PYTHON, REPO, subprocess_env, tiny_overrides  # noqa: E402
+from conftest import PYTHON, subprocess_env, tiny_overrides  # noqa: E402
 
 PROGRESS = re.compile(r"^epoch (\d+)/\d+ step (\d+)/(\d+) ")
 
@@ -71,27 +67,6 @@ def torchrun_cmd(nproc: int, args: list[str], max_restarts: int = 0) -> list[str
     ]
 
 
-def children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            kids.append(int(entry))
-    return kids
-
-
-def _descendants(pid: int) -> list[int]:
-    out = []
-    for kid in children(pid):
-        out += [kid, *_descendants(kid)]
-    return out
-
-
 def _rank_of(pid: int) -> int | None:
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -101,107 +76,36 @@ def _rank_of(pid: int) -> int | None:
     return ranks[-1] if ranks else None
 
 
-class Launch:
-    """One launched command, its merged output collected line by line with arrival times.
+class Launch(Child):
+    """One launched command (bfly.tools.child.Child: from the repository root, its own process group, its
+    merged output collected line by line with arrival times), in the test tier's environment, with one
+    deadline for every wait: past it, or when a wait fails, every process it started is killed and the
+    test fails with the output's tail. tty=True: on a pseudo-terminal as the foreground job, so `ctrl_c`
+    is a real Ctrl-C (the terminal sends SIGINT to the foreground process group)."""
 
-    group=True: the command leads a process group of its own, as a batch job or a `timeout` child does,
-    so `signal_group` reaches every process in it (loader workers included). tty=True: it also runs on a
-    pseudo-terminal as the foreground job, so `ctrl_c` is a real Ctrl-C (the terminal sends SIGINT to
-    the foreground process group)."""
-
-    def __init__(
-        self, cmd: list[str], timeout: float, group: bool = False, tty: bool = False, env: dict[str, str] | None = None
-    ):
-        self.t0 = time.monotonic()
+    def __init__(self, cmd: list[str], timeout: float, tty: bool = False, env: dict[str, str] | None = None):
+        super().__init__(cmd, subprocess_env(**({"TERM": "xterm"} if tty else {}), **(env or {})), tty=tty)
         self.deadline = self.t0 + timeout
-        self.lines: list[tuple[float, str]] = []
-        self.master = None
-        if tty:
-            self.master, slave = pty.openpty()
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=REPO,
-                env=subprocess_env(TERM="xterm", **(env or {})),
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                start_new_session=True,
-                preexec_fn=_take_terminal,
-            )
-            os.close(slave)
-            self._reader = threading.Thread(target=self._read_tty, daemon=True)
-        else:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=REPO,
-                env=subprocess_env(**(env or {})),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-                start_new_session=group,
-            )
-            self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
         atexit.register(self.kill_all)  # a test that fails half-way leaves no process behind
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append((time.monotonic() - self.t0, line.rstrip("\n")))
+    def _left(self, timeout: float | None) -> float:
+        end = min(self.deadline, time.monotonic() + timeout) if timeout else self.deadline
+        return max(end - time.monotonic(), 0.0)
 
-    def _read_tty(self) -> None:
-        buffer = b""
-        while True:
-            try:
-                chunk = os.read(self.master, 4096)
-            except OSError:  # EIO: every process holding the terminal has exited
-                chunk = b""
-            if not chunk:
-                break
-            buffer += chunk
-            *done, buffer = re.split(rb"\r\n|\r|\n", buffer)
-            for raw in done:
-                text = raw.decode(errors="replace").replace("\x1b[K", "")
-                if text:
-                    self.lines.append((time.monotonic() - self.t0, text))
-        if buffer:
-            self.lines.append((time.monotonic() - self.t0, buffer.decode(errors="replace")))
-
-    def signal_group(self, sig: int) -> None:
-        os.killpg(self.proc.pid, sig)
-
-    def ctrl_c(self) -> None:
-        os.write(self.master, b"\x03")
-
-    @property
-    def output(self) -> str:
-        return "\n".join(line for _, line in self.lines)
-
-    def fail(self, why: str) -> None:
+    def fail(self, why: str) -> NoReturn:
         self.kill_all()
         raise AssertionError(f"{why}\n--- output (tail) ---\n{self.output[-6000:]}")
 
-    def wait_for(self, pattern: str, timeout: float | None = None) -> re.Match:
+    def wait_for(self, pattern: str | re.Pattern, timeout: float | None = None) -> re.Match:  # type: ignore[override]
         """The first output line matching `pattern` (regex, searched), waiting for it if needed."""
-        end = min(self.deadline, time.monotonic() + timeout) if timeout else self.deadline
-        rx, i = re.compile(pattern), 0
-        while True:
-            while i < len(self.lines):
-                m = rx.search(self.lines[i][1])
-                i += 1
-                if m:
-                    return m
-            if self.proc.poll() is not None:
-                self._reader.join(5)
-                if i >= len(self.lines):
-                    self.fail(f"exited ({self.proc.returncode}) before printing a line matching {pattern!r}")
-            elif time.monotonic() > end:
-                self.fail(f"no line matching {pattern!r} within the time limit")
-            time.sleep(0.02)
+        try:
+            return super().wait_for(pattern, self._left(timeout))
+        except (TimeoutError, RuntimeError) as e:
+            self.fail(str(e))
 
     def wait_step(self, global_step: int, timeout: float | None = None) -> int:
         """Waits for rank 0's progress line of `global_step` or a later one; returns the latest step seen."""
-        end = min(self.deadline, time.monotonic() + timeout) if timeout else self.deadline
+        end = time.monotonic() + self._left(timeout)
         while True:
             steps = [progress_step(line) for _, line in self.lines]
             done = [s for s in steps if s is not None and s >= global_step]
@@ -213,14 +117,11 @@ class Launch:
                 self.fail(f"step {global_step} not reached within the time limit")
             time.sleep(0.02)
 
-    def wait(self, timeout: float | None = None) -> int:
-        end = min(self.deadline, time.monotonic() + timeout) if timeout else self.deadline
+    def wait(self, timeout: float | None = None) -> int:  # type: ignore[override]
         try:
-            self.proc.wait(max(end - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
+            return super().wait(max(self._left(timeout), 0.1))
+        except TimeoutError:
             self.fail("did not exit within the time limit (a hang)")
-        self._reader.join(10)
-        return self.proc.returncode
 
     def workers(self, n: int, timeout: float = 60) -> dict[int, int]:
         """rank -> pid of the current torchrun workers, once all `n` have started."""
@@ -229,27 +130,13 @@ class Launch:
             ranks = {_rank_of(pid): pid for pid in children(self.proc.pid)}
             ranks.pop(None, None)
             if len(ranks) == n:
-                return ranks
+                return ranks  # type: ignore[return-value]
             time.sleep(0.05)
         self.fail(f"{n} workers not found")
 
     def kill_all(self) -> None:
-        """SIGKILL this launch's processes, each by pid: descendants first (while they are still
-        the launcher's, so no pid is a recycled one), then the launcher."""
-        if self.proc.poll() is not None:
-            return
-        for pid in _descendants(self.proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        self.proc.kill()
-        self.proc.wait(10)
-
-
-def _take_terminal() -> None:
-    """In the child, after setsid: make stdin (the pty) its controlling terminal, as a shell does."""
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        """SIGKILL every process of this launch (bfly.tools.child.end_tree)."""
+        self.end()
 
 
 def progress_step(line: str) -> int | None:
