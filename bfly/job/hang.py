@@ -15,7 +15,8 @@ None. The rules:
 * the job is hung when every rank's age is past its limit;
 * but not judged at a poll that comes late, 3 polls + 2 s after the judging rank's previous one: its own
   process was stopped (Ctrl-Z, a suspended SLURM job), and every record is old for that reason alone.
-  The next poll judges the records published after the job went on;
+  The next poll judges the records published after the job went on (a pause longer than the
+  watchdog's faulthandler backstop still ends the process: see bfly.job.watchdog);
 * the stalled ranks are the frozen ones, else those busy in their own work (a phase that is not
   waiting for another rank), else those furthest behind in steps, else all.
 """

@@ -252,7 +252,8 @@ class Watchdog:
             self.stop_signal = (caught, now)
         if self.limits.hang_s > 0:
             # Backstop for a main thread that holds the GIL while stuck (this thread could not run): the
-            # interpreter's own timer prints every thread's stack and exits.
+            # interpreter's own timer prints every thread's stack and exits. Its clock runs on while the
+            # process is stopped: a process suspended for longer than this is ended when it goes on.
             left = max(self.beat.limit(self.limits) - (now - self.beat.since), 0)
             faulthandler.dump_traceback_later(left + 120 + 5 * self.limits.poll_s, exit=True)
         mine = self._record(now)
