@@ -245,7 +245,7 @@ def trainer_args(ctx: Context, run_dir: Path, *extra: str) -> list[str]:
     if ctx.cache_dir:
         args.append(f"data.cache_dir={ctx.cache_dir}")
     if ctx.smoke:
-        args += ["data.image_size=32", "train.batch_size=8", "train.log_every=1", "data.workers=0"]
+        args += ["data.image_size=32", "train.batch_size=8", "train.log_every=1"]
         if ctx.device.type == "cpu":  # inductor would spend minutes compiling ResNet50 on 2 cores
             args.append("model.compile=false")
     return args
