@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from bfly.core.cli import show_defaults
 from bfly.core.config import Config, ConfigError, load_config, parse_override, run_dir_of
 from launch.grid import GridError, axes, default_group, expand, run_overrides, safe
 
@@ -22,7 +23,7 @@ EXAMPLES = """examples:
   # ResNet50 on 2 nodes x 8 GPUs, requeued every 24 h until done
   python -m launch.submit --nodes 2 --gpus-per-node 8 --cpus-per-task 10 --partition gpu \\
       --config configs/resnet50.yaml
-  # the seed's comparison: VGG19 and ResNet50, one job each, one wandb group
+  # VGG19-BN against ResNet50: one job each, one wandb group
   python -m launch.submit --gpus-per-node 4 --config configs/vgg19_bn.yaml --config configs/resnet50.yaml
   # the same as one job array
   python -m launch.submit --gpus-per-node 4 --array --config configs/vgg19_bn.yaml --config configs/resnet50.yaml
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_intermixed_args(argv)
+    args = show_defaults(build_parser()).parse_intermixed_args(argv)
     args.timeout_min = parse_time(args.time)
     if args.tasks_per_node is None:
         args.tasks_per_node = args.gpus_per_node

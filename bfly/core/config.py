@@ -77,7 +77,7 @@ class DataConfig:
     input: str = _opt("pil", "input path: PIL workers, or decoded cache + GPU augmentation", ("pil", "cached"))
     preset: str = _opt(
         "course",
-        "train augmentation preset: course = the course report's recipe (was `seed`), timm = timm's ImageNet recipe",
+        "train augmentation preset: course = the course report's recipe, timm = timm's ImageNet recipe",
         ("course", "timm"),
     )
     image_size: int = _opt(224, "training/eval image size (square)")
@@ -522,14 +522,18 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def help_text() -> str:
-    lines = ["config keys (set in YAML or as section.key=value):"]
+    """Every key, its default and its meaning, in aligned columns."""
+    rows = []
     for section, cls in _sections().items():
         for f in dataclasses.fields(cls):
             default = f.default_factory() if callable(f.default_factory) else f.default
-
             choices = f.metadata.get("choices")
             extra = f" [{'|'.join(choices)}]" if choices else ""
-            lines.append(f"  {section}.{f.name:<24} {default!r:<26} {f.metadata['help']}{extra}")
+            rows.append((f"{section}.{f.name}", repr(default), f"{f.metadata['help']}{extra}"))
+    key_w = max(len(key) for key, _, _ in rows)
+    default_w = max(len(default) for _, default, _ in rows)
+    lines = ["config keys (set in YAML or as section.key=value), their defaults and meaning:"]
+    lines += [f"  {key:<{key_w}}  {default:<{default_w}}  {text}" for key, default, text in rows]
     return "\n".join(lines)
 
 
