@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import time
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from bfly.core.cli import show_defaults
 from bfly.core.config import Config, ConfigError, load_config, parse_override, run_dir_of
-from launch.grid import GridError, axes, expand, run_overrides, safe
+from launch.grid import GridError, axes, default_group, expand, run_overrides, safe
 
 CLUSTERS = ("slurm", "local", "debug")
 
@@ -22,7 +23,7 @@ EXAMPLES = """examples:
   # ResNet50 on 2 nodes x 8 GPUs, requeued every 24 h until done
   python -m launch.submit --nodes 2 --gpus-per-node 8 --cpus-per-task 10 --partition gpu \\
       --config configs/resnet50.yaml
-  # the seed's comparison: VGG19 and ResNet50, one job each, one wandb group
+  # VGG19-BN against ResNet50: one job each, one wandb group
   python -m launch.submit --gpus-per-node 4 --config configs/vgg19_bn.yaml --config configs/resnet50.yaml
   # the same as one job array
   python -m launch.submit --gpus-per-node 4 --array --config configs/vgg19_bn.yaml --config configs/resnet50.yaml
@@ -37,6 +38,11 @@ EXAMPLES = """examples:
   # the same job on this machine, 2 CPU processes, no SLURM
   python -m launch.submit --cluster local --gpus-per-node 0 --tasks-per-node 2 --config configs/demo_cpu.yaml
 """
+
+
+# CPUs per trainer on the cached input (no loader workers): the trainer and its copy thread, and
+# threads to decode the image cache when it is built.
+CACHED_INPUT_CPUS = 4
 
 
 class UsageError(ValueError):
@@ -89,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--tasks-per-node", type=int, help="trainers per node (default: --gpus-per-node; CPU jobs must set it)"
     )
-    size.add_argument("--cpus-per-task", type=int, help="CPUs per trainer: data workers + 1 or more")
+    size.add_argument(
+        "--cpus-per-task",
+        type=int,
+        help=f"CPUs per trainer (default: data.workers + 1 on the PIL input, {CACHED_INPUT_CPUS} on the cached input)",
+    )
     size.add_argument("--mem-gb", type=float, help="memory per node in GB (default: the cluster's default)")
     size.add_argument(
         "--time",
@@ -121,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", metavar="0,1,2", help="train every run with each of these train.seed values (or 0-4)")
     sweep.add_argument(
         "--group",
-        help="wandb group of the runs; a grid's runs train in runs/<group>/ (default for several runs: sweep-<time>)",
+        help="wandb group of the runs; a grid's runs train in runs/<group>/ (default for several runs: named "
+        "from what varies and a hash of the command line, e.g. lr-name-seed-1a2b3c4d: the same command resumes)",
     )
     out = p.add_argument_group("output")
     out.add_argument("--dry-run", action="store_true", help="print the sbatch file and run directories; submit nothing")
@@ -150,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_intermixed_args(argv)
+    args = show_defaults(build_parser()).parse_intermixed_args(argv)
     args.timeout_min = parse_time(args.time)
     if args.tasks_per_node is None:
         args.tasks_per_node = args.gpus_per_node
@@ -181,6 +192,12 @@ def check(args: argparse.Namespace) -> None:
         )
     if args.array and args.cluster != "slurm":
         raise UsageError("--array needs --cluster slurm")
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if args.cluster == "slurm" and not args.dry_run and missing:
+        raise UsageError(
+            f"no SLURM on this machine ({' and '.join(missing)} not found): submit from the cluster's login node, "
+            "print what would be submitted with --dry-run, or run the same tasks here with --cluster local"
+        )
 
 
 def parse_time(text: str) -> int:
@@ -224,7 +241,7 @@ def train_specs(args: argparse.Namespace, cwd: Path) -> list[TrainSpec]:
     group = args.group
     if group is None and (len(configs) > 1 or grid):
         given = [parse_override(o)[1] for o in args.overrides if o.startswith("wandb.group=")]
-        group = str(given[-1]) if given else f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        group = str(given[-1]) if given else default_group(configs, grid, args.overrides)
     specs, labels = [], []  # labels: how the command line names each run
     if grid:
         for run in expand(configs, grid):
@@ -249,6 +266,23 @@ def train_specs(args: argparse.Namespace, cwd: Path) -> list[TrainSpec]:
             raise UsageError(f"{seen[spec.run_dir]} and {label} would both train into {spec.run_dir}: {hint}")
         seen[spec.run_dir] = label
     return specs
+
+
+def cpus_per_task(specs: list[TrainSpec]) -> int:
+    """CPUs each task (one trainer) needs by its config: its loader workers and itself on the PIL input."""
+    return max(s.cfg.data.workers + 1 if s.cfg.data.input == "pil" else CACHED_INPUT_CPUS for s in specs)
+
+
+def defaults_note(args: argparse.Namespace) -> str | None:
+    """Without --config every run trains the built-in defaults: say what they are."""
+    if args.config:
+        return None
+    cfg = Config()
+    return (
+        f"no --config: training the built-in defaults ({cfg.model.name}, data.root={cfg.data.root}, "
+        f"{cfg.train.epochs} epochs at {cfg.data.image_size} px, with the overrides given); "
+        "python -m bfly.train --print-config shows them all"
+    )
 
 
 def _spec(name: str, config: str | None, overrides: list[str], run_dir: Path, cwd: Path) -> TrainSpec:

@@ -11,6 +11,7 @@ setting: the varied values without the seed, which its seeds share), one tag per
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -116,6 +117,15 @@ def expand(configs: list[str | None], grid: dict[str, list[str]]) -> list[GridRu
             prefix = [safe(Path(config).stem)] if config and len(configs) > 1 else []
             runs.append(GridRun(config, values, "_".join(prefix + parts), "_".join(prefix + setting) or "train"))
     return runs
+
+
+def default_group(configs: list[str | None], grid: dict[str, list[str]], overrides: list[str]) -> str:
+    """The wandb group, and folder under runs/, of several runs submitted without --group: named from
+    what varies, with a short hash of the command line's training part. The same command gives the same
+    name, so submitted again its runs resume; another command gives another name."""
+    words = [Path(c).stem for c in configs if c] + list(short_names(list(grid)).values())
+    digest = hashlib.sha256(json.dumps([configs, grid, overrides]).encode()).hexdigest()[:8]
+    return safe("-".join([*words[:6], digest]))
 
 
 def run_overrides(run: GridRun, group: str, tags: list[str]) -> list[str]:

@@ -22,7 +22,8 @@ from pathlib import Path
 import submitit
 
 from bfly.core.config import flat, to_dict
-from launch.cluster_args import TrainSpec, UsageError, parse, train_specs
+from bfly.core.errors import one_line
+from launch.cluster_args import TrainSpec, UsageError, cpus_per_task, defaults_note, parse, train_specs
 from launch.executor import make_executor, sbatch_text
 from launch.job import TrainJob
 
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"launch.submit: error: {e}", file=sys.stderr)
         return 2
+    if note := defaults_note(args):
+        print(f"launch.submit: warning: {note}", file=sys.stderr)
+    if args.cpus_per_task is None:
+        args.cpus_per_task = cpus_per_task(specs)
     groups = submission_groups(args, specs)
     if args.check and not preflight(args, specs):
         print("launch.submit: the preflight found problems (listed above): nothing submitted", file=sys.stderr)
@@ -149,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         dry_run(args, groups)
         return 0
-    submitted = submit(args, groups)
+    try:
+        submitted = submit(args, groups)
+    except submitit.core.utils.FailedJobError as e:  # sbatch refused it: a partition, account or GPU request
+        print(f"launch.submit: error: nothing submitted, sbatch refused the job: {one_line(str(e))}", file=sys.stderr)
+        return 2
     group = specs[0].cfg.wandb.group
     status = wait(submitted) if args.wait or args.cluster != "slurm" else 0
     if len(specs) > 1 and group:

@@ -284,7 +284,7 @@ def test_the_verdict_holds_each_figure_against_its_target():
     assert got["resnet50-compiled ours/torchvision >= 1.00"] == ("1.01", "PASS")
     assert got["resnet50-compiled end-to-end/synthetic >= 0.95"] == ("0.94", "FAIL")
     assert got["resnet50 compiled end to end >= 6,500 img/s at 224 px"] == ("6,600", "PASS")
-    assert got["resnet50 test top-1 >= 97.0%"] == ("97.12%", "PASS")
+    assert got["resnet50 test top-1 >= 95.0%"] == ("97.12%", "PASS")
     assert got["resnet50 training <= 240 s"] == ("250", "FAIL")
     assert got["resnet50-eager ours/torchvision >= 1.00"][1] == "MISSING"  # skipped: not a failure
     broken_e2e = speed_rows(1.2, 1.0, 7000)

@@ -96,9 +96,12 @@ def test_names_are_predictable_and_safe_and_never_shared(capsys, monkeypatch, tm
     # wandb takes tags of at most 64 characters.
     out = dry_run([*CPU, "--sweep", f"wandb.notes={'n' * 70},short"], capsys)
     assert f"'wandb.notes={'n' * 49}...'" in listed(out, "wandb")[0]
-    # A group is generated for a grid.
+    # A group is generated for a grid: named from what varies, the same for the same command (it resumes).
     out = dry_run([*CPU, "--seeds", "3"], capsys)
-    assert re.fullmatch(rf"{tmp_path}/runs/sweep-\d{{8}}-\d{{6}}/seed-3", listed(out, "run directory")[0])
+    assert re.fullmatch(rf"{tmp_path}/runs/seed-[0-9a-f]{{8}}/seed-3", listed(out, "run directory")[0])
+    assert listed(dry_run([*CPU, "--seeds", "3"], capsys), "run directory") == listed(out, "run directory")
+    other = dry_run([*CPU, "--seeds", "3", "train.epochs=2"], capsys)
+    assert Path(listed(other, "run directory")[0]).parent != Path(listed(out, "run directory")[0]).parent
 
 
 def test_several_configs_are_one_more_dimension(capsys, monkeypatch):

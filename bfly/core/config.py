@@ -77,7 +77,7 @@ class DataConfig:
     input: str = _opt("pil", "input path: PIL workers, or decoded cache + GPU augmentation", ("pil", "cached"))
     preset: str = _opt(
         "course",
-        "train augmentation preset: course = the course report's recipe (was `seed`), timm = timm's ImageNet recipe",
+        "train augmentation preset: course = the course report's recipe, timm = timm's ImageNet recipe",
         ("course", "timm"),
     )
     image_size: int = _opt(224, "training/eval image size (square)")
@@ -313,6 +313,17 @@ def _flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where (line and column, counted from 1) and what. Its own message
+    spans several lines, names the text as "<unicode string>" and ends with a caret line."""
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return " ".join(str(e).split())
+    mark = e.problem_mark or e.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    context = f" ({e.context})" if e.context else ""
+    return f"{where}{e.problem or 'cannot parse'}{context}"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -320,12 +331,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.load(raw, Loader=YamlLoader) if raw else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {_yaml_problem(e)}") from None
     return key.strip(), "" if value is None else value
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), warn: bool = True) -> Config:
+    """The config of `path` (YAML) with `overrides` applied, validated. warn=False: the keys set that
+    would change nothing are not warned about (a command's other ranks, which load the same config)."""
     cfg = Config()
+    given: list[str] = []
     if path is not None:
         path = Path(path)
         try:
@@ -333,16 +347,48 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+            raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
         for key, value in _flatten(tree, str(path)).items():
             try:
                 _set(cfg, key, value)
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
+            given.append(key)
     for text in overrides:
-        _set(cfg, *parse_override(text))
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+        given.append(key)
     validate(cfg)
+    for line in unused_keys(cfg, given) if warn else []:
+        warnings.warn(line, UserWarning, stacklevel=2)
     return cfg
+
+
+# Keys that one input path (or augmentation preset) never reads: set for another, they change nothing.
+READ_ONLY_WITH = {
+    "data.crop_scale_min": ("data.input", "cached"),
+    "data.cache_dir": ("data.input", "cached"),
+    "data.cache_placement": ("data.input", "cached"),
+    "data.workers": ("data.input", "pil"),
+    "data.pin_memory": ("data.input", "pil"),
+    "data.randaugment": ("data.preset", "timm"),
+    "data.reprob": ("data.preset", "timm"),
+}
+
+
+def unused_keys(cfg: Config, given: Sequence[str]) -> list[str]:
+    """One line per key set (in the file or an override) to other than its default that the chosen
+    input path or preset does not read."""
+    values, defaults = flat(to_dict(cfg)), flat(to_dict(Config()))
+    lines = []
+    for key in dict.fromkeys(given):
+        needs = READ_ONLY_WITH.get(key)
+        if needs and values[needs[0]] != needs[1] and values[key] != defaults[key]:
+            lines.append(
+                f"{key}={values[key]!r} changes nothing with {needs[0]}={values[needs[0]]} "
+                f"(it is read with {needs[0]}={needs[1]} only)"
+            )
+    return lines
 
 
 def validate(cfg: Config) -> None:
@@ -390,6 +436,7 @@ def validate(cfg: Config) -> None:
         if key not in known:
             raise ConfigError(f"wandb.varies: unknown key {key!r}")
     _validate_data(cfg)
+    _validate_timeouts(cfg)
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got {cfg.optim.label_smoothing}")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
@@ -413,6 +460,19 @@ def _validate_data(cfg: Config) -> None:
             f"data.randaugment={d.randaugment!r}: RandAugment runs on the PIL path only; with "
             "data.input=cached set data.randaugment='' (random erasing, data.reprob, still applies)"
         )
+
+
+def _validate_timeouts(cfg: Config) -> None:
+    """The watchdog names a stalled rank only if it acts before a collective times out, which names nobody."""
+    if cfg.run.hang_timeout_s == 0:  # no hang detection
+        return
+    for key in ("run.hang_timeout_s", "run.startup_timeout_s"):
+        value = getattr(cfg.run, key.partition(".")[2])
+        if value >= cfg.dist.timeout_s:
+            raise ConfigError(
+                f"{key}={value} must be below dist.timeout_s={cfg.dist.timeout_s}, so that a stalled rank is "
+                f"named before a collective times out: lower {key} or raise dist.timeout_s"
+            )
 
 
 def profile_window(text: str) -> tuple[int, int] | None:
@@ -462,14 +522,18 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def help_text() -> str:
-    lines = ["config keys (set in YAML or as section.key=value):"]
+    """Every key, its default and its meaning, in aligned columns."""
+    rows = []
     for section, cls in _sections().items():
         for f in dataclasses.fields(cls):
             default = f.default_factory() if callable(f.default_factory) else f.default
-
             choices = f.metadata.get("choices")
             extra = f" [{'|'.join(choices)}]" if choices else ""
-            lines.append(f"  {section}.{f.name:<24} {default!r:<26} {f.metadata['help']}{extra}")
+            rows.append((f"{section}.{f.name}", repr(default), f"{f.metadata['help']}{extra}"))
+    key_w = max(len(key) for key, _, _ in rows)
+    default_w = max(len(default) for _, default, _ in rows)
+    lines = ["config keys (set in YAML or as section.key=value), their defaults and meaning:"]
+    lines += [f"  {key:<{key_w}}  {default:<{default_w}}  {text}" for key, default, text in rows]
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 import traceback
 import warnings
@@ -63,6 +64,22 @@ class Failure:
     traceback: str | None = None  # a bug's: kept in the summary
     follows: bool = False  # this rank stopped because another rank failed first
     at: float = field(default_factory=time.time)  # when it was met
+
+
+def first_to_say(error_file: Path | None, is_main: bool) -> bool:
+    """Whether this rank prints a start-up error (one met before the process group exists). Such an
+    error is the same on every rank, and torchrun ends the other ranks as soon as one has exited: the
+    first rank to meet it says it, once. The ranks of one torchrun agent share the folder of their error
+    files' folders (one per attempt), where the first claims the line; without it, rank 0 says it."""
+    if error_file is None:
+        return is_main
+    try:
+        os.close(os.open(error_file.parent.parent / "bfly-startup-error", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:
+        return is_main
+    return True
 
 
 def write_error_file(path: Path, failure: Failure) -> None:

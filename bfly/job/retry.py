@@ -256,6 +256,9 @@ def _to_train_log(run_dir: Path, msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if not argv or argv[0] not in ("begin", "after"):
         print(__doc__, file=sys.stderr)
         return EXIT_USER_ERROR
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     targs = parse_args(train_args)
     try:
-        run_dir = run_dir_of(load_config(targs.config, targs.overrides))
+        run_dir = run_dir_of(load_config(targs.config, targs.overrides, warn=False))
     except ConfigError as e:
         print(f"bfly: error: {one_line(e)}: not training, not requeueing", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR

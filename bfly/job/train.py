@@ -34,7 +34,7 @@ from bfly.core.data.metadata import DataError, load_metadata
 from bfly.core.data.pil_input import ImageError
 from bfly.core.engine import StepHooks, TrainState, device_clock, evaluate, new_sums, train_one_epoch
 from bfly.core.env import DistEnv, dist_env, elastic_error_file, stall_hooks
-from bfly.core.errors import Failure, one_line, one_line_warnings, recorded, release_frames
+from bfly.core.errors import Failure, first_to_say, one_line, one_line_warnings, recorded, release_frames
 from bfly.core.stack import Run, build_run, evaluated_model, pick_device, seed_all
 from bfly.core.stopping import (
     EXIT_HANG,
@@ -409,7 +409,7 @@ def run_job(argv: list[str] | None = None) -> Result:
     announced = None
     watch = None
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, warn=env.is_main)
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return Result(0, None)
@@ -425,9 +425,9 @@ def run_job(argv: list[str] | None = None) -> Result:
     except USER_ERRORS as e:
         line = f"bfly.train: error{_rank_tag(env)}: {user_message(e)}"
         release_frames(e)
-        # Start-up errors are the same on every rank: rank 0 reports them. Errors met while training
-        # (a bad image) are reported by the rank that met them.
-        if env.is_main or distributed.active():
+        # Start-up errors are the same on every rank: the first rank to meet one reports it. Errors met
+        # while training (a bad image) are reported by each rank that meets them.
+        if distributed.active() or first_to_say(elastic_error_file(), env.is_main):
             print(line, file=sys.stderr, flush=True)
         # Now, not at exit: torchrun may end this process while it waits below for the others to read who failed.
         retry.record_exit(EXIT_USER_ERROR)

@@ -22,6 +22,7 @@ from functools import partial
 
 import torch
 
+from bfly.core.cli import show_defaults
 from bfly.core.data.decode_cache import available_cores
 from bfly.core.models import MODEL_NAMES
 from bfly.core.stack import pick_device
@@ -78,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host-images", type=int, default=256, help="host mode: images timed")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="MFU denominator (default: known GPUs)")
     p.add_argument("--json", default="runs/bench/bench.json", help="write the rows here ('' = do not write)")
-    return p.parse_args(argv)
+    return show_defaults(p).parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from bfly.core.cli import show_defaults
 from bfly.core.data.metadata import DataError, load_metadata
 from bfly.core.data.pil_input import open_rgb
 from bfly.core.errors import one_line_warnings
@@ -51,12 +52,12 @@ def compact(src_root: Path, dst_root: Path, size: int, quality: int, workers: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bfly.compact", description=__doc__.split("\n")[0])
-    parser.add_argument("src", type=Path)
-    parser.add_argument("dst", type=Path)
-    parser.add_argument("--size", type=int, default=144)
-    parser.add_argument("--quality", type=int, default=60)
-    parser.add_argument("--workers", type=int, default=4)
-    args = parser.parse_args(argv)
+    parser.add_argument("src", type=Path, help="the dataset (any layout)")
+    parser.add_argument("dst", type=Path, help="the compact copy, same layout and CSVs")
+    parser.add_argument("--size", type=int, default=144, help="side of every image in pixels")
+    parser.add_argument("--quality", type=int, default=60, help="JPEG quality")
+    parser.add_argument("--workers", type=int, default=4, help="processes that re-encode")
+    args = show_defaults(parser).parse_args(argv)
     try:
         n, total = compact(args.src, args.dst, args.size, args.quality, args.workers)
     except DataError as e:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bfly.core import distributed
+from bfly.core.cli import show_defaults
 from bfly.core.data.metadata import SPLIT_NAMES
 from bfly.core.env import dist_env, elastic_error_file
 from bfly.core.errors import Failure, one_line, one_line_warnings, recorded
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=0, help="per-process batch (default: training's eval batch)")
     p.add_argument("--workers", type=int, help="DataLoader workers per process (default: training's)")
     p.add_argument("--out", help="JSON result file (default: next to the checkpoint)")
-    return p.parse_args(argv)
+    return show_defaults(p).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

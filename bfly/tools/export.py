@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bfly.core.cli import show_defaults
 from bfly.core.config import ConfigError
 from bfly.core.data.metadata import load_metadata
 from bfly.core.data.pil_input import open_rgb
@@ -189,7 +190,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", help="dataset of the check images (default: the checkpoint's data.root)")
     p.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="split of the check images")
     p.add_argument("--images", type=int, default=16, help="how many images the check runs (default: 16)")
-    args = p.parse_args(argv)
+    args = show_defaults(p).parse_args(argv)
     if args.images < 1:
         p.error("--images must be >= 1")
     return args

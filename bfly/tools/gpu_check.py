@@ -1,4 +1,4 @@
-"""The GPU check: an acceptance run of a GPU node in at most 9 minutes (speed against torchvision,
+"""The GPU check: an acceptance run of a GPU node within a time budget (speed against torchvision,
 accuracy, preemption on CUDA).
 
     python -m bfly.gpu_check OUT --data data/compact            # on the node (README: "GPU check")
@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from bfly.core.cli import show_defaults
 from bfly.core.data.decode_cache import available_cores
 from bfly.core.data.metadata import DataError, DatasetMeta, load_metadata
 from bfly.core.stack import pick_device
@@ -71,7 +72,9 @@ PROGRESS = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+) ")
 RATIO_VS_TORCHVISION = 1.00
 E2E_VS_SYNTHETIC = 0.95
 RESNET50_COMPILED_IMG_S = 6500  # end to end at 224 px, one H200
-TEST_TOP1 = 0.970
+# The recipe's one reference run reached 95.8% test at 144 px (torchvision's ResNet50, one H200); the
+# check trains on the 120-px compact copy, whose cost in accuracy is not measured: a point of slack.
+TEST_TOP1 = 0.950
 TRAIN_S = 240
 
 # Seconds per cell: (one H200, the CPU smoke run, the smoke run on a GPU). H200: derived from an H200
@@ -169,7 +172,7 @@ def trainer_args(ctx: Context, run_dir: Path, *extra: str) -> list[str]:
     if ctx.cache_dir:
         args.append(f"data.cache_dir={ctx.cache_dir}")
     if ctx.smoke:
-        args += ["data.image_size=32", "train.batch_size=8", "train.log_every=1", "data.workers=0"]
+        args += ["data.image_size=32", "train.batch_size=8", "train.log_every=1"]
         if ctx.device.type == "cpu":  # inductor would spend minutes compiling ResNet50 on 2 cores
             args.append("model.compile=false")
     return args
@@ -498,7 +501,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("out", type=Path, help="folder for gpu_check.json (e.g. $OUT)")
+    p.add_argument("out", type=Path, help="folder for gpu_check.json (created if missing)")
     p.add_argument(
         "--data",
         type=Path,
@@ -512,7 +515,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--smoke", action="store_true", help="every cell at tiny size (checks the plumbing, not a result)")
     p.add_argument("--plan", action="store_true", help="print the plan and its time budget, then exit")
-    return p.parse_args(argv)
+    return show_defaults(p).parse_args(argv)
 
 
 def stop_on_sigterm(signum: int, frame: object) -> None:

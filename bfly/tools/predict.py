@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from bfly.core.cli import show_defaults
 from bfly.core.data.metadata import DataError
 from bfly.core.data.pil_input import open_rgb
 from bfly.core.errors import one_line, one_line_warnings
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a bfly run")
     p.add_argument("--top", type=int, default=5, help="how many species to list per image")
     p.add_argument("images", nargs="+", metavar="IMG")
-    return p.parse_args(argv)
+    return show_defaults(p).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

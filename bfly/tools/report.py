@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from bfly.core.checkpoint import BEST
+from bfly.core.cli import show_defaults
 from bfly.core.config import SEED_KEY, flat, is_operational
 from bfly.core.data.metadata import SPLIT_NAMES
 from bfly.run.runlog import read_metrics
@@ -211,7 +212,7 @@ def plot_curves(runs: list[RunMetrics], metric: str, out: Path) -> Path:
             ys = [100 * y for y in ys] if metric == "top1" else ys
             ax.plot(xs, ys, STYLES[split], color=colour, marker="o", markersize=3, label=f"{run.label} {split}")
         best = run.best("valid") if metric == "top1" else None
-        if best:  # the seed report's headline number: each model's highest valid accuracy
+        if best:  # the headline number: each model's highest valid accuracy
             ax.plot(best[1], 100 * best[0], "*", color=colour, markersize=13, markeredgecolor="black")
             ax.annotate(
                 f"best valid {100 * best[0]:.1f}%",
@@ -441,7 +442,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--data-root", help="dataset folder for evaluating best.pt (default: the run's own)")
     p.add_argument("--attempts", action="store_true", help="only print each run's attempt history (attempts.jsonl)")
-    return p.parse_args(argv)
+    return show_defaults(p).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

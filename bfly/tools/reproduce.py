@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bfly.core.cli import show_defaults
 from bfly.job.train import main as train_main
 from bfly.run.runlog import read_metrics
 
@@ -93,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bfly.reproduce", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="dataset root (a compact copy travels best)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated recipes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/reproduce"))
+    parser.add_argument("--seed", type=int, default=0, help="train.seed of every recipe")
+    parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="run directories and the table")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole path (not a result)")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for every recipe")
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     extra = (SMOKE if args.smoke else []) + args.overrides
     rows = []
     for model in args.models.split(","):

@@ -83,6 +83,14 @@ class _Row:
         return f"{self.file}: row {self.line}"
 
 
+# Where the data comes from, said with a missing data root.
+GET_DATA = (
+    ': download the Kaggle dataset "Butterfly & Moths Image Classification 100 species" (gpiosenka), unzip it '
+    "there (or set data.root=<folder>; any of the Kaggle CSV, course CSV or class-folder layouts), then check it "
+    "with python -m bfly.train --check --config <config>"
+)
+
+
 def load_metadata(
     root: str | Path,
     splits: Sequence[str] = SPLIT_NAMES,
@@ -96,7 +104,7 @@ def load_metadata(
     root = Path(root).expanduser().resolve()
     splits = _check_split_names(splits)
     if not root.is_dir():
-        raise DataError(f"{root}: dataset root is not a directory")
+        raise DataError(f"{root}: dataset root is not a directory{GET_DATA}")
     layout = _detect_layout(root, splits)
     if layout == FOLDERS:
         return _read_folders(root, splits)
