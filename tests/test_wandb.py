@@ -290,6 +290,23 @@ def test_summary_holds_the_best_checkpoint(requeued_run):
     assert summary["best/valid_top1"] == best["valid_top1"] and summary["best/epoch"] == best["epoch"] + 1
 
 
+def test_summary_holds_the_goodput_so_far(requeued_run):
+    """At the end of job 3 (attempt 3 under way): the wall clock split by cause, as bfly.report prints it."""
+    goodput = wandb_runs(requeued_run["run_dir"])[-1].summary["goodput"]
+    assert goodput["attempts"] == 3 and 0 < goodput["ratio"] < 1
+    seconds = goodput["seconds"]
+    assert list(seconds) == ["training", "start-up", "evaluation", "checkpoint stall", "recomputed"] + [
+        "hang detection",
+        "restart",
+        "queued",
+        "other",
+    ]
+    assert sum(seconds.values()) == pytest.approx(goodput["wall_clock_s"])
+    assert seconds["training"] == pytest.approx(goodput["ratio"] * goodput["wall_clock_s"])
+    assert seconds["evaluation"] > 0 and seconds["checkpoint stall"] > 0
+    assert goodput["gpu_hours"] == pytest.approx(goodput["wall_clock_s"] / 3600)  # one process
+
+
 def test_the_api_key_is_written_nowhere(requeued_run):
     run_dir, dirs = requeued_run["run_dir"], requeued_run["dirs"]
     assert files_containing(FAKE_KEY.encode(), run_dir, *dirs.values()) == []

@@ -5,8 +5,9 @@ the first attempt's process start to the last attempt's end, is split into parts
 
   queued            after a requeue, waiting for SLURM to start the job again (from SLURM's start time
                     of the allocation; without it, the wait counts as restart)
-  start-up          process start -> the first logged step: imports, rendezvous, data, compile (and the
-                    steps before the first log point, train.log_every)
+  start-up          process start -> the first step: imports, rendezvous, data, compile (the steps
+                    between the first and the first logged one, train.log_every, count as training at
+                    the attempt's step time)
   training          steps kept: the time of the steps the final model is made of
   recomputed        steps trained again after a resume: the work an attempt lost since its last checkpoint
                     (the steps it trained past that checkpoint, at its own step time)
@@ -106,8 +107,10 @@ def _progress(attempts: list[dict[str, Any]], i: int, live: dict[str, Any] | Non
 def _work_end(a: dict[str, Any], progress: dict[str, Any] | None, epochs: list[dict[str, Any]], begun: float) -> float:
     """When the attempt's last work (a step, an epoch's evaluation and checkpoint) ended."""
     end = a["end"]
-    if end is not None and end.get("stalled_s") is not None:
-        last = _time(end) - float(end["stalled_s"])  # the watchdog's measure of the last progress
+    logged_last = progress is not None and (end is None or progress["step"] == end["global_step"])
+    if not logged_last and end is not None and end.get("stalled_s") is not None:
+        # The step it hung at was not logged (train.log_every): the watchdog's measure of the last progress.
+        last = _time(end) - float(end["stalled_s"])
     else:
         last = float(progress["time"]) if progress else begun
     return max([last, begun, *(r["time"] + r.get("ckpt_stall_s", 0.0) for r in epochs)])
@@ -115,8 +118,9 @@ def _work_end(a: dict[str, Any], progress: dict[str, Any] | None, epochs: list[d
 
 def _active_parts(
     a: dict[str, Any], nxt: dict[str, Any] | None, progress: dict[str, Any] | None, epochs: list, active: float
-) -> tuple[dict[str, float], int]:
-    """The parts of an attempt's time from its first logged step to its last work, and the steps it lost."""
+) -> tuple[dict[str, float], int, float]:
+    """The parts of an attempt's time from its first logged step to its last work, the steps it lost and
+    its seconds per step."""
     evaluation = min(sum(r.get("eval_s", 0.0) for r in epochs), active)
     checkpoint = min(sum(r.get("ckpt_stall_s", 0.0) for r in epochs), active - evaluation)
     rest = active - evaluation - checkpoint
@@ -125,12 +129,13 @@ def _active_parts(
     lost = max(last_step - nxt["start_step"], 0) if nxt else 0  # trained past the checkpoint resumed from
     steps = max(last_step - (progress["first_step"] if progress else a["start_step"]), 1)
     recomputed = min(rest, lost * rest / steps)
-    return {
+    parts = {
         "evaluation": evaluation,
         "checkpoint": checkpoint,
         "recomputed": recomputed,
         "training": rest - recomputed,
-    }, lost
+    }
+    return parts, lost, rest / steps
 
 
 def account(
@@ -163,8 +168,13 @@ def account(
         first = min(max(float(progress["first_time"]), begun) if progress else started, work_end)
         row = AttemptTime(a["attempt"], a["end"]["ended"] if a["end"] else "no end record", a.get("world_size") or 1)
         row.seconds["startup"] = first - begun
-        parts, row.recomputed_steps = _active_parts(a, nxt, progress, epochs, work_end - first)
+        parts, row.recomputed_steps, step_s = _active_parts(a, nxt, progress, epochs, work_end - first)
         row.seconds.update(parts)
+        if progress:  # start-up ends at the first step: the steps before the first log point trained
+            early = max(progress["first_step"] - a["start_step"] - 1, 0) * step_s
+            early = min(early, row.seconds["startup"])
+            row.seconds["startup"] -= early
+            row.seconds["training"] += early
         row.seconds[TAIL.get(row.ended, "other")] += finish - work_end
         if nxt is not None:
             row.seconds.update(_gap(finish, max(_begin_of(nxt), finish), nxt.get("slurm_start_time")))
