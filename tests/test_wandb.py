@@ -34,7 +34,7 @@ from conftest import one_epoch_overrides, tiny_dataset
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
-from bfly import wandb_log  # noqa: E402
+from bfly.run import wandb_log  # noqa: E402
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a real key: 40 hex digits
 
@@ -288,6 +288,23 @@ def test_summary_holds_the_best_checkpoint(requeued_run):
     summary = wandb_runs(run_dir)[-1].summary
     assert summary["best/checkpoint"] == str((run_dir / "best.pt").resolve())
     assert summary["best/valid_top1"] == best["valid_top1"] and summary["best/epoch"] == best["epoch"] + 1
+
+
+def test_summary_holds_the_goodput_so_far(requeued_run):
+    """At the end of job 3 (attempt 3 under way): the wall clock split by cause, as bfly.report prints it."""
+    goodput = wandb_runs(requeued_run["run_dir"])[-1].summary["goodput"]
+    assert goodput["attempts"] == 3 and 0 < goodput["ratio"] < 1
+    seconds = goodput["seconds"]
+    assert list(seconds) == ["training", "start-up", "evaluation", "checkpoint stall", "recomputed"] + [
+        "hang detection",
+        "restart",
+        "queued",
+        "other",
+    ]
+    assert sum(seconds.values()) == pytest.approx(goodput["wall_clock_s"])
+    assert seconds["training"] == pytest.approx(goodput["ratio"] * goodput["wall_clock_s"])
+    assert seconds["evaluation"] > 0 and seconds["checkpoint stall"] > 0
+    assert goodput["gpu_hours"] == pytest.approx(goodput["wall_clock_s"] / 3600)  # one process
 
 
 def test_the_api_key_is_written_nowhere(requeued_run):

@@ -102,6 +102,16 @@ def slurm_ids() -> dict[str, str]:
     return {key: os.environ[_LAUNCH_ID_VARS[key]] for key in keys if os.environ.get(_LAUNCH_ID_VARS[key])}
 
 
+def slurm_job_start_time() -> float | None:
+    """When SLURM started this allocation (SLURM_JOB_START_TIME, unix time; SLURM 23.02 and later): after a
+    requeue, the time the job waited in the queue ends there."""
+    value = os.environ.get("SLURM_JOB_START_TIME")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
 def launch_ids() -> dict[str, str | None]:
     """Every id of this start of a job (see _LAUNCH_ID_VARS); None where unset."""
     return {key: os.environ.get(name) for key, name in _LAUNCH_ID_VARS.items()}

@@ -8,6 +8,12 @@ ended. Each job appends one `end` line when it ends (finished, budget, signal, h
 with the global step reached; an attempt with no `end` line was killed (SIGKILL, out of memory, a lost
 node) or crashed before it could write one, and is reported as a crash. Rank 0 writes; every rank
 contributes its host and GPU.
+
+For the time accounting (bfly.run.goodput): both lines carry `unix_time`; the start line the process's
+start time (`process_start`), SLURM's start time of the allocation (`slurm_start_time`, ends a requeued
+job's wait in the queue) and how far the previous attempt got (`previous_progress`: its first and latest
+logged steps, from progress.json); the end line this attempt's `progress`, and after a hang `stalled_s`,
+the seconds from the last progress to the hang's verdict.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,31 +37,16 @@ from typing import Any
 import torch
 
 from bfly.core import distributed
-from bfly.core.env import DistEnv, launch_ids
+from bfly.core.env import DistEnv, launch_ids, slurm_job_start_time
 from bfly.core.errors import one_line
 from bfly.core.stopping import Outcome
+from bfly.run.runlog import ATTEMPTS, read_attempts as read, read_progress
 
-FILE = "attempts.jsonl"
+FILE = ATTEMPTS
 FINISHED, BUDGET, SIGNAL, HANG, USER_ERROR, CRASH = "finished", "budget", "signal", "hang", "user error", "crash"
 NO_RECORD = "crash (no end record: killed, or the node was lost)"
-
-
-def read(run_dir: Path) -> list[dict[str, Any]]:
-    """The attempts of a run, oldest first: each start record with its end record (key `end`, or None)."""
-    path = run_dir / FILE
-    if not path.exists():
-        return []
-    attempts: list[dict[str, Any]] = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a kill: the attempt it ends has no end record
-            continue
-        if record.get("event") == "start":
-            attempts.append(record | {"end": None})
-        elif record.get("event") == "end" and attempts and attempts[-1]["attempt"] == record.get("attempt"):
-            attempts[-1]["end"] = attempts[-1]["end"] or record  # the first end line says how it ended
-    return attempts
+# The watchdog's hang line says how long the job went without progress before it was declared hung.
+STALLED = re.compile(r"no rank has made progress for (\d+(?:\.\d+)?) s")
 
 
 def ended(attempt: dict[str, Any]) -> str:
@@ -71,6 +64,16 @@ def _append(run_dir: Path, record: dict[str, Any]) -> None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def process_start() -> float | None:
+    """When this process started (unix time, Linux): its start-up began then, before Python's imports."""
+    try:
+        started_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def _version(package: str) -> str | None:
@@ -137,6 +140,9 @@ def start_record(
         "event": "start",
         "attempt": previous["attempt"] + 1 if previous else 1,
         "time": _now(),
+        "unix_time": time.time(),
+        "process_start": process_start(),
+        "slurm_start_time": slurm_job_start_time(),
         "hosts": list(dict.fromkeys(w["host"] for w in where)),
         "world_size": env.world_size,
         **launch_ids(),
@@ -149,6 +155,8 @@ def start_record(
         "start_epoch": epoch,
         "start_step": global_step,
         "previous_ended": ended(previous) if previous else None,
+        # How far the previous attempt got (its first and latest logged steps), read before this one logs.
+        "previous_progress": read_progress(run_dir, previous.get("unix_time", 0)) if previous else None,
     }
     _append(run_dir, record)
     return record
@@ -174,13 +182,24 @@ class Attempt:
     run_dir: Path
     number: int | None  # None: not rank 0
     outcome: Outcome | None = None
+    started: float = 0.0  # the unix time of its start record
 
     def end(self, how: str, detail: str | None, global_step: int) -> None:
         if self.number is None:
             return
-        record = {"event": "end", "attempt": self.number, "time": _now(), "ended": how, "global_step": global_step}
+        record = {
+            "event": "end",
+            "attempt": self.number,
+            "time": _now(),
+            "unix_time": time.time(),
+            "ended": how,
+            "global_step": global_step,
+            "progress": read_progress(self.run_dir, self.started),
+        }
         if detail:
             record["detail"] = detail
+        if how == HANG and detail and (stalled := STALLED.search(detail)):
+            record["stalled_s"] = float(stalled[1])  # its last progress came that long before this end
         _append(self.run_dir, record)
 
 
@@ -193,7 +212,7 @@ def recorded(
     TrainState (its position at the start and at the end). A job ended by the hang watchdog records
     itself with `Attempt.end(HANG, ...)` where it can, else it is a crash with no end record."""
     record = start_record(run_dir, env, device, state.epoch, state.global_step)
-    attempt = Attempt(run_dir, record["attempt"] if record else None)
+    attempt = Attempt(run_dir, record["attempt"] if record else None, started=record["unix_time"] if record else 0.0)
     error: BaseException | None = None
     try:
         yield attempt

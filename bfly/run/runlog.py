@@ -1,6 +1,8 @@
-"""What a run leaves behind and prints: log file, metrics.jsonl, rank-0 progress line.
+"""What a run leaves behind and prints: log file, metrics.jsonl, rank-0 progress line, progress.json.
 
-Other ranks are quiet. Extra sinks (wandb) receive the same step and epoch records.
+Other ranks are quiet. Extra sinks (wandb) receive the same step and epoch records. progress.json holds
+the first and the latest logged step of the attempt under way, with their times: attempts.jsonl keeps
+them (bfly.job.attempts), so that an attempt killed without an end record still tells how far it got.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +19,9 @@ from typing import Any, Protocol, TextIO
 
 from bfly.core.config import ConfigError
 from bfly.core.env import stdout_is_tty, wandb_mode_override, wandb_mode_setting
+
+ATTEMPTS = "attempts.jsonl"
+PROGRESS = "progress.json"
 
 
 class Sink(Protocol):
@@ -49,6 +55,7 @@ class RunLog:
         self._log: TextIO | None = None
         self._pending: list[str] = []
         self._metrics_from_epoch: int | None = None  # drop metrics.jsonl records from here on, at the first write
+        self._first_step: tuple[int, float] | None = None  # this job's first logged step and its time
 
     def attach(self, resume_epoch: int) -> None:
         if not self.is_main:
@@ -111,8 +118,18 @@ class RunLog:
 
     def step(self, record: dict[str, Any], step: int) -> None:
         if self.is_main:
+            self._note_progress(step)
             for sink in self.sinks:
                 sink.log_step(record, step)
+
+    def _note_progress(self, step: int) -> None:
+        if self._log is None:  # not attached: the run directory stays as it was
+            return
+        now = time.time()
+        self._first_step = self._first_step or (step, now)
+        first, first_time = self._first_step
+        with contextlib.suppress(OSError):  # a full disk must not stop training for a bookkeeping file
+            write_progress(self.run_dir, {"first_step": first, "first_time": first_time, "step": step, "time": now})
 
     def epoch(self, record: dict[str, Any], step: int) -> None:
         if not self.is_main:
@@ -120,6 +137,8 @@ class RunLog:
         if self._metrics_from_epoch is not None:  # on resume: no record of an epoch twice
             truncate_metrics(self.run_dir, self._metrics_from_epoch)
             self._metrics_from_epoch = None
+        if "eval_start" in record and "time" in record:  # the evaluation ran from eval_start to time
+            record["eval_s"] = record["time"] - record.pop("eval_start")
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         for sink in self.sinks:
@@ -198,7 +217,9 @@ def epoch_record(
     epoch: int, step: int, sums: dict[str, Any], lr: float, epoch_s: float, images_before: int
 ) -> dict[str, Any]:
     """The metrics.jsonl record of a finished epoch's training (the evaluation adds its splits). `sums`: the
-    epoch's totals over all ranks; images_before: images of the epoch counted before this job (a resume)."""
+    epoch's totals over all ranks; images_before: images of the epoch counted before this job (a resume).
+    eval_start: the evaluation starts now; RunLog.epoch turns it into eval_s, its seconds, once the
+    record's "time" marks its end."""
     count = max(int(sums["count"].item()), 1)
     return {
         "epoch": epoch,
@@ -209,6 +230,7 @@ def epoch_record(
         "lr": lr,
         "epoch_s": epoch_s,
         "img_per_s": (count - images_before) / max(epoch_s, 1e-9),
+        "eval_start": time.time(),
     }
 
 
@@ -230,6 +252,42 @@ def truncate_metrics(run_dir: Path, before_epoch: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < before_epoch]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def write_progress(run_dir: Path, progress: dict[str, Any]) -> None:
+    """Replaces progress.json at once: a kill mid-write leaves the previous one."""
+    tmp = run_dir / f".{PROGRESS}.writing"  # no .tmp: that is a checkpoint being written
+    tmp.write_text(json.dumps(progress))
+    os.replace(tmp, run_dir / PROGRESS)
+
+
+def read_progress(run_dir: Path, since: float) -> dict[str, Any] | None:
+    """The progress of the attempt that started at `since` (unix time: its start record's) or, once it has
+    ended, of the last one; None when it logged no step (the file is an older attempt's, or none)."""
+    try:
+        progress = json.loads((run_dir / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    return progress if isinstance(progress, dict) and progress.get("time", 0) >= since else None
+
+
+def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
+    """The attempts of a run (attempts.jsonl, written by bfly.job.attempts), oldest first: each start record
+    with its end record (key `end`, or None)."""
+    path = run_dir / ATTEMPTS
+    if not path.exists():
+        return []
+    attempts: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill: the attempt it ends has no end record
+            continue
+        if record.get("event") == "start":
+            attempts.append(record | {"end": None})
+        elif record.get("event") == "end" and attempts and attempts[-1]["attempt"] == record.get("attempt"):
+            attempts[-1]["end"] = attempts[-1]["end"] or record  # the first end line says how it ended
+    return attempts
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -10,7 +10,8 @@ What a run shows on the dashboard:
   number of the metrics.jsonl record;
 - at the end: per_class/<split> tables with species names, confusion/<split> charts and
   samples/<split> images captioned with the predicted and true species;
-- summary: best/checkpoint (the path of best.pt) and best/<metric> of the epoch it holds.
+- summary: best/checkpoint (the path of best.pt) and best/<metric> of the epoch it holds; goodput: the
+  effective training time ratio, the wall clock and GPU-hours so far, split by cause (bfly.run.goodput).
 
 wandb's files live in <run dir>/wandb. The run id is kept in the checkpoints, so a resumed or
 requeued job continues the same run; wandb_resume.json in the run directory remembers the last
@@ -26,6 +27,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +42,7 @@ from bfly.core.data.metadata import DatasetMeta, Split
 from bfly.core.data.pil_input import open_rgb
 from bfly.core.env import proxy_for, slurm_ids, wandb_api_key_configured, wandb_mode_override, wandb_mode_setting
 from bfly.core.stopping import EXIT_HANG
+from bfly.run import goodput
 
 RESUME_FILE = "wandb_resume.json"
 MODES = ("online", "offline", "disabled")
@@ -202,6 +205,7 @@ class WandbSink:
         """completed: the schedule is done (else stopped, by `signal_name` or a budget). last_eval: split ->
         metrics of the latest evaluation; `samples` images of valid are captioned by `probabilities`."""
         self._call("updating the summary", self.wb.summary.update, best_summary(self.run_dir / ckpt.BEST))
+        self._call("updating the summary", self.wb.summary.update, goodput_summary(self.run_dir))
         if not completed:
             # Stopped by a signal to be requeued: the next job resumes this run.
             self._call("marking the run preempting", self.wb.mark_preempting)
@@ -312,6 +316,15 @@ def best_summary(path: Path) -> dict[str, Any]:
     if "epoch" in metrics:
         out["best/epoch"] = metrics["epoch"] + 1  # epochs completed, as the dashboard's `epoch`
     return out
+
+
+def goodput_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's goodput so far (bfly.run.goodput; this attempt under way until now), {} if unreadable."""
+    try:
+        g = goodput.of_run(run_dir, now=time.time())
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged record must not stop the job's end
+        return {}
+    return goodput.summary(g) if g is not None else {}
 
 
 def _signal_exit_code(signal_name: str | None) -> int:

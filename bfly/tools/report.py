@@ -13,7 +13,10 @@ the seeds of each setting, as a table in summary.md and seeds.png (valid top-1 p
 with a band of ± one standard deviation). A setting is the values of the keys the runs' wandb.varies
 names (launch.submit sets it), else of the training keys that differ between the runs.
 summary.md also holds each run's attempt history (attempts.jsonl: every start, where it ran, with which
-code and libraries, how it ended); `--attempts` only prints those tables.
+code and libraries, how it ended); `--attempts` only prints those tables. And each run's goodput: how
+much of its wall clock and GPU-hours trained the model (kept steps), and where the rest went: queued,
+start-up, recomputed steps, evaluation, checkpoint stall, hang detection, restart, other; per part and
+per attempt (bfly/run/goodput.py says what each part is); `--goodput` only prints those tables.
 And, unless --confusion none, confusion-<run>-<split>.png: the confusion matrix of the run's best.pt
 on that split. It comes from <run>/best-eval-<split>.json (what `python -m bfly.evaluate` saves);
 when that file is missing, best.pt is evaluated here (one process) and the file written.
@@ -35,7 +38,8 @@ from bfly.core.checkpoint import BEST
 from bfly.core.cli import show_defaults
 from bfly.core.config import SEED_KEY, flat, is_operational
 from bfly.core.data.metadata import SPLIT_NAMES
-from bfly.run.runlog import read_metrics
+from bfly.run import goodput
+from bfly.run.runlog import ATTEMPTS, read_metrics
 
 SPLITS = ("train", "valid", "test")
 STYLES = {"train": "--", "valid": "-", "test": ":"}
@@ -386,6 +390,7 @@ def write_report(
             written.append(png)
             md += [f"![{r.label} confusion matrix ({confusion_split})]({png.name})", ""]
     md += attempts_section(runs)
+    md += goodput_section(runs)
     (out / "summary.md").write_text("\n".join(md))
     return [*written, out / "summary.md"]
 
@@ -423,6 +428,35 @@ def print_attempts(run_dirs: list[Path]) -> int:
     return 2 if missing else 0
 
 
+# --- goodput -------------------------------------------------------------------------------------------
+
+
+def goodput_section(runs: list[RunMetrics]) -> list[str]:
+    """Markdown lines: each run's goodput (bfly.run.goodput), for the runs that have an attempt history."""
+    md = []
+    for r in runs:
+        g = goodput.of_run(r.run_dir)
+        if g is not None:
+            md += [f"## Goodput of {r.label}", "", goodput.report(g), ""]
+    return md
+
+
+def print_goodput(run_dirs: list[Path]) -> int:
+    """`--goodput`: each run's goodput tables; exit 2 when a run has no attempt history."""
+    missing = 0
+    for run_dir in run_dirs:
+        g = goodput.of_run(run_dir)
+        if g is None:
+            print(
+                f"bfly.report: error: {run_dir / ATTEMPTS} not found (runs started before it existed have none)",
+                file=sys.stderr,
+            )
+            missing += 1
+            continue
+        print(f"goodput of {run_dir}:\n{goodput.report(g)}\n")
+    return 2 if missing else 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bfly.report",
@@ -442,6 +476,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--data-root", help="dataset folder for evaluating best.pt (default: the run's own)")
     p.add_argument("--attempts", action="store_true", help="only print each run's attempt history (attempts.jsonl)")
+    p.add_argument(
+        "--goodput",
+        action="store_true",
+        help="only print each run's goodput: its wall clock and GPU-hours by cause, per part and per attempt",
+    )
     return show_defaults(p).parse_args(argv)
 
 
@@ -449,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.attempts:
         return print_attempts(args.run_dirs)
+    if args.goodput:
+        return print_goodput(args.run_dirs)
     try:
         if not args.run_dirs and not args.group:
             raise ReportError("give run directories or --group")
