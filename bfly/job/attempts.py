@@ -31,7 +31,7 @@ import torch
 from bfly.core import distributed
 from bfly.core.env import DistEnv, launch_ids
 from bfly.core.errors import one_line
-from bfly.core.stopping import Outcome
+from bfly.run.outcome import Outcome
 
 FILE = "attempts.jsonl"
 FINISHED, BUDGET, SIGNAL, HANG, USER_ERROR, CRASH = "finished", "budget", "signal", "hang", "user error", "crash"

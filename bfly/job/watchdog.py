@@ -49,14 +49,13 @@ from typing import Any
 
 from bfly.core.env import (
     DistEnv,
-    StallHook,
     restart_count,
     restart_store_shared,
     set_defaults,
     store_address,
 )
-from bfly.core.stopping import EXIT_HANG, STOP_SIGNALS
-from bfly.job import retry
+from bfly.core.stopping import STOP_SIGNALS
+from bfly.job.exits import EXIT_HANG, record_exit
 
 WARM_STEPS = 3  # steps of a job that keep the start-up limit (the first compiled steps)
 STEP_MULTIPLE = 10  # a step this many times the median is still no hang
@@ -89,7 +88,7 @@ class Limits:
 class Heartbeat:
     """What the training loop updates (attribute writes only); the watchdog thread reads it."""
 
-    def __init__(self, rank: int = 0, hooks: list[StallHook] | None = None):
+    def __init__(self, rank: int = 0, stall: Callable[[str, int], None] | None = None):
         self.rank = rank
         self.phase = "startup"
         self.step = 0  # global step
@@ -97,7 +96,7 @@ class Heartbeat:
         self.steps = 0  # optimizer steps of this job
         self.step_times: deque[float] = deque(maxlen=50)
         self._last_step: float | None = None
-        self._hooks = [h for h in (hooks or []) if h.rank == rank]
+        self._stall = stall  # (phase, global step): bfly.job.faults' stall, where a real one would be
 
     def enter(self, phase: str) -> None:
         self.phase, self.since = phase, time.monotonic()
@@ -133,18 +132,9 @@ class Heartbeat:
         return max(limits.hang_s, STEP_MULTIPLE * typical)
 
     def stall_for_test(self, phase: str) -> None:
-        """bfly.core.env.stall_hooks: sleep here, where a real stall would be (the stack dump shows this frame)."""
-        for hook in self._hooks:
-            if hook.phase != phase:
-                continue
-            if hook.from_step is None:
-                time.sleep(hook.seconds)
-            elif self.step >= hook.from_step:
-                self._hooks.remove(hook)
-                end = time.monotonic() + hook.seconds
-                while time.monotonic() < end:  # a stop signal interrupts sleep: stay stalled
-                    time.sleep(min(1.0, max(end - time.monotonic(), 0.0)))
-            return
+        """bfly.job.faults: sleep here, where a real stall would be (the stack dump shows this frame)."""
+        if self._stall is not None:
+            self._stall(phase, self.step)
 
 
 def watched(batches: Iterable, beat: Heartbeat, waiting: str = "data", working: str = "forward-backward") -> Iterator:
@@ -601,7 +591,7 @@ class Watchdog:
         """Ends this process now, from this thread: the main thread may never return from where it is stuck.
         Loader workers go first (a stopped one would stay stopped forever). The status is recorded for the
         launcher's retry decision first (bfly.retry: a hang is retried, unlike a user error)."""
-        retry.record_exit(EXIT_HANG)
+        record_exit(EXIT_HANG)
         for callback in self.before_exit:
             _bounded(functools.partial(callback, self.declared or "a stop that could not be honoured"), 10)
         for pid in forked_children():

@@ -22,7 +22,8 @@ from bfly.core.data.metadata import SPLIT_NAMES
 from bfly.core.env import dist_env, elastic_error_file
 from bfly.core.errors import Failure, one_line, one_line_warnings, recorded
 from bfly.core.stack import pick_device
-from bfly.core.trained import USER_ERRORS, ImageError, default_out, evaluate_checkpoint
+from bfly.core.trained import ImageError, default_out, evaluate_checkpoint
+from bfly.job.exits import USER_ERRORS
 
 
 def format_result(r: dict[str, Any], world_size: int) -> str:

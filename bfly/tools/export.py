@@ -33,7 +33,8 @@ from bfly.core.data.metadata import load_metadata
 from bfly.core.data.pil_input import open_rgb
 from bfly.core.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from bfly.core.errors import one_line
-from bfly.core.trained import USER_ERRORS, load_trained
+from bfly.core.trained import load_trained
+from bfly.job.exits import USER_ERRORS
 
 # The exported forms run the same float32 operations as the checkpoint's model on the CPU; they may
 # differ only by the order of floating-point sums: |logit difference| <= RTOL * max(1, max |logit|).

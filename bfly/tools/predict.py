@@ -20,7 +20,8 @@ from bfly.core.data.metadata import DataError
 from bfly.core.data.pil_input import open_rgb
 from bfly.core.errors import one_line, one_line_warnings
 from bfly.core.stack import configure_backends, pick_device
-from bfly.core.trained import BATCH, USER_ERRORS, class_probs, load_trained
+from bfly.core.trained import BATCH, class_probs, load_trained
+from bfly.job.exits import USER_ERRORS
 
 
 def format_top(path: str, probs: torch.Tensor, class_names: Sequence[str], k: int) -> str:
