@@ -35,7 +35,7 @@ EXIT_STOPPED = 75
 EXIT_HANG = 76
 
 # The errors that are the user's to fix (exit 2): retrying would fail the same way.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError, RunDirBusy)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirBusy)
 
 
 def record_exit(status: int) -> None:
