@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from bfly.core.stopping import EXIT_STOPPED
 from bfly.job import attempts
+from bfly.job.exits import EXIT_STOPPED
 
 from conftest import REPO, read_jsonl, run_python
 from probes.fault_launch import Launch, fault_args, run_to_end, train_cmd

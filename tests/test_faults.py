@@ -28,7 +28,7 @@ import torch
 
 from bfly.core import checkpoint as ckpt
 from bfly.core.data.sampling import StepPlan, rank_micro_batches
-from bfly.core.stopping import EXIT_STOPPED
+from bfly.job.exits import EXIT_STOPPED
 from bfly.job.train import main
 
 from conftest import PYTHON, REPO, data_copy, our_frames, read_jsonl, subprocess_env, tiny_overrides
@@ -102,7 +102,7 @@ def test_sigkill_at_random_points(tiny_data, tmp_path, ref2, step, rank):
 
 
 def paused_write(run: Path) -> dict[str, str]:
-    """The environment that pauses the second last.pt write of a run half-way (bfly.core.env.checkpoint_pause_file)."""
+    """The environment that pauses the second last.pt write of a run half-way (bfly.job.faults)."""
     return {"BFLY_TEST_PAUSE_CHECKPOINT": str(run.parent / "paused")}
 
 

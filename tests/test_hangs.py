@@ -2,7 +2,7 @@
 
 Real processes, real torchrun, gloo on CPU, two DataLoader workers per trainer; the stalls are real
 (SIGSTOP of a trainer or of a loader worker, SIGKILL of torchrun's agent) or a trainer sleeping where a
-real stall would be (BFLY_TEST_STALL, bfly.core.env.stall_hooks). Limits are short (run.hang_timeout_s=5).
+real stall would be (BFLY_TEST_STALL, bfly.job.faults). Limits are short (run.hang_timeout_s=5).
 For each: the exit status, the seconds from the stall to the job's end, the rank the line names, the
 stuck frame in the stack files, no process left behind (/proc), and a resume afterwards that ends
 bit-identical to an uninterrupted run. A slow rank, a long evaluation and a long checkpoint write are
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from bfly.core.config import load_config
-from bfly.core.env import StallHook, stall_hooks
-from bfly.core.stopping import EXIT_HANG
+from bfly.core.env import StallHook, fault_spec
+from bfly.job.exits import EXIT_HANG
 from bfly.job.watchdog import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, configure_nccl, nccl_settings
 from bfly.tools.child import descendants
 
@@ -161,7 +161,7 @@ def test_the_limit_is_the_start_up_one_at_first_then_the_larger_of_the_timeout_a
 
 def test_the_stall_hook_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("BFLY_TEST_STALL", "1:data:4:600,0:eval:*:2.5")
-    assert stall_hooks() == [StallHook(1, "data", 4, 600.0), StallHook(0, "eval", None, 2.5)]
+    assert fault_spec().stalls == (StallHook(1, "data", 4, 600.0), StallHook(0, "eval", None, 2.5))
 
 
 def test_nccl_settings_agree_with_the_watchdog_and_the_users_own_win(tmp_path, monkeypatch):

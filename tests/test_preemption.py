@@ -3,7 +3,7 @@ terminal really send, the launcher dying, two runs on one directory, a refused r
 
 Every trial runs the real CLI with `data.workers=2` (DataLoader worker processes, like the shipped
 default of 4) and checks, on top of a clean stop: a checkpoint at the current step, one line per rank,
-every process out within seconds, exit status 75 (bfly.core.stopping.EXIT_STOPPED; torchrun reports it in
+every process out within seconds, exit status 75 (bfly.job.exits.EXIT_STOPPED; torchrun reports it in
 its failure summary) and a resume that ends bit-identical to an uninterrupted run.
 
 Default tier: a SIGTERM to a DDP job's whole process group, a Ctrl-C on a terminal, kill -9 of the
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from bfly.core import checkpoint as ckpt
-from bfly.core.stopping import EXIT_STOPPED
+from bfly.job.exits import EXIT_STOPPED
 from bfly.job.train import main
 from bfly.run.rundir import LOCK, Holder, RunDirBusy, RunDirLock, this_process
 

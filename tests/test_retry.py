@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from bfly.core.stopping import EXIT_HANG, EXIT_STOPPED
+from bfly.job.exits import EXIT_HANG, EXIT_STOPPED
 from bfly.job.retry import EXIT_DIR, STATE, after_failure, decide, exit_records, job_status
 
 from conftest import PYTHON, REPO, subprocess_env, tiny_overrides

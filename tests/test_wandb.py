@@ -26,7 +26,7 @@ import yaml
 
 from bfly.core.checkpoint import load
 from bfly.core.config import ConfigError
-from bfly.core.stopping import EXIT_STOPPED
+from bfly.job.exits import EXIT_STOPPED
 
 import conftest
 from conftest import one_epoch_overrides, tiny_dataset

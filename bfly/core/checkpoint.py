@@ -27,8 +27,8 @@ import random
 import re
 import shutil
 import threading
-import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from bfly.core.env import checkpoint_pause_file
 from bfly.core.errors import one_line
 
 LAST, PREV, BEST = "last.pt", "last.prev.pt", "best.pt"
@@ -70,17 +69,25 @@ class DiskFullError(CheckpointError):
         super().__init__(f"no space left on device while writing {path.name} in {path.parent}")
 
 
-def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False, roll_to: Path | None = None) -> None:
+def save_atomic(
+    state: dict[str, Any],
+    path: Path,
+    keep_previous: bool = False,
+    roll_to: Path | None = None,
+    half_written: Callable[[Path], None] | None = None,
+) -> None:
     """Write-to-temp, fsync, rename. On a full disk the temp file is removed and the file it would have
     replaced is untouched. keep_previous: the replaced file becomes last.prev.pt; roll_to: the replaced
     last.prev.pt is renamed there first (else it is replaced). Renames only, each atomic, and only once
-    the temp file is complete: a kill at any point leaves every earlier complete checkpoint under a name."""
+    the temp file is complete: a kill at any point leaves every earlier complete checkpoint under a name.
+    half_written: called with the temp file of a write that replaces a file, before it is complete (the
+    tail of the temp file is still in this process's buffer): tests kill the process there."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
-            if keep_previous and path.exists():
-                _pause_for_test(tmp)
+            if half_written is not None and keep_previous and path.exists():
+                half_written(tmp)
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
@@ -137,18 +144,6 @@ def link_snapshot(src: Path, snapshot: Path, payload: dict[str, Any]) -> None:
     _fsync_dir(snapshot.parent)
 
 
-def _pause_for_test(tmp: Path) -> None:
-    """bfly.core.env.checkpoint_pause_file: a test kills the process while this write is half done (the tail of
-    the temp file is still in this process's buffer)."""
-    pause = checkpoint_pause_file()
-    if pause is None or pause.exists():
-        return
-    pause.write_text(str(tmp))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
 def _is_disk_full(e: BaseException) -> bool:
     # torch.save reports a failed write as a RuntimeError from its zip writer ("unexpected pos ..."),
     # not as an OSError: look for the errno, then for the message.
@@ -186,10 +181,11 @@ class CheckpointWriter:
     already copied the state off the device, so training goes on while the file is written, fsync'ed
     and renamed. An error of a background write is raised by the next `submit` or `wait`. With
     asynchronous=False every write happens in `submit` (the reference to measure the stall against).
+    before_write: save_atomic's half_written, for each write that replaces last.pt.
     """
 
-    def __init__(self, asynchronous: bool = True):
-        self.asynchronous = asynchronous
+    def __init__(self, asynchronous: bool = True, before_write: Callable[[Path], None] | None = None):
+        self.asynchronous, self.before_write = asynchronous, before_write
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.intact: dict[str, int] = {}  # file name -> step of the newest complete write
@@ -246,7 +242,7 @@ class CheckpointWriter:
             step = self.intact.get(PREV)
             step = saved_step(prev) if step is None else step  # a file of an earlier job
             roll_to = None if step is None else w.path.with_name(rolled_name(step))
-        save_atomic(w.payload, w.path, keep_prev, roll_to)
+        save_atomic(w.payload, w.path, keep_prev, roll_to, self.before_write)
         if keep_prev and LAST in self.intact:
             self.intact[PREV] = self.intact[LAST]
         else:

@@ -38,6 +38,13 @@ class TrainState:
     # Running sums of the current epoch (tensors on device: no host sync per step).
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def next_epoch(self) -> dict[str, torch.Tensor]:
+        """Moves to the start of the next epoch; returns the running sums of the epoch that ended."""
+        sums, self.sums = self.sums, {k: torch.zeros_like(v) for k, v in self.sums.items()}
+        self.epoch += 1
+        self.step_in_epoch = 0
+        return sums
+
 
 @dataclass
 class Trainer:

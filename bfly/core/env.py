@@ -147,15 +147,6 @@ def wandb_mode_setting(config_mode: str) -> str:
     return f"WANDB_MODE={override}" if override else f"wandb.mode={config_mode}"
 
 
-def checkpoint_pause_file() -> Path | None:
-    """Test hook, BFLY_TEST_PAUSE_CHECKPOINT=<file>: the first write that replaces an existing last.pt pauses
-    half-way (its temp file partly written), creates <file> and waits for the process to be killed (at most
-    120 s, then goes on). Once per file: a write that finds <file> already there does not pause, so the
-    restarted job goes on. For tests that kill a process during a checkpoint write."""
-    value = os.environ.get("BFLY_TEST_PAUSE_CHECKPOINT")
-    return Path(value) if value else None
-
-
 def elastic_error_file() -> Path | None:
     """TORCHELASTIC_ERROR_FILE: where torchrun's agent reads a worker's error for its failure summary
     (set for each worker; empty or unset: no summary to write to)."""
@@ -207,19 +198,6 @@ def exit_status_dir() -> Path | None:
     return Path(value) if value else None
 
 
-def slow_rank_for_test() -> tuple[int, float] | None:
-    """Test hook, BFLY_TEST_SLOW_RANK=<rank>:<seconds>: that rank waits <seconds> more for each training
-    batch, as a rank on a slow disk or a busy node would (a straggler for bfly.health to find)."""
-    value = os.environ.get("BFLY_TEST_SLOW_RANK")
-    if not value:
-        return None
-    rank, _, seconds = value.partition(":")
-    try:
-        return int(rank), float(seconds)
-    except ValueError:
-        raise RuntimeError(f"BFLY_TEST_SLOW_RANK={value!r}: expected <rank>:<seconds>") from None
-
-
 def store_address(env: DistEnv) -> tuple[str, int] | None:
     """host, port of the store every rank of this job reaches at start-up (torchrun's or rank 0's): the
     rendezvous address. None when there is none (a single process)."""
@@ -247,6 +225,9 @@ def set_defaults(values: dict[str, str]) -> dict[str, str]:
     return {name: os.environ[name] for name in values}
 
 
+# --- test faults (bfly.job.faults) ---------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class StallHook:
     rank: int
@@ -255,13 +236,41 @@ class StallHook:
     seconds: float
 
 
-def stall_hooks() -> list[StallHook]:
-    """Test hook, BFLY_TEST_STALL=<rank>:<phase>:<step>:<seconds>[,...]: the trainer of <rank> sleeps <seconds>
-    in <phase> (startup: before the rendezvous; data: waiting for its next batch; eval: before an evaluation
-    batch; checkpoint: while writing one), once at the first global step >= <step>, or each time with
-    <step> `*`. For tests of hung, slow and stopped ranks."""
+@dataclass(frozen=True)
+class FaultSpec:
+    """The faults a test asks a trainer to fake (none in normal use):
+
+    * BFLY_TEST_STALL=<rank>:<phase>:<step>:<seconds>[,...]: the trainer of <rank> sleeps <seconds> in <phase>
+      (startup: before the rendezvous; data: waiting for its next batch; eval: before an evaluation batch;
+      checkpoint: while writing one), once at the first global step >= <step>, or each time with <step> `*`.
+      For tests of hung, slow and stopped ranks.
+    * BFLY_TEST_SLOW_RANK=<rank>:<seconds>: that rank waits <seconds> more for each training batch, as a rank
+      on a slow disk or a busy node would (a straggler for bfly.run.health to find).
+    * BFLY_TEST_PAUSE_CHECKPOINT=<file>: the first write that replaces an existing last.pt pauses half-way (its
+      temp file partly written), creates <file> and waits for the process to be killed (at most 120 s, then
+      goes on). Once per file: a write that finds <file> already there does not pause, so the restarted job
+      goes on. For tests that kill a process during a checkpoint write.
+    """
+
+    stalls: tuple[StallHook, ...] = ()
+    slow_rank: tuple[int, float] | None = None  # (rank, seconds per batch)
+    pause_checkpoint: Path | None = None
+
+
+def fault_spec() -> FaultSpec:
+    """The test faults requested in the environment (FaultSpec)."""
     stalls = []
     for item in filter(None, os.environ.get("BFLY_TEST_STALL", "").split(",")):
         rank, phase, step, seconds = item.split(":")
         stalls.append(StallHook(int(rank), phase, None if step == "*" else int(step), float(seconds)))
-    return stalls
+    slow = os.environ.get("BFLY_TEST_SLOW_RANK")
+    pause = os.environ.get("BFLY_TEST_PAUSE_CHECKPOINT")
+    return FaultSpec(tuple(stalls), _slow_rank(slow) if slow else None, Path(pause) if pause else None)
+
+
+def _slow_rank(value: str) -> tuple[int, float]:
+    rank, _, seconds = value.partition(":")
+    try:
+        return int(rank), float(seconds)
+    except ValueError:
+        raise RuntimeError(f"BFLY_TEST_SLOW_RANK={value!r}: expected <rank>:<seconds>") from None

@@ -8,32 +8,24 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from bfly.core.config import Config, ConfigError, DistConfig
-from bfly.core.data.inputs import EvalInput, TrainInput, build_eval_input, build_train_input, shm_free, shm_warning
-from bfly.core.data.metadata import DatasetMeta
 from bfly.core.data.sampling import StepPlan
 from bfly.core.data.transforms import build_mixup
 from bfly.core.ema import ModelEma
 from bfly.core.engine import Schedule, Trainer, unwrap
-from bfly.core.env import DistEnv
 from bfly.core.models import build_model, model_options
 from bfly.core.optim import build_optimizer
-from bfly.core.stopping import StopRequest
-from bfly.run.runlog import RunLog
 
 __all__ = [
     "AmpPolicy",
-    "Run",
     "amp_policy",
     "build_criterion",
-    "build_run",
     "build_trainer",
     "check_ddp_plan",
     "compile_sync_bn_warning",
@@ -107,8 +99,15 @@ def init_model(cfg: Config, num_classes: int) -> nn.Module:
     return build_model(m.name, num_classes, **{key: getattr(m, key) for key in model_options(m.name)})
 
 
+class Notes(Protocol):
+    """Where the notes of an assembly go (a training run's log)."""
+
+    def info(self, msg: str) -> None: ...
+    def warn(self, msg: str) -> None: ...
+
+
 def place_model(
-    model: nn.Module, cfg: Config, device: torch.device, sync_bn: bool = False, log: RunLog | None = None
+    model: nn.Module, cfg: Config, device: torch.device, sync_bn: bool = False, log: Notes | None = None
 ) -> nn.Module:
     """SyncBatchNorm (sync_bn: several processes and model.sync_bn), the device, channels-last.
     `log` receives the notes a training run prints about SyncBN."""
@@ -232,45 +231,3 @@ def seed_all(*parts: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@dataclass(frozen=True)
-class Run:
-    """The pieces of one training run, built once (build_run) and not changed after."""
-
-    cfg: Config
-    env: DistEnv
-    meta: DatasetMeta
-    run_dir: Path
-    log: RunLog
-    device: torch.device
-    raw_model: nn.Module
-    trainer: Trainer
-    plan: StepPlan
-    train_input: TrainInput
-    eval_inputs: dict[str, EvalInput]
-    stop: StopRequest
-
-
-def build_run(
-    cfg: Config, env: DistEnv, meta: DatasetMeta, run_dir: Path, log: RunLog, device: torch.device, stop: StopRequest
-) -> Run:
-    configure_backends(cfg, device)
-    plan = StepPlan.make(cfg.train.batch_size, env.world_size, cfg.train.micro_batch_size)
-    check_ddp_plan(cfg.dist, plan)
-    raw = place_model(init_model(cfg, meta.num_classes), cfg, device, env.distributed and cfg.model.sync_bn, log)
-    train_input = build_train_input(cfg, meta, plan, env.rank, device)
-    steps = train_input.steps_per_epoch
-    if steps == 0:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} is larger than the train split "
-            f"({len(meta.splits['train'].paths)} images): no full batch per epoch"
-        )
-    trainer = build_trainer(cfg, raw, device, meta.num_classes, plan.accum_steps, steps, ddp=env.distributed)
-    eval_bs = eval_batch_size(cfg, env.world_size)
-    if note := shm_warning(cfg, plan, eval_bs, env.local_world_size, shm_free()):  # rank 0's node stands for all
-        log.warn(note)
-    eval_inputs = {
-        s: build_eval_input(cfg, meta, s, env.rank, env.world_size, eval_bs, device) for s in cfg.train.eval_splits
-    }
-    return Run(cfg, env, meta, run_dir, log, device, raw, trainer, plan, train_input, eval_inputs, stop)

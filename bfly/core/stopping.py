@@ -15,6 +15,7 @@ follow, both handled here:
   parent-death signal turns the launcher's death into a SIGTERM for the trainer: it checkpoints and exits.
 
 A second signal while the checkpoint is being written changes nothing: the flag is already set.
+How a run ends (bfly.run.outcome) and the exit statuses (bfly.job.exits) are decided above this module.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -35,62 +34,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 # What signal.signal() takes and returns: a function, SIG_DFL / SIG_IGN, or None (set from C).
 SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
-
-# The exit status of a trainer stopped by a signal after writing its checkpoint (sysexits.h EX_TEMPFAIL:
-# "try again later"): a script tells it apart from a crash (1) and a user error (2). Run it again to resume.
-EXIT_STOPPED = 75
-
-# The exit status of a job ended because a rank stopped making progress (a hang): not a user error (2), so
-# a launcher may retry it from the last checkpoint, and told apart from a crash (1) in the job's log.
-EXIT_HANG = 76
-
-# Why a rank stopped that got no signal itself: another rank did (ranks agree at log points).
-OTHER_RANK = "a signal on another rank"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a training job ended. `stopped_by`: None (the schedule is complete), a signal name, or the
-    run.stop_after_* key whose budget ended this job."""
-
-    stopped_by: str | None = None
-    checkpoint: Path | None = None  # where the state at the stop was written
-    signals: tuple[str, ...] = ()  # every stop signal this process received (submitit requeues on its own)
-
-    @property
-    def finished(self) -> bool:
-        return self.stopped_by is None
-
-    @property
-    def by_signal(self) -> bool:
-        """Stopped by a signal to this process or to another rank (not by a run.stop_after_* budget)."""
-        return self.stopped_by is not None and not self.stopped_by.startswith("run.stop_after_")
-
-
-@dataclass(frozen=True)
-class JobBudget:
-    """run.stop_after_*: how much of the schedule this job runs before it checkpoints and exits."""
-
-    start_step: int
-    start_epoch: int
-    max_steps: int
-    max_epochs: int
-
-    def steps_done(self, global_step: int) -> bool:
-        return self.max_steps > 0 and global_step - self.start_step >= self.max_steps
-
-    def epochs_done(self, epoch: int) -> bool:
-        return self.max_epochs > 0 and epoch - self.start_epoch >= self.max_epochs
-
-    def stop_reason(self, signal_name: str | None, global_step: int, epoch: int) -> str:
-        """Why a job stopped early: this process's signal, the budget, or (neither) another rank's signal."""
-        if signal_name:
-            return signal_name
-        if self.steps_done(global_step):
-            return "run.stop_after_steps"
-        if self.epochs_done(epoch):
-            return "run.stop_after_epochs"
-        return OTHER_RANK
 
 
 class StopRequest:

@@ -21,9 +21,6 @@ from bfly.core.env import DistEnv
 from bfly.core.errors import one_line, release_frames
 from bfly.core.models import MODEL_NAMES, build_model
 
-# What loading or evaluating a checkpoint raises for a user's mistake: one line, exit status 2.
-USER_ERRORS = (ckpt.CheckpointError, ConfigError, DataError)
-
 
 class ImageError(DataError):
     """An image of the split cannot be read: met by the one rank whose shard holds it."""

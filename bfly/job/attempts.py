@@ -39,7 +39,7 @@ import torch
 from bfly.core import distributed
 from bfly.core.env import DistEnv, launch_ids, slurm_job_start_time
 from bfly.core.errors import one_line
-from bfly.core.stopping import Outcome
+from bfly.run.outcome import Outcome
 from bfly.run.runlog import ATTEMPTS, read_attempts as read, read_progress
 
 FILE = ATTEMPTS

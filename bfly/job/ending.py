@@ -17,8 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from bfly.core.stopping import EXIT_HANG
-from bfly.job import retry
+from bfly.job.exits import EXIT_HANG, record_exit
 from bfly.job.heartbeat import Heartbeat
 
 
@@ -90,7 +89,7 @@ def exit_hang(before_exit: list[Callable[[str], None]], line: str) -> None:
     """Ends this process now with EXIT_HANG. The status is recorded for the launcher's retry decision
     first (bfly.retry: a hang is retried, unlike a user error), then `before_exit` is told `line`. Loader
     workers go before this process (a stopped one would stay stopped forever)."""
-    retry.record_exit(EXIT_HANG)
+    record_exit(EXIT_HANG)
     for callback in before_exit:
         bounded(functools.partial(callback, line), 10)
     for pid in forked_children():

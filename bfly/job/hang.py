@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bfly.core.stopping import EXIT_HANG
+from bfly.job.exits import EXIT_HANG
 from bfly.job.heartbeat import Limits
 
 WAITING = ("rendezvous", "forward-backward", "collective")  # phases that may be waiting for another rank

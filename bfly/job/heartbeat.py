@@ -10,11 +10,9 @@ import contextlib
 import statistics
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
-
-from bfly.core.env import StallHook
 
 WARM_STEPS = 3  # steps of a job that keep the start-up limit (the first compiled steps)
 STEP_MULTIPLE = 10  # a step this many times the median is still no hang
@@ -42,7 +40,7 @@ class Limits:
 class Heartbeat:
     """What the training loop updates (attribute writes only); the watchdog thread reads it."""
 
-    def __init__(self, rank: int = 0, hooks: list[StallHook] | None = None):
+    def __init__(self, rank: int = 0, stall: Callable[[str, int], None] | None = None):
         self.rank = rank
         self.phase = "startup"
         self.step = 0  # global step
@@ -50,7 +48,7 @@ class Heartbeat:
         self.steps = 0  # optimizer steps of this job
         self.step_times: deque[float] = deque(maxlen=50)
         self._last_step: float | None = None
-        self._hooks = [h for h in (hooks or []) if h.rank == rank]
+        self._stall = stall  # (phase, global step): bfly.job.faults' stall, where a real one would be
 
     def enter(self, phase: str) -> None:
         self.phase, self.since = phase, time.monotonic()
@@ -86,18 +84,9 @@ class Heartbeat:
         return max(limits.hang_s, STEP_MULTIPLE * typical)
 
     def stall_for_test(self, phase: str) -> None:
-        """bfly.core.env.stall_hooks: sleep here, where a real stall would be (the stack dump shows this frame)."""
-        for hook in self._hooks:
-            if hook.phase != phase:
-                continue
-            if hook.from_step is None:
-                time.sleep(hook.seconds)
-            elif self.step >= hook.from_step:
-                self._hooks.remove(hook)
-                end = time.monotonic() + hook.seconds
-                while time.monotonic() < end:  # a stop signal interrupts sleep: stay stalled
-                    time.sleep(min(1.0, max(end - time.monotonic(), 0.0)))
-            return
+        """bfly.job.faults: sleep here, where a real stall would be (the stack dump shows this frame)."""
+        if self._stall is not None:
+            self._stall(phase, self.step)
 
 
 def watched(batches: Iterable, beat: Heartbeat, waiting: str = "data", working: str = "forward-backward") -> Iterator:

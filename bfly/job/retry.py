@@ -28,18 +28,14 @@ import contextlib
 import fcntl
 import json
 import os
-import socket
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bfly.core import env as environ
-from bfly.core.stopping import EXIT_HANG, EXIT_STOPPED
+from bfly.job.exits import EXIT_CRASH, EXIT_HANG, EXIT_STOPPED, EXIT_USER_ERROR
 
-EXIT_CRASH = 1
-EXIT_USER_ERROR = 2
 STATE = "retries.json"
 EXIT_DIR = ".bfly-exit"
 
@@ -95,38 +91,7 @@ def checkpoint_step(run_dir: Path) -> int | None:
     return int(found[0]["global_step"]) if found else None
 
 
-# --- what each trainer leaves for the launcher -------------------------------------------------------
-
-
-def record_exit(status: int) -> None:
-    """A trainer's exit status, where the launcher reads it (BFLY_EXIT_STATUS_DIR; unset: not recorded).
-    A trainer killed by a signal records nothing: the launcher counts that as a crash. A process records once:
-    its first decided status stands (a user error recorded before the process group closes is not turned
-    into another status by what happens while it exits)."""
-    where = environ.exit_status_dir()
-    if where is None:
-        return
-    rank = environ.dist_env().rank
-    restart = environ.restart_count()[0]
-    # One file per rank and torchrun round: a restarted trainer reads the previous round's while the
-    # fastest trainer of its own round may already have written its own.
-    path = where / f"rank-{rank}.restart-{restart}.json"
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(path.read_text())["pid"] == os.getpid():
-            return
-    record = {
-        "status": status,
-        "rank": rank,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "restart": restart,
-        "time": time.time(),
-    }
-    with contextlib.suppress(OSError):  # a full or read-only disk must not hide the real exit status
-        where.mkdir(parents=True, exist_ok=True)
-        tmp = where / f".rank-{rank}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(record))
-        tmp.replace(path)
+# --- what each trainer leaves for the launcher (bfly.job.exits.record_exit writes it) ------------------
 
 
 def exit_records(where: Path, restart: int | None = None) -> list[dict[str, Any]]:
@@ -265,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     when, train_args = argv[0], argv[1:]
     from bfly.core.config import ConfigError, load_config, run_dir_of
     from bfly.core.errors import one_line
-    from bfly.job.train import parse_args
+    from bfly.job.args import parse_args
 
     targs = parse_args(train_args)
     try:

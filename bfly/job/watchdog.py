@@ -47,8 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from bfly.core.env import DistEnv, restart_count, restart_store_shared, store_address
-from bfly.core.stopping import EXIT_HANG, STOP_SIGNALS
+from bfly.core.stopping import STOP_SIGNALS
 from bfly.job.ending import bounded, exit_hang, forked_children, kill_stopped, proc_state, write_stacks
+from bfly.job.exits import EXIT_HANG
 from bfly.job.hang import Seen, View, frozen_ranks, judge
 from bfly.job.heartbeat import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, watched
 from bfly.job.nccl import configure_nccl, dump_nccl_trace, nccl_settings

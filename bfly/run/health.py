@@ -13,7 +13,7 @@ train.log_every steps each rank measures, per step over the window since the las
 * peak memory: the GPU's peak allocation, or on CPU the process's peak resident size.
 
 The figures travel on the collective that already runs at log points (the ranks' agreement on a stop
-request): one all-reduce of a [world size, 6] tensor in which each rank fills its own row. Rank 0 names
+request, bfly.run.stops): one all-reduce of a [world size, 6] tensor in which each rank fills its own row. Rank 0 names
 a straggler when one rank's own work (step time less its collective wait) is over STRAGGLER_RATIO x
 the median of the other ranks' at STRAGGLER_POINTS log points in a row: a warning in the console and
 train.log, and `slow rank R (host) 2.1x` in the progress lines while it lasts. Per-rank figures go to
@@ -31,25 +31,37 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from bfly.core import distributed
-from bfly.core.env import DistEnv, slow_rank_for_test
+from bfly.core.engine import TrainState
+from bfly.core.env import DistEnv
+from bfly.run.loop import Callback, EpochEnd, LogPoint
 
 STRAGGLER_RATIO = 1.3
 STRAGGLER_POINTS = 3
 FIELDS = ("step_ms", "data_ms", "comm_ms", "compute_ms", "mem_gb")  # per step, each rank's row after the stop flag
 
 
-class RankHealth:
-    """One per trainer process of a distributed run."""
+class RankHealth(Callback):
+    """One per trainer process of a distributed run: a component of its loop, and a rider of its stop
+    agreement (bfly.run.stops), whose collective carries each rank's row of figures."""
 
-    def __init__(self, model: nn.Module, env: DistEnv, device: torch.device, hosts: list[str]):
-        self.env, self.device, self.hosts = env, device, hosts
+    width = len(FIELDS)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        env: DistEnv,
+        device: torch.device,
+        hosts: list[str],
+        warn: Callable[[str], None] = print,
+    ):
+        self.env, self.device, self.hosts, self.warn = env, device, hosts, warn
         self._grad_ready: float | None = None
         self._comm_s = 0.0
         self._row = [0.0] * len(FIELDS)
@@ -67,11 +79,14 @@ class RankHealth:
             inner.register_forward_pre_hook(self._on_module_forward)
 
     @classmethod
-    def start(cls, model: nn.Module, env: DistEnv, device: torch.device) -> RankHealth | None:
-        """None for a single process (nothing to compare). Gathers the hosts once, at start-up."""
+    def start(
+        cls, model: nn.Module, env: DistEnv, device: torch.device, warn: Callable[[str], None]
+    ) -> RankHealth | None:
+        """None for a single process (nothing to compare). Gathers the hosts once, at start-up. warn: where
+        the straggler's warning goes (the run's log)."""
         if not env.distributed:
             return None
-        return cls(model, env, device, distributed.all_gather_objects(socket.gethostname()))
+        return cls(model, env, device, distributed.all_gather_objects(socket.gethostname()), warn)
 
     def _on_grad(self, _: torch.Tensor) -> None:
         self._grad_ready = time.perf_counter()
@@ -107,18 +122,29 @@ class RankHealth:
         ]
         self._comm_s = 0.0
 
-    def exchange(self, stop_requested: bool) -> bool:
-        """The log point's collective: every rank's stop flag and figures; True on every rank if any rank
-        asked to stop. Rank 0 then updates the straggler."""
-        table = torch.zeros(self.env.world_size, 1 + len(FIELDS), dtype=torch.float64, device=self.device)
-        table[self.env.rank] = torch.tensor([float(stop_requested), *self._row], dtype=torch.float64)
-        distributed.all_reduce_sum(table)
-        table = table.cpu()
-        if self.env.is_main:
-            self.latest = table[:, 1:]
-            self._epoch_rows.append(self.latest)
-            self._update_straggler()
-        return bool(table[:, 0].max() > 0)
+    def on_log(self, state: TrainState, point: LogPoint) -> None:
+        self.window(point.rates)
+        point.record.update(self.step_record())  # the figures of the previous log point's exchange
+        point.fields.update(self.progress_fields())
+
+    def row(self) -> list[float]:
+        return self._row
+
+    def arrived(self, table: torch.Tensor) -> None:
+        """Every rank's figures at this log point (the stop agreement's collective); rank 0 then updates the
+        straggler, and warns when it changed."""
+        if not self.env.is_main:
+            return
+        named = self.straggler
+        self.latest = table
+        self._epoch_rows.append(self.latest)
+        self._update_straggler()
+        if line := self.warning(named):
+            self.warn(line)
+
+    def on_epoch_end(self, state: TrainState, end: EpochEnd) -> None:
+        if ranks := self.epoch_summary():
+            end.record["health"] = ranks
 
     def _update_straggler(self) -> None:
         assert self.latest is not None
@@ -192,17 +218,3 @@ def _peak_memory_gb(device: torch.device) -> float:
     # Linux reports the peak resident size in KiB, macOS in bytes.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
-
-
-def slowed_for_test(batches: Iterable[Any], rank: int) -> Iterable[Any]:
-    """The test hook BFLY_TEST_SLOW_RANK (bfly.env): the named rank waits longer for each batch."""
-    slow = slow_rank_for_test()
-    if slow is None or slow[0] != rank:
-        return batches
-    return _delayed(batches, slow[1])
-
-
-def _delayed(batches: Iterable[Any], seconds: float) -> Iterator[Any]:
-    for batch in batches:
-        time.sleep(seconds)
-        yield batch

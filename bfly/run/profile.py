@@ -16,12 +16,15 @@ from typing import Any
 import torch
 
 from bfly.core.config import profile_window
+from bfly.core.engine import TrainState
+from bfly.run.loop import Callback
 
 TOP_OPS = 15  # rows of the table
 
 
-class StepProfiler:
-    """Starts torch.profiler after global step START, marks each step, writes everything after step END."""
+class StepProfiler(Callback):
+    """Starts torch.profiler after global step START, marks each step, writes everything after step END.
+    A component of the run's loop: `close` writes what was recorded when the run stops inside the window."""
 
     def __init__(self, window: tuple[int, int], out: Path, device: torch.device, info: Any):
         self.start, self.end = window
@@ -36,6 +39,12 @@ class StepProfiler:
         if window is None or not is_main:
             return None
         return cls(window, run_dir / "profile", device, info)
+
+    def on_run_start(self, state: TrainState) -> None:
+        self.at_step(state.global_step)
+
+    def on_step(self, state: TrainState) -> None:
+        self.at_step(state.global_step)
 
     def at_step(self, global_step: int) -> None:
         """After each optimizer step (and once before the first): start, mark the step, or finish."""

@@ -1,6 +1,6 @@
-"""A run's checkpoints over its life: saving them (a collective: every rank's RNG state), starting from
-one, and the checks that keep a resume from changing the run silently (also run by the preflight).
-What a checkpoint holds is bfly.checkpoint's (the format); this module decides when and with what.
+"""Starting a run from a checkpoint, and the checks that keep a resume from changing the run silently
+(also run by the preflight); the space and config.yaml a run's checkpoints need. Saving them is
+bfly.run.checkpoints'; what a checkpoint holds is bfly.core.checkpoint's (the format).
 """
 
 from __future__ import annotations
@@ -9,100 +9,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bfly.core import checkpoint as ckpt, distributed
+from bfly.core import checkpoint as ckpt
 from bfly.core.config import Config, ConfigError, changed_keys, dump_yaml, flat, to_dict
 from bfly.core.data.metadata import DatasetMeta
 from bfly.core.data.sampling import StepPlan
 from bfly.core.engine import TrainState, new_sums
-from bfly.core.stack import Run, evaluated_model, seed_all
+from bfly.core.stack import seed_all
+from bfly.run.build import Run
 from bfly.run.rundir import append_history
 
 Change = tuple[str, Any, Any]  # (key, old, new)
-
-
-class RunCheckpoints:
-    """Writes a run's last.pt / best.pt (and config.yaml with the first checkpoint of a job), keeping what
-    train.keep_last_n and train.snapshot_every_epochs say (bfly.checkpoint: rolling, pruning). Counts the
-    seconds training waited for them (`take_stall`)."""
-
-    def __init__(self, run: Run, writer: ckpt.CheckpointWriter, wandb_run_id: str | None, config_written: bool):
-        self.run, self.writer, self.wandb_run_id = run, writer, wandb_run_id
-        self.config_written = config_written  # config.yaml describes this job's config (rank 0)
-        self._stall_s = 0.0
-        self._saved_step = -1  # global step of the newest last.pt of this job
-
-    def snapshot_due(self, state: TrainState) -> bool:
-        """At the end of an epoch that train.snapshot_every_epochs keeps as epoch-<E>.pt."""
-        every = self.run.cfg.train.snapshot_every_epochs
-        return every > 0 and state.step_in_epoch == 0 and state.epoch > 0 and state.epoch % every == 0
-
-    def save(self, state: TrainState, best_metrics: dict[str, Any] | None = None) -> None:
-        """Collective: every rank contributes its RNG state; rank 0 copies the state to host memory and hands
-        the files to the background writer (best.pt first when `best_metrics` is given, then last.pt).
-        A step already saved (a stop right after a step checkpoint) is not written twice."""
-        if best_metrics is None and state.global_step == self._saved_step:
-            return  # the same on every rank: global_step is
-        self._saved_step = state.global_step
-        t0 = time.perf_counter()
-        run, t = self.run, self.run.trainer
-        rngs = distributed.all_gather_objects(ckpt.rng_state())
-        sums = {k: distributed.all_reduce_sum(v.clone()).cpu() for k, v in state.sums.items()}
-        if run.env.is_main:
-            writes = [] if best_metrics is None else [self._best(state, best_metrics)]
-            last = ckpt.last_payload(
-                self._identity(state),
-                model=run.raw_model.state_dict(),
-                optimizer=t.optimizer.state_dict(),
-                total_steps=t.schedule.total_steps,
-                scaler=t.scaler.state_dict() if t.scaler else None,
-                ema=t.ema.state_dict() if t.ema else None,
-                step_in_epoch=state.step_in_epoch,
-                best_top1=state.best_top1,
-                epoch_sums=sums,
-                rng=rngs,
-                world_size=run.env.world_size,
-            )
-            snapshot = run.run_dir / ckpt.snapshot_name(state.epoch) if self.snapshot_due(state) else None
-            writes.append(
-                ckpt.Write(
-                    ckpt.to_host(last),
-                    run.run_dir / ckpt.LAST,
-                    keep_previous=True,
-                    step=state.global_step,
-                    keep_last_n=run.cfg.train.keep_last_n,
-                    snapshot=snapshot,
-                )
-            )
-            self.writer.submit(writes)
-            if not self.config_written:  # config.yaml changes with the first checkpoint of this job
-                self.config_written = write_config(run.run_dir, run.cfg)
-        self._stall_s += time.perf_counter() - t0
-
-    def save_best(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        t0 = time.perf_counter()
-        if self.run.env.is_main:
-            self.writer.submit([self._best(state, metrics)])
-        self._stall_s += time.perf_counter() - t0
-
-    def take_stall(self) -> float:
-        """Seconds training waited for checkpoints since the last call."""
-        stall, self._stall_s = self._stall_s, 0.0
-        return stall
-
-    def _identity(self, state: TrainState) -> dict[str, Any]:
-        run = self.run
-        return ckpt.identity(
-            to_dict(run.cfg),
-            list(run.meta.class_names),
-            len(run.meta.splits["train"].paths),
-            state.epoch,
-            state.global_step,
-            self.wandb_run_id,
-        )
-
-    def _best(self, state: TrainState, metrics: dict[str, Any]) -> ckpt.Write:
-        best = ckpt.best_payload(self._identity(state), evaluated_model(self.run.trainer).state_dict(), metrics)
-        return ckpt.Write(ckpt.to_host(best), self.run.run_dir / ckpt.BEST, step=state.global_step)
 
 
 def space_needed(run_dir: Path, cfg: Config, last_bytes: int, best_bytes: int) -> int:

@@ -41,7 +41,6 @@ from bfly.core.config import Config, ConfigError, flat, to_dict
 from bfly.core.data.metadata import DatasetMeta, Split
 from bfly.core.data.pil_input import open_rgb
 from bfly.core.env import proxy_for, slurm_ids, wandb_api_key_configured, wandb_mode_override, wandb_mode_setting
-from bfly.core.stopping import EXIT_HANG
 from bfly.run import goodput
 
 RESUME_FILE = "wandb_resume.json"
@@ -164,11 +163,11 @@ class WandbSink:
             },
         )
 
-    def note_hang(self, line: str) -> None:
-        """The job ends on a hang (bfly.watchdog, from its thread): the line goes to the run's summary and the
-        run is finished as failed with the hang's exit status."""
+    def note_hang(self, line: str, exit_code: int) -> None:
+        """The job ends on a hang (its watchdog, from its thread): the line goes to the run's summary and the
+        run is finished as failed with the job's exit status."""
         self._call("reporting the hang", self.wb.summary.update, {"hang": line})
-        self._call("finishing", self.wb.finish, exit_code=EXIT_HANG)
+        self._call("finishing", self.wb.finish, exit_code=exit_code)
 
     def _log(self, data: dict[str, Any], step: int) -> None:
         if self._call("logging", self.wb.log, data, step=step):

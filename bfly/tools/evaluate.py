@@ -23,7 +23,8 @@ from bfly.core.data.metadata import SPLIT_NAMES
 from bfly.core.env import dist_env, elastic_error_file
 from bfly.core.errors import Failure, one_line, one_line_warnings, recorded
 from bfly.core.stack import pick_device
-from bfly.core.trained import USER_ERRORS, ImageError, default_out, evaluate_checkpoint
+from bfly.core.trained import ImageError, default_out, evaluate_checkpoint
+from bfly.job.exits import EXIT_USER_ERROR, USER_ERRORS
 
 
 def format_result(r: dict[str, Any], world_size: int) -> str:
@@ -79,7 +80,7 @@ def _evaluate(args: argparse.Namespace) -> tuple[int, Failure | None]:
             except OSError as e:
                 line = f"bfly.evaluate: error: cannot write the result to {out}: {e.strerror or e}"
                 print(line, file=sys.stderr, flush=True)
-                return 2, Failure(line)
+                return EXIT_USER_ERROR, Failure(line)
             print(f"saved to {out}")
         return 0, None
     except USER_ERRORS as e:
@@ -90,7 +91,7 @@ def _evaluate(args: argparse.Namespace) -> tuple[int, Failure | None]:
         line = f"bfly.evaluate: error{tag}: {one_line(e)}"
         if env.is_main or per_rank:
             print(line, file=sys.stderr, flush=True)
-        return 2, Failure(line)
+        return EXIT_USER_ERROR, Failure(line)
     except RuntimeError as e:
         if not distributed.active():
             raise

@@ -34,7 +34,8 @@ from bfly.core.data.metadata import load_metadata
 from bfly.core.data.pil_input import open_rgb
 from bfly.core.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from bfly.core.errors import one_line
-from bfly.core.trained import USER_ERRORS, load_trained
+from bfly.core.trained import load_trained
+from bfly.job.exits import EXIT_USER_ERROR, USER_ERRORS
 
 # The exported forms run the same float32 operations as the checkpoint's model on the CPU; they may
 # differ only by the order of floating-point sums: |logit difference| <= RTOL * max(1, max |logit|).
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         info, ok = export(args.checkpoint, args.out, args.data, args.split, args.images)
     except (*USER_ERRORS, ConfigError) as e:
         print(f"bfly.export: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     check = info["check"]
     print(
         f"exported {info['arch']} ({info['num_classes']} classes) from {args.checkpoint} to {args.out}: "

@@ -21,7 +21,8 @@ from bfly.core.data.metadata import DataError
 from bfly.core.data.pil_input import open_rgb
 from bfly.core.errors import one_line, one_line_warnings
 from bfly.core.stack import configure_backends, pick_device
-from bfly.core.trained import BATCH, USER_ERRORS, class_probs, load_trained
+from bfly.core.trained import BATCH, class_probs, load_trained
+from bfly.job.exits import EXIT_USER_ERROR, USER_ERRORS
 
 
 def format_top(path: str, probs: torch.Tensor, class_names: Sequence[str], k: int) -> str:
@@ -50,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.top < 1:
         print(f"bfly.predict: error: --top must be >= 1, got {args.top}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     try:
         saved, cfg, model = load_trained(args.checkpoint)
     except USER_ERRORS as e:
         print(f"bfly.predict: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     device = pick_device()
     configure_backends(cfg, device)
     model = model.to(device)

@@ -297,7 +297,8 @@ def plot_confusion(result: dict[str, Any], label: str, out: Path) -> Path:
 
 def eval_result(run: RunMetrics, split: str, data_root: str | None) -> dict[str, Any] | None:
     """The saved evaluation of best.pt on split, made now if missing; None (with a warning) if impossible."""
-    from bfly.core.trained import USER_ERRORS, default_out
+    from bfly.core.trained import default_out
+    from bfly.job.exits import USER_ERRORS
 
     best = run.run_dir / BEST
     saved = default_out(best, split)
