@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from bfly.core.stopping import EXIT_HANG, EXIT_STOPPED
 from bfly.job import attempts as attempts_file
+from bfly.job.exits import EXIT_HANG, EXIT_STOPPED
 from bfly.run import goodput
 from bfly.run.runlog import read_attempts, read_metrics
 from bfly.tools import report

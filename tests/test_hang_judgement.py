@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bfly.core.stopping import EXIT_HANG
+from bfly.job.exits import EXIT_HANG
 from bfly.job.hang import Seen, View, is_frozen, judge
 from bfly.job.heartbeat import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits
 
