@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         "requeue on time limit or preemption.",
         epilog=EXAMPLES,
     )
+    for add_group in (_where_it_runs, _resources, _several_runs, _output, _training):
+        add_group(p)
+    return p
+
+
+def _where_it_runs(p: argparse.ArgumentParser) -> None:
     where = p.add_argument_group("where it runs")
     where.add_argument(
         "--cluster",
@@ -84,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--account", help="SLURM account")
     where.add_argument("--qos", help="SLURM quality of service")
     where.add_argument("--constraint", help="SLURM node features, e.g. 'h100|a100'")
+
+
+def _resources(p: argparse.ArgumentParser) -> None:
     size = p.add_argument_group("resources")
     size.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
     size.add_argument(
@@ -119,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="time-limit requeues allowed per run (submitit's max_num_timeout; preemptions do not count) (default: 50)",
     )
     size.add_argument("--job-name", help="SLURM job name (default: bfly-<run directory name>)")
+
+
+def _several_runs(p: argparse.ArgumentParser) -> None:
     sweep = p.add_argument_group("several runs")
     sweep.add_argument("--array", action="store_true", help="submit several runs as one SLURM job array")
     sweep.add_argument(
@@ -134,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="wandb group of the runs; a grid's runs train in runs/<group>/ (default for several runs: named "
         "from what varies and a hash of the command line, e.g. lr-name-seed-1a2b3c4d: the same command resumes)",
     )
+
+
+def _output(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--dry-run", action="store_true", help="print the sbatch file and run directories; submit nothing")
     out.add_argument(
@@ -147,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="wait for the jobs and print their results (always on for --cluster local/debug)",
     )
+
+
+def _training(p: argparse.ArgumentParser) -> None:
     train = p.add_argument_group("training (passed to bfly.train)")
     train.add_argument(
         "--config", action="append", default=[], help="training config YAML; repeat it to submit several runs"
@@ -157,7 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="section.key=value",
         help="config overrides, applied to every config (python -m bfly.train --help lists the keys)",
     )
-    return p
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
