@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import test_gpu_path
-from bfly.core import stack
+from bfly.core import checkpoint as ckpt, stack
 from bfly.core.config import OptimConfig
 from bfly.core.data.cached_input import CachedTrainInput
 from bfly.core.data.inputs import build_train_input
@@ -20,7 +20,7 @@ from bfly.core.data.metadata import load_metadata
 from bfly.core.data.sampling import StepPlan
 from bfly.core.engine import StepHooks, TrainState, new_sums, train_one_epoch
 from bfly.core.optim import build_optimizer
-from fakecuda import fake_gpu, process_group
+from fakecuda import devices, fake_gpu, process_group
 from test_gpu_path import FakeDdp, cached_cfg, fake_backward, gpu_cfg
 
 pytestmark = pytest.mark.fakecuda
@@ -153,3 +153,40 @@ def test_an_ordinary_step_never_waits_for_the_gpu(name, amp, source, tiny_data, 
     # The engine's clock: one synchronize at the epoch's start, two at a log point (stop, restart).
     assert found["epoch start"] == Counter({"torch.cuda.synchronize": 1})
     assert found["log"] == [Counter({"torch.cuda.synchronize": 2})]
+
+
+# --- checkpoints: one device-to-host copy per save ----------------------------------------------------
+
+
+def test_a_checkpoint_leaves_the_gpu_in_one_copy_and_one_wait_through_a_reused_pinned_buffer(monkeypatch):
+    cfg = gpu_cfg("train.amp=fp16")
+    with fake_gpu() as gpu:
+        spy = test_gpu_path.Spy(monkeypatch)
+        raw = stack.place_model(stack.init_model(cfg, 10), cfg, GPU)
+        trainer = stack.build_trainer(cfg, raw, GPU, 10, accum_steps=1, steps_per_epoch=4, ddp=False)
+        monkeypatch.setattr(torch.Tensor, "backward", fake_backward(list(raw.parameters())))
+        sums = new_sums(GPU)
+        trainer.micro_step(
+            torch.rand(2, 3, 32, 32, device=GPU), torch.zeros(2, dtype=torch.int64, device=GPU), True, sums
+        )
+        trainer.optimizer_step()
+        weights = raw.state_dict()
+        state = {"model": weights, "optimizer": trainer.optimizer.state_dict(), "sums": sums, "best": weights}
+        on_gpu = [t for t in ckpt._tensors(state, {}).values() if t.device.type == "cuda"]
+        staging, saves = ckpt.HostStaging(), []
+        for _ in range(2):
+            before = len(gpu.waits)
+            host = staging.to_host(state)
+            saves.append((Counter(gpu.waits[before:]), staging.buffer))
+        per_tensor = len(gpu.waits)
+        ckpt._rebuild(state, {id(t): t.to("cpu") for t in ckpt._tensors(state, {}).values()})  # the old way
+        old = Counter(gpu.waits[per_tensor:])
+    copy = "aten.copy_.default"
+    print(
+        f"device-to-host copies per save: {old['aten._to_copy.default']} tensor by tensor, {saves[0][0][copy]} staged"
+    )
+    assert old == Counter({"aten._to_copy.default": len(on_gpu)}) and len(on_gpu) > 300
+    assert saves[0][0] == saves[1][0] == Counter({copy: 1, "Event.synchronize": 1})
+    assert saves[0][1] is saves[1][1] and spy.pinned == [saves[0][1]]  # one pinned buffer, reused
+    assert devices(host) == {"cpu"}
+    assert host["best"]["conv1.weight"] is host["model"]["conv1.weight"]  # best.pt's weights: the same copy

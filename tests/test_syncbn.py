@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -33,10 +34,14 @@ def spawn(world: int, target: Any, *args: Any, timeout: float = 300) -> list[dic
     procs = [ctx.Process(target=target, args=(r, world, port, results, *args)) for r in range(world)]
     for p in procs:
         p.start()
-    try:
-        found = [results.get(timeout=timeout) for _ in procs]
-    except queue.Empty:
-        found = []
+    found: list = []
+    deadline = time.monotonic() + timeout
+    while len(found) < world and time.monotonic() < deadline:
+        try:
+            found.append(results.get(timeout=1))
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break  # a rank failed: its traceback is in the output; the others wait for it in vain
     for p in procs:
         p.join(timeout=30)
         if p.is_alive():
@@ -146,6 +151,22 @@ def test_state_dict_keys_and_tensors_are_those_of_the_batchnorm_model(name):
     assert build_model(name, 10).load_state_dict(synced.state_dict()) is not None
 
 
+class SmallNet(nn.Module):
+    """Three conv-BN-ReLU blocks, a model of ours in miniature: the graph question in seconds (ResNet50 and
+    VGG19-BN: the slow tier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, 8, 3) for c in (3, 8, 8))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(3))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, bn in zip(self.convs, self.bns):
+            x = torch.relu(bn(conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 def count_graphs(rank: int, world: int, port: int, results: Any, name: str, ddp: bool) -> None:
     """Dynamo's graph count for one compiled training step of `name`, with BatchNorm2d and with ours."""
     from torch._dynamo.utils import counters
@@ -154,10 +175,10 @@ def count_graphs(rank: int, world: int, port: int, results: Any, name: str, ddp:
     found = {}
     for kind in ("BatchNorm2d", "SyncBatchNorm2d"):
         torch.manual_seed(0)
-        model = build_model(name, 10)
+        model = SmallNet() if name == "small" else build_model(name, 10)
         if kind == "SyncBatchNorm2d":
             model = convert_sync_batchnorm(model)
-        if ddp:  # small buckets: DDP's optimizer splits the graph at their boundaries
+        if ddp:  # ResNet50's 100 MB of gradients: DDP's optimizer splits the graph at its buckets
             model = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25)
         torch._dynamo.reset()
         counters.clear()
@@ -168,7 +189,15 @@ def count_graphs(rank: int, world: int, port: int, results: Any, name: str, ddp:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("name", "ddp"), [("resnet50", True), ("vgg19_bn", False)])
+@pytest.mark.parametrize(
+    ("name", "ddp"),
+    [
+        ("small", True),
+        ("small", False),
+        pytest.param("resnet50", True, marks=pytest.mark.slow),
+        pytest.param("vgg19_bn", False, marks=pytest.mark.slow),
+    ],
+)
 def test_compiled_it_adds_no_graph_and_no_graph_break(name, ddp):
     """(torch's own SyncBatchNorm breaks the graph at every layer: ResNet50 became ~53 graphs.)"""
     for found in spawn(2, count_graphs, name, ddp):
@@ -194,3 +223,32 @@ def test_a_two_process_cpu_run_with_syncbn_resumes_bit_identical(tiny_data, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # SyncBN kept the running statistics of both ranks' images: they moved from their initial values.
     assert not torch.equal(a["bn1.running_var"], torch.ones_like(a["bn1.running_var"]))
+
+
+def train_under_ddp(rank: int, world: int, port: int, results: Any) -> None:
+    """Three optimizer steps of SmallNet with SyncBN under DDP as training wraps it, each rank on its own
+    images; every rank's BatchNorm buffers afterwards."""
+    from bfly.core.config import load_config
+    from bfly.core.stack import wrap_model
+
+    start(rank, world, port)
+    torch.manual_seed(0)
+    raw = convert_sync_batchnorm(SmallNet())
+    model = wrap_model(raw, load_config(None, []), torch.device("cpu"), ddp=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(10 + rank)
+    for _ in range(3):
+        model(torch.randn(4, 3, 12, 12, generator=g)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    buffers = {k: v.clone() for k, v in raw.state_dict().items() if k.startswith("bns.")}
+    results.put((rank, {"broadcast_buffers": model.broadcast_buffers, "buffers": buffers}))
+    dist.destroy_process_group()
+
+
+def test_under_ddp_every_rank_keeps_the_same_running_statistics_without_broadcasting_them():
+    first, second = spawn(2, train_under_ddp)
+    assert first["broadcast_buffers"] is False and second["broadcast_buffers"] is False
+    a, b = first["buffers"], second["buffers"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert int(a["bns.0.num_batches_tracked"]) == 3 and not torch.equal(a["bns.0.running_var"], torch.ones(8))
