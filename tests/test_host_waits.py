@@ -6,6 +6,7 @@ test_gpu_path (autograd needs a real device): what backward does on a GPU is not
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 
 import pytest
@@ -25,6 +26,7 @@ from test_gpu_path import FakeDdp, cached_cfg, fake_backward, gpu_cfg
 
 pytestmark = pytest.mark.fakecuda
 GPU = torch.device("cuda", 0)
+DDP_PARAMETERS = set(inspect.signature(torch.nn.parallel.distributed.DistributedDataParallel).parameters)
 # test_gpu_path's fixtures: the tiny data's decode cache, the DDP and process-group stand-ins
 cache_dir, fake_ddp = test_gpu_path.cache_dir, test_gpu_path.fake_ddp
 
@@ -75,9 +77,11 @@ def test_ddp_broadcasts_no_buffers_with_syncbn_and_keeps_gradients_in_its_bucket
             raw = stack.place_model(stack.init_model(cfg, 10), cfg, GPU, sync_bn=sync_bn)
             stack.build_trainer(cfg, raw, GPU, 10, accum_steps=1, steps_per_epoch=4, ddp=True)
     (_, synced), (_, plain) = FakeDdp.built
-    assert synced["broadcast_buffers"] is False  # SyncBN keeps every rank's statistics in step
-    assert plain["broadcast_buffers"] is True  # per-rank BatchNorm: rank 0's statistics, as before
+    key = "forward_sync_buffers" if "forward_sync_buffers" in DDP_PARAMETERS else "broadcast_buffers"
+    assert synced[key] is False  # SyncBN keeps every rank's statistics in step
+    assert key not in plain  # per-rank BatchNorm: rank 0's statistics before each forward, as before
     assert synced["gradient_as_bucket_view"] is True and synced["device_ids"] == [0]
+    assert set(synced) <= DDP_PARAMETERS  # only what this torch's DDP takes
 
 
 # --- zero host waits on an ordinary step ------------------------------------------------------------
@@ -122,7 +126,7 @@ def waits_per_step(name: str, amp: str, source: str, tiny_data, cache, monkeypat
         )
         train_one_epoch(trainer, TrainState(sums=new_sums(GPU)), batches, hooks)
     kinds = [isinstance(m, stack.SyncBatchNorm2d) for m in raw.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert kinds and all(kinds) and trainer.model.kwargs["broadcast_buffers"] is False
+    assert kinds and all(kinds) and False in trainer.model.kwargs.values()  # no buffer sync
     first_forward = next(count for kind, count in marks if kind == "forward")
     steps, previous = [], first_forward
     for kind, count in marks:

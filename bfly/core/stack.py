@@ -138,8 +138,10 @@ def check_ddp_plan(d: DistConfig, plan: StepPlan) -> None:
 
 def ddp_options(model: nn.Module, d: DistConfig, device: torch.device) -> dict[str, Any]:
     """DDP's keyword arguments, those this torch's DDP takes. With SyncBatchNorm every rank computes the
-    same running statistics from the same global batch, so broadcasting rank 0's buffers before each
-    forward would only cost a collective; per-rank BatchNorm keeps rank 0's (the broadcast)."""
+    same running statistics from the same global batch, so syncing rank 0's buffers before each forward
+    would only cost a collective (forward_sync_buffers, broadcast_buffers before torch 2.14); per-rank
+    BatchNorm keeps rank 0's statistics as always."""
+    accepted = set(inspect.signature(torch.nn.parallel.distributed.DistributedDataParallel).parameters)
     options: dict[str, Any] = {
         "device_ids": [device.index] if device.type == "cuda" else None,
         "bucket_cap_mb": d.bucket_cap_mb,
@@ -147,12 +149,10 @@ def ddp_options(model: nn.Module, d: DistConfig, device: torch.device) -> dict[s
         # points the next backward's gradients at the buckets again.
         "gradient_as_bucket_view": d.gradient_as_bucket_view,
         "static_graph": d.static_graph,
-        "broadcast_buffers": not any(isinstance(m, SyncBatchNorm2d) for m in model.modules()),
     }
-    accepted = inspect.signature(nn.parallel.DistributedDataParallel).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in accepted):
-        return options
-    return {k: v for k, v in options.items() if k in {p.name for p in accepted}}
+    if any(isinstance(m, SyncBatchNorm2d) for m in model.modules()):
+        options["forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"] = False
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def wrap_model(
