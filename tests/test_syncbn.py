@@ -106,6 +106,12 @@ def compare_with_batchnorm(rank: int, world: int, port: int, results: Any, compi
         "eval output": rel(ours(xs[rank]), ref(xs[rank])),
         "num_batches_tracked": int(bn.num_batches_tracked) - int(ref.num_batches_tracked),
     }
+    # momentum=None: the cumulative average over the batches seen
+    ref_avg, ours_avg = reference_bn(), convert_sync_batchnorm(nn.Sequential(reference_bn()))[0]
+    ref_avg.momentum = ours_avg.momentum = None
+    for _ in range(3):
+        ref_avg(torch.cat(xs)), ours_avg(xs[rank])
+    found["running_var, momentum=None"] = rel(ours_avg.running_var, ref_avg.running_var)
     ours.train()
     try:
         ours(torch.empty(0, CHANNELS, 4, 3, dtype=torch.float64))

@@ -118,7 +118,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         assert self.running_var is not None
         self.num_batches_tracked.add_(1)
         momentum: float | None = self.momentum
-        factor = 1.0 / self.num_batches_tracked if momentum is None else momentum
+        factor = 1.0 / self.num_batches_tracked.to(mean.dtype) if momentum is None else momentum
         self.running_mean.copy_(factor * mean + (1 - factor) * self.running_mean)
         self.running_var.copy_(factor * var * (n / (n - 1)) + (1 - factor) * self.running_var)
 
