@@ -18,15 +18,42 @@ from unittest import mock
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+aten = torch.ops.aten
+# Ops that make the host wait for the device: a value read back, or an output whose size depends on
+# the values (CUDA must finish computing them before it can allocate the result).
+READ_BACK = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default}
+DATA_DEPENDENT = {
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim.default,
+    aten.bincount.default,
+    aten.repeat_interleave.Tensor,
+}
+# Fused optimizer steps update their tensors in place; a fake one has nothing to update.
+FUSED_STEPS = {aten._fused_sgd_, aten._fused_adamw_, aten._fused_adam_}
+
+
+def _device_to_host(func: object, args: tuple, kwargs: dict) -> bool:
+    if func is aten._to_copy.default:
+        src, dst = args[0], kwargs.get("device")
+        return src.device.type == "cuda" and dst is not None and torch.device(dst).type == "cpu"
+    if func is aten.copy_.default:
+        return args[0].device.type == "cpu" and args[1].device.type == "cuda"
+    return False
+
 
 class CpuFakeTensorMode(FakeTensorMode):
     """FakeTensorMode that knows no real device exists, whatever the mocked torch.cuda says: it must
-    never try to run a constant on a device (that would initialise CUDA)."""
+    never try to run a constant on a device (that would initialise CUDA). Every op that would make the
+    host wait for the device is recorded in `waits` (its name)."""
 
     avoid_device_init = True
 
-    def __init__(self) -> None:
+    def __init__(self, waits: list[str] | None = None) -> None:
         super().__init__(allow_non_fake_inputs=True)
+        self.waits = [] if waits is None else waits
         # The converter remembers each fake tensor through a weak reference; nn.Module.to() swaps a fake
         # parameter for its moved copy with torch.utils.swap_tensors, which refuses weakly referenced
         # tensors. Forgetting them costs only the memo's speed-up.
@@ -35,8 +62,14 @@ class CpuFakeTensorMode(FakeTensorMode):
     def dispatch(self, func, types, args=(), kwargs=None):
         # Reading a value back to the host (loss.item(), counts, GradScaler's inf check) gets 0: a fake
         # tensor has no values, and the code's control flow must not depend on them here.
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+        kwargs = kwargs or {}
+        on_gpu = bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type == "cuda"
+        if (on_gpu and (func in READ_BACK or func in DATA_DEPENDENT)) or _device_to_host(func, args, kwargs):
+            self.waits.append(str(func))
+        if func in READ_BACK:
             return False if args[0].dtype == torch.bool else 0 if not args[0].is_floating_point() else 0.0
+        if func.overloadpacket in FUSED_STEPS:
+            return None
         return super().dispatch(func, types, args, kwargs)
 
 
@@ -52,6 +85,7 @@ class FakeEvent:
 
     def synchronize(self) -> None:
         self.synchronized += 1
+        self.gpu.waits.append("Event.synchronize")
 
     def query(self) -> bool:
         return True
@@ -75,6 +109,10 @@ class FakeGpu:
     rng_requests: list[int] = field(default_factory=list)
     rng_restored: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     pinned: list[torch.Tensor] = field(default_factory=list)  # what Tensor.pin_memory() returned
+    waits: list[str] = field(default_factory=list)  # every host wait: ops (CpuFakeTensorMode), synchronize
+
+    def synchronize(self, device: object = None) -> None:
+        self.waits.append("torch.cuda.synchronize")
 
     def pin(self, t: torch.Tensor, device: object = None) -> torch.Tensor:
         # FakeTensorMode has no pin_memory: a copy stands for the pinned one, and is remembered.
@@ -126,7 +164,7 @@ def fake_gpu(count: int = 1, free_bytes: int = 140 * 2**30, tensors: bool = True
         mock.patch.object(c, "set_device", gpu.set_device),
         mock.patch.object(c, "is_bf16_supported", lambda *a, **k: True),
         mock.patch.object(c, "mem_get_info", lambda device=None: (gpu.free_bytes, 141 * 2**30)),
-        mock.patch.object(c, "synchronize", lambda device=None: None),
+        mock.patch.object(c, "synchronize", gpu.synchronize),
         mock.patch.object(c, "get_rng_state", gpu.rng_state),
         mock.patch.object(c, "set_rng_state", gpu.set_rng_state),
         mock.patch.object(c, "get_rng_state_all", lambda: [gpu.rng_state(i) for i in range(gpu.count)]),
@@ -144,8 +182,28 @@ def fake_gpu(count: int = 1, free_bytes: int = 140 * 2**30, tensors: bool = True
         for p in patches:
             stack.enter_context(p)
         if tensors:
-            stack.enter_context(CpuFakeTensorMode())
+            stack.enter_context(CpuFakeTensorMode(gpu.waits))
         yield gpu
+
+
+@contextlib.contextmanager
+def process_group(world_size: int = 2) -> Iterator[None]:
+    """SyncBatchNorm2d's view of a process group of `world_size` ranks that all hold what this one holds:
+    its functional collectives gather `world_size` copies and sum to `world_size` times the tensor.
+    Nothing is sent."""
+    from bfly.core.models import syncbn
+
+    fc = torch.distributed._functional_collectives
+    patches = [
+        mock.patch.object(syncbn, "_sync_group", lambda process_group: "pretend group"),
+        mock.patch.object(syncbn, "_all_gather", lambda t, dim, group: torch.cat([t] * world_size)),
+        mock.patch.object(fc, "all_reduce", lambda t, op, group: t * world_size),
+        mock.patch.object(fc, "wait_tensor", lambda t: t),
+    ]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
 
 
 def is_fake(t: torch.Tensor) -> bool:

@@ -111,3 +111,42 @@ def test_checkpoint_every_epochs_thins_the_epoch_checkpoints_and_the_stall_is_re
     assert torch.load(run / ckpt.PREV, weights_only=True)["global_step"] == 10
     stalls = [r["ckpt_stall_s"] for r in read_jsonl(run / "metrics.jsonl")]
     assert len(stalls) == 3 and all(s >= 0 for s in stalls) and stalls[1] > 0
+
+
+def mixed_state() -> dict:
+    """What a checkpoint holds: channels-last conv weights, 0-d counters, bf16, bool, int, an empty tensor,
+    and one tensor in two places (best.pt's weights are last.pt's)."""
+    conv = torch.randn(8, 3, 5, 5).to(memory_format=torch.channels_last)
+    return {
+        "model": {"conv": conv, "steps": torch.tensor(7), "half": torch.randn(5).bfloat16()},
+        "flags": [torch.tensor([True, False, True]), torch.arange(3, dtype=torch.int64)],
+        "empty": torch.empty(0, 4),
+        "sums": (torch.tensor(2.5, dtype=torch.float64), "text", 3),
+        "best": {"conv": conv},
+    }
+
+
+def test_staging_copies_every_tensor_exactly_in_one_reused_host_buffer(tmp_path):
+    live, staging = mixed_state(), ckpt.HostStaging()
+    host = staging.to_host(live)
+    flat = [(a, b) for a, b in zip(ckpt._tensors(live, {}).values(), ckpt._tensors(host, {}).values())]
+    assert len(flat) == 7  # the shared weight once
+    for a, b in flat:
+        assert torch.equal(a, b) and a.dtype == b.dtype and a.stride() == b.stride() and b is not a
+    assert host["best"]["conv"] is host["model"]["conv"]  # copied once, used twice
+    assert host["sums"][1:] == ("text", 3) and isinstance(host["sums"], tuple)
+    buffer = staging.buffer
+    live["model"]["conv"].add_(1.0)  # training goes on: the host copy does not move
+    assert not torch.equal(host["model"]["conv"], live["model"]["conv"])
+    staging.to_host(mixed_state())
+    assert staging.buffer is buffer  # the next save reuses the buffer
+
+
+def test_a_staged_checkpoint_file_holds_each_tensor_s_own_bytes_only(tmp_path):
+    """A view's whole storage would otherwise be written: best.pt would carry last.pt's optimizer state."""
+    live = {"model": {"w": torch.randn(64, 64)}, "optimizer": {"m": torch.randn(256, 256)}}
+    staged = ckpt.HostStaging().to_host(live)
+    ckpt.save_atomic({"model": staged["model"]}, tmp_path / "staged.pt")
+    ckpt.save_atomic({"model": ckpt.to_host(live["model"])}, tmp_path / "alone.pt")
+    assert (tmp_path / "staged.pt").stat().st_size == (tmp_path / "alone.pt").stat().st_size
+    assert torch.equal(torch.load(tmp_path / "staged.pt", weights_only=True)["model"]["w"], live["model"]["w"])

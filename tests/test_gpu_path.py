@@ -19,6 +19,7 @@ from bfly.core.data.metadata import load_metadata
 from bfly.core.data.sampling import StepPlan
 from bfly.core.engine import evaluate, new_sums
 from bfly.core.env import DistEnv
+from bfly.core.models.syncbn import SyncBatchNorm2d
 from bfly.core.stack import pick_device
 from fakecuda import devices, fake_gpu
 
@@ -258,7 +259,7 @@ def test_rank_1_of_2_starts_nccl_on_its_gpu_converts_syncbn_before_ddp_and_uses_
     ((wrapped, ddp_kw),) = FakeDdp.built
     assert wrapped is raw and ddp_kw["device_ids"] == [1] and trainer.model.module is raw
     bns = [m for m in raw.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    assert bns and all(isinstance(m, torch.nn.SyncBatchNorm) for m in bns)  # converted before DDP saw it
+    assert bns and all(isinstance(m, SyncBatchNorm2d) for m in bns)  # converted before DDP saw it
     assert devices(raw.state_dict()) == {"cuda:1"}
     convs = [m.weight for m in raw.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

@@ -1,4 +1,4 @@
-"""Multi-GPU correctness and speed: per-device CUDA RNG in checkpoints, compile with SyncBN,
+"""Multi-GPU correctness and speed: per-device CUDA RNG in checkpoints,
 evaluation without recompiling, static_graph with accumulation, synchronised clocks, fused EMA, and
 the PIL path's shared-memory use. What needs CUDA is marked `gpu`; the rest runs on the CPU."""
 
@@ -19,7 +19,7 @@ from bfly.core.data.sampling import StepPlan
 from bfly.core.ema import ModelEma
 from bfly.core.engine import device_clock, evaluate
 from bfly.core.models import build_model
-from bfly.core.stack import check_ddp_plan, compile_sync_bn_warning
+from bfly.core.stack import check_ddp_plan
 
 from conftest import read_jsonl, tiny_overrides, torchrun
 
@@ -72,16 +72,6 @@ def test_cuda_rng_is_restored_on_the_own_device_from_new_and_old_checkpoints(tmp
         ckpt.save_atomic({"rng": saved}, tmp_path / f"{name}.pt")
         ckpt.set_rng_state(ckpt.load(tmp_path / f"{name}.pt")["rng"])
         assert torch.equal(torch.rand(8, device="cuda"), expected), name
-
-
-# --- 2. torch.compile with SyncBatchNorm --------------------------------------------------------------
-
-
-def test_compile_with_sync_bn_warns_once_with_the_alternative():
-    assert compile_sync_bn_warning(compile=False, sync_bn=True) is None
-    assert compile_sync_bn_warning(compile=True, sync_bn=False) is None
-    note = compile_sync_bn_warning(compile=True, sync_bn=True)
-    assert "pytorch#161302" in note and "model.sync_bn=false" in note and "\n" not in note
 
 
 # --- 3. evaluation never recompiles the compiled training model --------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from bfly.core.config import OptimConfig
 from bfly.core.models import resnet50
-from bfly.core.optim import build_optimizer, lr_at, param_groups
+from bfly.core.optim import build_optimizer, implementation, lr_at, param_groups
 
 
 def test_linear_warmup_reaches_the_peak_on_the_last_warmup_step():
@@ -54,3 +54,10 @@ def test_optimizers(name, cls):
     assert isinstance(opt, cls)
     if name == "sgd":
         assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_on_the_cpu_the_optimizer_steps_all_parameters_with_foreach_kernels(name):
+    opt = build_optimizer(torch.nn.Linear(3, 2), OptimConfig(name=name))
+    assert opt.defaults["foreach"] is True and not opt.defaults.get("fused")
+    assert implementation(name, torch.device("cpu")) == "foreach"

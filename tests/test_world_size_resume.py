@@ -20,6 +20,7 @@ from probes.fault_launch import STEPS, fault_args, progress_step, reference_run,
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers through /proc")
 
 LR, WARMUP = 0.05, 5  # tiny_overrides: optim.lr 0.05, one warmup epoch of 5 steps
+PER_RANK_BN = {"model.sync_bn": "false"}
 
 
 def expected_lr(step: int) -> float:
@@ -43,9 +44,11 @@ def saved(run) -> dict:
 
 @pytest.mark.slow
 def test_resume_2_to_1_to_2_processes_continues_step_count_and_schedule(tiny_data, tmp_path, tmp_path_factory):
-    ref = reference_run(tmp_path_factory.getbasetemp(), 2, fault_args(tiny_data, tmp_path / "ref"))
+    # Per-rank BatchNorm (model.sync_bn=false): each micro-batch of 6 is normalized on its own on 1 or 2
+    # processes alike (SyncBN would normalize 2 processes' 12 images together).
+    ref = reference_run(tmp_path_factory.getbasetemp(), 2, fault_args(tiny_data, tmp_path / "ref", **PER_RANK_BN))
     run = tmp_path / "run"
-    args = fault_args(tiny_data, run, **{"train.micro_batch_size": 6})
+    args = fault_args(tiny_data, run, **{"train.micro_batch_size": 6, **PER_RANK_BN})
 
     first = run_to_end(torchrun_cmd(2, [*args, "run.stop_after_steps=3"]))
     assert "global batch 12 = 2 x 1 x 6" in first.output
@@ -81,7 +84,7 @@ def test_resume_2_to_1_to_2_processes_continues_step_count_and_schedule(tiny_dat
     # The weights are those of the uninterrupted 2-process run, bit for bit: each step's gradient
     # is g0/2 + g1/2 of the same two micro-batches either way (halving is exact, a sum of two
     # floats does not depend on the order). BatchNorm's running statistics are not: one process
-    # updates them with both micro-batches, two processes keep rank 0's (no SyncBatchNorm on CPU).
+    # updates them with both micro-batches, two processes keep rank 0's (model.sync_bn=false).
     model = saved(run)["model"]
     straight = saved(ref)["model"]
     params = [k for k in model if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]

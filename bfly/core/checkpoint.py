@@ -85,7 +85,7 @@ def save_atomic(
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            torch.save(_compact(state), f)
             if half_written is not None and keep_previous and path.exists():
                 half_written(tmp)
             f.flush()
@@ -154,14 +154,116 @@ def _is_disk_full(e: BaseException) -> bool:
 
 def to_host(obj: Any) -> Any:
     """A copy of a (nested) state with every tensor copied to host memory: what training changes next
-    cannot reach it. The synchronous part of a checkpoint: the rest can be written in the background."""
+    cannot reach it. The synchronous part of a checkpoint: the rest can be written in the background.
+    (HostStaging does the same through one reused buffer.)"""
+    return HostStaging().to_host(obj)
+
+
+def _tensors(obj: Any, found: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Every tensor in a nested state, once (a tensor in two places is copied once), by id."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        found.setdefault(id(obj), obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors(v, found)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensors(v, found)
+    return found
+
+
+def _rebuild(obj: Any, host: dict[int, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return host[id(obj)]
     if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
+        return {k: _rebuild(v, host) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_host(v) for v in obj)
+        return type(obj)(_rebuild(v, host) for v in obj)
     return obj
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """`t` (detached) with its elements in one dense run of memory: as it is when it already is (NCHW or
+    channels-last), else a contiguous copy."""
+    t = t.detach()
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+class HostStaging:
+    """Copies checkpoint states to host memory through one flat byte buffer, reused from save to save
+    (pinned when the state is on a GPU). The device's tensors are packed into one flat device buffer and
+    copied to the host in ONE asynchronous copy, waited for once, instead of one blocking copy per
+    tensor. Host tensors returned are views into the buffer: they stay valid until the next `to_host`
+    (the caller finishes writing them first)."""
+
+    ALIGN = 64  # every tensor starts at a multiple of this many bytes (any dtype can view it)
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def to_host(self, obj: Any) -> Any:
+        found = _tensors(obj, {})
+        tensors = {i: _dense(t) for i, t in found.items()}
+        devices = {t.device for t in tensors.values() if t.device.type != "cpu"}
+        if len(devices) > 1:  # a state spread over several devices: tensor by tensor
+            return _rebuild(obj, {i: t.to("cpu", copy=True) for i, t in tensors.items()})
+        on_device = [i for i, t in tensors.items() if t.device.type != "cpu"]
+        on_host = [i for i, t in tensors.items() if t.device.type == "cpu"]
+        offsets: dict[int, int] = {}
+        device_bytes = self._place(on_device, tensors, offsets, 0)
+        host = self._host_buffer(self._place(on_host, tensors, offsets, device_bytes), pin=bool(devices))
+        if devices:
+            (device,) = devices
+            packed = torch.empty(device_bytes, dtype=torch.uint8, device=device)
+            for i in on_device:
+                _bytes_into(packed, offsets[i], tensors[i])
+            host[:device_bytes].copy_(packed, non_blocking=True)  # the one device-to-host copy
+        for i in on_host:
+            _bytes_into(host, offsets[i], tensors[i])
+        if devices and device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+            copied.synchronize()  # the one wait: the copy has landed in host memory
+        return _rebuild(obj, {i: _view(host, offsets[i], t) for i, t in tensors.items()})
+
+    def _place(self, ids: list[int], tensors: dict[int, torch.Tensor], offsets: dict[int, int], start: int) -> int:
+        """Byte offsets of `ids`' tensors from `start` (each aligned); returns where the last one ends."""
+        for i in ids:
+            offsets[i] = start
+            start += -(-tensors[i].numel() * tensors[i].element_size() // self.ALIGN) * self.ALIGN
+        return start
+
+    def _host_buffer(self, nbytes: int, pin: bool) -> torch.Tensor:
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin and torch.cuda.is_available())
+        return self.buffer
+
+
+def _compact(obj: Any) -> Any:
+    """`obj` with every tensor that views a larger storage (HostStaging's buffer) copied out: torch.save
+    writes a view's whole storage, and each tensor of a file must hold its own bytes only."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size() else obj
+    if isinstance(obj, dict):
+        return {k: _compact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_compact(v) for v in obj)
+    return obj
+
+
+def _bytes_into(flat: torch.Tensor, offset: int, t: torch.Tensor) -> None:
+    nbytes = t.numel() * t.element_size()
+    if nbytes:
+        elements = t.as_strided((t.numel(),), (1,))  # the dense run of memory, in memory order
+        flat[offset : offset + nbytes].view(t.dtype).copy_(elements)
+
+
+def _view(flat: torch.Tensor, offset: int, t: torch.Tensor) -> torch.Tensor:
+    """`t`'s host copy inside `flat`: same dtype, shape and strides (channels-last stays channels-last)."""
+    region = flat[offset : offset + t.numel() * t.element_size()].view(t.dtype)
+    return region.as_strided(t.shape, t.stride())
 
 
 @dataclass

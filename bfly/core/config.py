@@ -62,7 +62,7 @@ class ModelConfig:
     name: str = _opt("resnet50", "architecture", MODEL_NAMES)
     zero_init_residual: bool = _opt(True, "ResNet: zero-init the last BN of each block")
     dropout: float = _opt(0.5, "VGG: dropout in the classifier")
-    sync_bn: bool = _opt(True, "SyncBatchNorm when world size > 1 (CUDA only; CPU keeps BN)")
+    sync_bn: bool = _opt(True, "SyncBatchNorm when world size > 1 (CPU and GPU)")
     channels_last: bool = _opt(
         True, "channels-last memory format (faster convolutions, bf16 on the CPU above all)", operational=True
     )

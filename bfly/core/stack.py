@@ -5,10 +5,11 @@ bfly.bench and bfly.gpu_check all build through here, so a benchmark measures wh
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from bfly.core.data.transforms import build_mixup
 from bfly.core.ema import ModelEma
 from bfly.core.engine import Schedule, Trainer, unwrap
 from bfly.core.models import build_model, model_options
+from bfly.core.models.syncbn import SyncBatchNorm2d, convert_sync_batchnorm
 from bfly.core.optim import build_optimizer
 
 __all__ = [
@@ -28,8 +30,8 @@ __all__ = [
     "build_criterion",
     "build_trainer",
     "check_ddp_plan",
-    "compile_sync_bn_warning",
     "configure_backends",
+    "ddp_options",
     "eval_batch_size",
     "init_model",
     "pick_device",
@@ -99,46 +101,17 @@ def init_model(cfg: Config, num_classes: int) -> nn.Module:
     return build_model(m.name, num_classes, **{key: getattr(m, key) for key in model_options(m.name)})
 
 
-class Notes(Protocol):
-    """Where the notes of an assembly go (a training run's log)."""
-
-    def info(self, msg: str) -> None: ...
-    def warn(self, msg: str) -> None: ...
-
-
-def place_model(
-    model: nn.Module, cfg: Config, device: torch.device, sync_bn: bool = False, log: Notes | None = None
-) -> nn.Module:
+def place_model(model: nn.Module, cfg: Config, device: torch.device, sync_bn: bool = False) -> nn.Module:
     """SyncBatchNorm (sync_bn: several processes and model.sync_bn), the device, channels-last.
-    `log` receives the notes a training run prints about SyncBN."""
+    Our SyncBatchNorm2d works on CPU (gloo) and GPU alike and compiles into the model's one graph."""
     if sync_bn:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            if log and (note := compile_sync_bn_warning(cfg.model.compile, sync_bn=True)):
-                log.warn(note)
-        elif log:
-            log.info(
-                "CPU run: SyncBatchNorm is off (PyTorch supports it on GPU modules only); "
-                "each rank normalizes with its own batch statistics"
-            )
+        model = convert_sync_batchnorm(model)
     model = model.to(device)
     # Channels-last on the CPU too: there oneDNN has a fast bf16 convolution only for NHWC; NCHW in bf16
     # falls back to a reference kernel about 10x slower than fp32.
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def compile_sync_bn_warning(compile: bool, sync_bn: bool) -> str | None:
-    """model.compile with SyncBatchNorm compiles, but into many small graphs: say what it costs."""
-    if not (compile and sync_bn):
-        return None
-    return (
-        "model.compile=true with SyncBatchNorm: each SyncBN layer breaks the compiled graph "
-        "(pytorch#161302; ResNet50 becomes ~53 graphs), so compiling gains little. model.sync_bn=false "
-        "keeps per-GPU BatchNorm, which compiles into one graph; at 32 or more images per GPU its "
-        "effect on accuracy is small"
-    )
 
 
 def check_ddp_plan(d: DistConfig, plan: StepPlan) -> None:
@@ -155,20 +128,32 @@ def check_ddp_plan(d: DistConfig, plan: StepPlan) -> None:
         )
 
 
+def ddp_options(model: nn.Module, d: DistConfig, device: torch.device) -> dict[str, Any]:
+    """DDP's keyword arguments, those this torch's DDP takes. With SyncBatchNorm every rank computes the
+    same running statistics from the same global batch, so syncing rank 0's buffers before each forward
+    would only cost a collective (forward_sync_buffers, broadcast_buffers before torch 2.14); per-rank
+    BatchNorm keeps rank 0's statistics as always."""
+    accepted = set(inspect.signature(torch.nn.parallel.distributed.DistributedDataParallel).parameters)
+    options: dict[str, Any] = {
+        "device_ids": [device.index] if device.type == "cuda" else None,
+        "bucket_cap_mb": d.bucket_cap_mb,
+        # Gradients live in DDP's buckets (no copy); zero_grad(set_to_none=True) frees them and DDP
+        # points the next backward's gradients at the buckets again.
+        "gradient_as_bucket_view": d.gradient_as_bucket_view,
+        "static_graph": d.static_graph,
+    }
+    if any(isinstance(m, SyncBatchNorm2d) for m in model.modules()):
+        options["forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"] = False
+    return {k: v for k, v in options.items() if k in accepted}
+
+
 def wrap_model(
     model: nn.Module, cfg: Config, device: torch.device, ddp: bool, compile_backend: str = "inductor"
 ) -> nn.Module:
     """DDP (when `ddp`: the process group is up), then torch.compile (model.compile)."""
     if ddp:
-        d = cfg.dist
-        model = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            bucket_cap_mb=d.bucket_cap_mb,
-            gradient_as_bucket_view=d.gradient_as_bucket_view,
-            static_graph=d.static_graph,
-        )
-        if d.comm_hook == "bf16":
+        model = nn.parallel.DistributedDataParallel(model, **ddp_options(model, cfg.dist, device))
+        if cfg.dist.comm_hook == "bf16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
             model.register_comm_hook(None, default_hooks.bf16_compress_hook)
@@ -206,7 +191,7 @@ def build_trainer(
     schedule = Schedule(steps_per_epoch * cfg.train.epochs, round(o.warmup_epochs * steps_per_epoch), o.lr, o.min_lr)
     return Trainer(
         model=wrap_model(raw, cfg, device, ddp, compile_backend),
-        optimizer=build_optimizer(raw, o),
+        optimizer=build_optimizer(raw, o, device),
         scaler=amp.scaler(device),
         schedule=schedule,
         criterion=criterion,

@@ -15,6 +15,7 @@ from bfly.core.data.metadata import DatasetMeta
 from bfly.core.data.sampling import StepPlan
 from bfly.core.engine import Trainer
 from bfly.core.env import DistEnv
+from bfly.core.optim import implementation
 from bfly.core.stopping import StopRequest
 from bfly.run.runlog import RunLog
 
@@ -43,9 +44,7 @@ def build_run(
     stack.configure_backends(cfg, device)
     plan = StepPlan.make(cfg.train.batch_size, env.world_size, cfg.train.micro_batch_size)
     stack.check_ddp_plan(cfg.dist, plan)
-    raw = stack.place_model(
-        stack.init_model(cfg, meta.num_classes), cfg, device, env.distributed and cfg.model.sync_bn, log
-    )
+    raw = stack.place_model(stack.init_model(cfg, meta.num_classes), cfg, device, env.distributed and cfg.model.sync_bn)
     train_input = build_train_input(cfg, meta, plan, env.rank, device)
     steps = train_input.steps_per_epoch
     if steps == 0:
@@ -54,6 +53,7 @@ def build_run(
             f"({len(meta.splits['train'].paths)} images): no full batch per epoch"
         )
     trainer = stack.build_trainer(cfg, raw, device, meta.num_classes, plan.accum_steps, steps, ddp=env.distributed)
+    log.info(f"optimizer: {cfg.optim.name}, {implementation(cfg.optim.name, device)} implementation")
     eval_bs = stack.eval_batch_size(cfg, env.world_size)
     if note := shm_warning(cfg, plan, eval_bs, env.local_world_size, shm_free()):  # rank 0's node stands for all
         log.warn(note)

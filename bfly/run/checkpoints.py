@@ -34,6 +34,7 @@ class RunCheckpoints:
         self.run, self.writer, self.wandb_run_id = run, writer, wandb_run_id
         self.config_written = config_written  # config.yaml describes this job's config (rank 0)
         self._saved_step = -1  # global step of the newest last.pt of this job
+        self._staging = ckpt.HostStaging()  # one host buffer for every save of the run
 
     def save(self, state: TrainState, best_metrics: dict[str, Any] | None = None, snapshot: bool = False) -> float:
         """Collective: every rank contributes its RNG state; rank 0 copies the state to host memory and hands
@@ -48,10 +49,10 @@ class RunCheckpoints:
         rngs = distributed.all_gather_objects(ckpt.rng_state())
         sums = {k: distributed.all_reduce_sum(v.clone()).cpu() for k, v in state.sums.items()}
         if run.env.is_main:
-            writes = [] if best_metrics is None else [self._best(state, best_metrics)]
+            weights = run.raw_model.state_dict()
             last = ckpt.last_payload(
                 self._identity(state),
-                model=run.raw_model.state_dict(),
+                model=weights,
                 optimizer=t.optimizer.state_dict(),
                 total_steps=t.schedule.total_steps,
                 scaler=t.scaler.state_dict() if t.scaler else None,
@@ -62,9 +63,16 @@ class RunCheckpoints:
                 rng=rngs,
                 world_size=run.env.world_size,
             )
+            # Without an EMA best.pt's weights are last.pt's: the same tensors, copied to the host once.
+            best = None if best_metrics is None else self._best_payload(state, best_metrics, weights)
+            self.writer.wait()  # the staging buffer is free once the previous files are written
+            best_host, last_host = self._staging.to_host((best, last))
+            writes = (
+                [] if best_host is None else [ckpt.Write(best_host, run.run_dir / ckpt.BEST, step=state.global_step)]
+            )
             writes.append(
                 ckpt.Write(
-                    ckpt.to_host(last),
+                    last_host,
                     run.run_dir / ckpt.LAST,
                     keep_previous=True,
                     step=state.global_step,
@@ -94,9 +102,16 @@ class RunCheckpoints:
             self.wandb_run_id,
         )
 
+    def _best_payload(self, state: TrainState, metrics: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+        evaluated = evaluated_model(self.run.trainer)
+        if evaluated is not self.run.raw_model:
+            weights = evaluated.state_dict()
+        return ckpt.best_payload(self._identity(state), weights, metrics)
+
     def _best(self, state: TrainState, metrics: dict[str, Any]) -> ckpt.Write:
-        best = ckpt.best_payload(self._identity(state), evaluated_model(self.run.trainer).state_dict(), metrics)
-        return ckpt.Write(ckpt.to_host(best), self.run.run_dir / ckpt.BEST, step=state.global_step)
+        best = self._best_payload(state, metrics, self.run.raw_model.state_dict())
+        self.writer.wait()  # the staging buffer is free once the previous files are written
+        return ckpt.Write(self._staging.to_host(best), self.run.run_dir / ckpt.BEST, step=state.global_step)
 
 
 class CheckpointSchedule(Callback):

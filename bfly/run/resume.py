@@ -78,7 +78,7 @@ def restore(run: Run, saved: dict[str, Any]) -> TrainState:
     else:
         before = StepPlan.make(run.plan.batch_size, saved["world_size"], ckpt.saved_micro_batch_size(saved))
         now = run.plan.micro_batch
-        synced = run.device.type == "cuda" and run.cfg.model.sync_bn and run.env.distributed
+        synced = run.cfg.model.sync_bn and run.env.distributed
         bn = (
             f"BatchNorm batches stay {now} images per forward pass"
             if before.micro_batch == now
