@@ -37,6 +37,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -675,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    # The sbatch scripts pass the time limit's SIGUSR1 to every job step: the check ends on its own.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     rank, world = environ.slurm_task() or (0, 1)
     node = environ.slurm_node_name() or socket.gethostname()
     _hard_deadline(node)

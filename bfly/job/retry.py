@@ -310,6 +310,10 @@ class Placement:
     changed: bool  # it avoids a node the job could use before
     lines: list[str]  # what is excluded, and what is not and why
 
+    @property
+    def refused(self) -> list[str]:
+        return [line for line in self.lines if line.startswith("not excluding")]
+
 
 def blame_and_exclude(run_dir: Path, status: int, records: list[dict[str, Any]]) -> Placement | None:
     """On SLURM: blames the nodes this failure points at (ledger), and the job's next exclusion list."""
@@ -383,9 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     placement = blame_and_exclude(run_dir, status, records)
     decision = after_failure(run_dir, status, detail, placement is not None and placement.changed)
     print(f"bfly: {decision.reason}", file=sys.stderr, flush=True)
+    # What the next placement avoids, and which blamed nodes it cannot avoid and why (even without a requeue).
+    lines = [] if placement is None else placement.lines if decision.requeue else placement.refused
+    for line in lines:
+        print(f"bfly: {line}", file=sys.stderr, flush=True)
     if decision.requeue:
-        for line in placement.lines if placement else []:
-            print(f"bfly: {line}", file=sys.stderr, flush=True)
         print("requeue")
         print(",".join(placement.nodes) if placement and placement.changed else "")
         return 0
