@@ -13,7 +13,17 @@ import pytest
 import torch
 
 from bfly.core.stopping import EXIT_HANG, EXIT_STOPPED
-from bfly.job.retry import EXIT_DIR, STATE, after_failure, decide, exit_records, job_status
+from bfly.job.retry import (
+    EXIT_DIR,
+    EXIT_NODE_CHECK,
+    STATE,
+    after_failure,
+    decide,
+    exit_records,
+    job_status,
+    node_check_status,
+    record_exit,
+)
 
 from conftest import PYTHON, REPO, subprocess_env, tiny_overrides
 from probes.fault_launch import Launch, torchrun_cmd
@@ -121,3 +131,38 @@ def test_the_scripts_helper_refuses_a_config_error_before_anything_starts(tmp_pa
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.splitlines() == [str(tmp_path / "run" / EXIT_DIR), os.environ.get("BFLY_MAX_RESTARTS", "2")]
     assert "bfly: job 5 attempt 1: 0 failure requeue(s) of BFLY_MAX_FAILURES=3" in ok.stderr
+
+
+@pytest.mark.parametrize(
+    "failures, changed, requeue, why",
+    [
+        (0, True, True, "failed node check (status 77): requeueing away from the failing node(s), failure 1 of 3"),
+        (0, False, False, "failed node check (status 77): not requeueing, no failing node can be excluded"),
+        (3, True, False, "3 failure(s) requeued already (BFLY_MAX_FAILURES=3)"),
+    ],
+)
+def test_a_failed_node_check_requeues_only_away_from_the_failing_node(failures, changed, requeue, why):
+    decision = decide(EXIT_NODE_CHECK, failures, 3, 40, 40, placement_changed=changed)  # no progress: nothing trained
+    assert decision.requeue is requeue and why in decision.reason
+
+
+def test_the_node_checks_record_is_the_attempts_status(tmp_path):
+    assert node_check_status(tmp_path) is None
+    (tmp_path / "nodecheck.json").write_text(json.dumps({"status": 77, "detail": "n2: torch 0.0.0 differs"}))
+    assert node_check_status(tmp_path) == (77, "n2: torch 0.0.0 differs")
+
+
+def test_an_exit_record_holds_the_slurm_node_and_the_error_written_for_torchrun(tmp_path, monkeypatch):
+    error_file = tmp_path / "error.json"
+    error_file.write_text(json.dumps({"message": {"message": "stopping, a collective failed (NCCL error: x)"}}))
+    for name, value in {
+        "BFLY_EXIT_STATUS_DIR": str(tmp_path / "exits"),
+        "TORCHELASTIC_ERROR_FILE": str(error_file),
+        "SLURMD_NODENAME": "n2",
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+    }.items():
+        monkeypatch.setenv(name, value)
+    record_exit(1)
+    (got,) = exit_records(tmp_path / "exits")
+    assert (got["node"], got["rank"], got["error"]) == ("n2", 1, "stopping, a collective failed (NCCL error: x)")

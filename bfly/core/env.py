@@ -265,11 +265,11 @@ def slurm_node_name() -> str | None:
     return os.environ.get("SLURMD_NODENAME") or None
 
 
-def slurm_task() -> tuple[int, int] | None:
-    """(SLURM_PROCID, SLURM_NTASKS) of a job step's task; None outside a job step."""
+def slurm_task() -> tuple[int, int, int] | None:
+    """(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) of a job step's task; None outside a job step."""
     if "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
         return None
-    return _int("SLURM_PROCID"), _int("SLURM_NTASKS")
+    return _int("SLURM_PROCID"), _int("SLURM_NTASKS"), _int_or("SLURM_LOCALID", 0)
 
 
 def slurm_nodelist() -> str | None:

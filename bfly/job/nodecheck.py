@@ -397,6 +397,7 @@ class Setup:
     node: str
     rank: int
     world: int
+    local: int  # this task's index on its node (SLURM_LOCALID): its GPU; the first checks the node's GPUs
     rdzv: tuple[str, int] | None
     fault: faults.NodeFaults
     device: Any
@@ -411,12 +412,12 @@ def my_facts(s: Setup, token: str) -> dict[str, Any]:
     data = data_facts(Path(s.fault.data or s.cfg.data.root))
     run_dir = Path(s.fault.rundir) if s.fault.rundir else run_dir_of(s.cfg)
     need = space_needed(run_dir, s.cfg, *checkpoint_estimate(s.cfg, data.get("classes") or 1000))
-    gpus = gpu_facts(environ.slurm_gpus_on_node()) if s.device.type == "cuda" else None
+    gpus = gpu_facts(environ.slurm_gpus_on_node()) if s.device.type == "cuda" and s.local == 0 else None
     return {
         "node": s.node,
         "host": socket.gethostname(),
         "data": data,
-        "run_dir": run_dir_facts(run_dir, f"{s.job}.{s.node}", token, need),
+        "run_dir": run_dir_facts(run_dir, f"{s.job}.{s.rank}", token, need),
         "versions": version_facts(s.device, s.fault.versions),
         "gpus": gpus,
     }
@@ -488,31 +489,39 @@ def _after(store: Any, key: str) -> Any:
 def _seen(s: Setup, mine: dict[str, Any], go: dict[str, Any]) -> dict[str, Any]:
     """What this node sees once every node has written its token: the clock against rank 0's, the tokens."""
     skew = time.time() + s.fault.clock_s - go["time"]
-    tokens = {f"{s.job}.{n}": t for n, t in go["tokens"].items()}
+    tokens = {f"{s.job}.{rank}": t for rank, (_, t) in go["tokens"].items()}
     found = tokens_seen(Path(mine["run_dir"]["dir"]), tokens)
-    return {"skew": skew, "seen": [name.removeprefix(f"{s.job}.") for name in found]}
+    return {"skew": skew, "seen": sorted({go["tokens"][name.removeprefix(f"{s.job}.")][0] for name in found})}
 
 
 def lead(store: Any, s: Setup, mine: dict[str, Any], started: float) -> int:
     missing = set(_wait_keys(store, [f"facts/{r}" for r in range(s.world)], JOIN_TIMEOUT_S))
-    facts = {f["node"]: f for f in (_json(store, f"facts/{r}") for r in range(s.world) if f"facts/{r}" not in missing)}
+    every = [_json(store, f"facts/{r}") for r in range(s.world) if f"facts/{r}" not in missing]
+    facts: dict[str, dict[str, Any]] = {}
+    for f in every:  # several tasks on a node (launch.submit's): the node's first task speaks for it
+        facts.setdefault(f["node"], f)
     absent = [_node_name(int(k.split("/")[1])) for k in sorted(missing)]
-    go = {"time": time.time(), "tokens": {n: f["token"] for n, f in facts.items()}, "network": not absent}
+    tokens = {str(f["rank"]): (f["node"], f["token"]) for f in every}
+    go = {"time": time.time(), "tokens": tokens, "network": not absent}
     store.set("go", json.dumps(go))
     seen = {s.node: _seen(s, mine, go)}
     others = [f"seen/{f['rank']}" for f in facts.values() if f["rank"] != 0]
     _wait_keys(store, others, JOIN_TIMEOUT_S)
-    seen |= {n: _json(store, f"seen/{f['rank']}") for n, f in facts.items() if store.check([f"seen/{f['rank']}"])}
+    seen |= {
+        n: _json(store, f"seen/{f['rank']}")
+        for n, f in facts.items()
+        if f["rank"] and store.check([f"seen/{f['rank']}"])
+    }
     host, port = s.rdzv or ("?", 0)
     why = f"did not join the check within {JOIN_TIMEOUT_S:.0f} s (not started, or cannot reach {host}:{port})"
     extra = [Problem(n, why, hardware=True) for n in absent]
     net = "all-reduce skipped (a node is missing)"
     if not absent:
-        net, slow = _network(store, s, list(facts))
+        net, slow = _network(store, s, [f["node"] for f in every])
         extra += slow
     status = judge(s, facts, seen, extra, net, started, absent)
     store.set("verdict", json.dumps({"status": status}))
-    _wait_keys(store, [f"bye/{f['rank']}" for f in facts.values() if f["rank"] != 0], 10)
+    _wait_keys(store, [f"bye/{f['rank']}" for f in every if f["rank"] != 0], 10)
     return status
 
 
@@ -524,7 +533,8 @@ def _network(store: Any, s: Setup, names: list[str]) -> tuple[str, list[Problem]
     except Exception as e:  # a node dropped out, a NCCL error: the nodes' network is the problem
         return "all-reduce failed", [Problem("network", f"all-reduce over the nodes failed ({one_line(e)[:200]})")]
     backend = "nccl" if s.device.type == "cuda" else "gloo"
-    line = f"all-reduce {s.world}x1 ranks ({backend}, {nbytes // 2**20} MiB): {full / 1e9:.2f} GB/s"
+    nodes = len(set(names))
+    line = f"all-reduce {nodes}x{s.world // nodes} ranks ({backend}, {nbytes // 2**20} MiB): {full / 1e9:.2f} GB/s"
     if pairs:
         line += f", ring pairs {min(pairs.values()) / 1e9:.2f}-{max(pairs.values()) / 1e9:.2f} GB/s"
     best = max(pairs.values(), default=0.0)
@@ -647,7 +657,7 @@ def default_rdzv() -> tuple[str, int]:
     return ledger.address(first), 20000 + job % 20000
 
 
-def _hard_deadline(node: str) -> None:
+def _hard_deadline(node: str) -> threading.Timer:
     """Whatever blocks (a store, a collective, a filesystem), the check ends by DEADLINE_S."""
 
     def end() -> None:
@@ -659,9 +669,12 @@ def _hard_deadline(node: str) -> None:
     timer = threading.Timer(DEADLINE_S, end)
     timer.daemon = True
     timer.start()
+    return timer
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; launch.submit's tasks call it in-process before training (one task per GPU: the tasks
+    of a node share its facts, each all-reduces on its own GPU)."""
     started = time.monotonic()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from bfly.core.config import ConfigError, load_config
@@ -676,16 +689,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    # The sbatch scripts pass the time limit's SIGUSR1 to every job step: the check ends on its own.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    rank, world = environ.slurm_task() or (0, 1)
+    rank, world, local = environ.slurm_task() or (0, 1, 0)
     node = environ.slurm_node_name() or socket.gethostname()
-    _hard_deadline(node)
     rdzv = None
     if world > 1:
         host, _, port = (args.rdzv or "").rpartition(":")
         rdzv = (host, int(port)) if args.rdzv else default_rdzv()
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     job = environ.slurm_job_id() or "local"
-    setup = Setup(cfg, node, rank, world, rdzv, faults.node_faults(node), device, job)
-    return check(setup, started)
+    setup = Setup(cfg, node, rank, world, local, rdzv, faults.node_faults(node), device, job)
+    # The sbatch scripts pass the time limit's SIGUSR1 to every job step: the check ends on its own.
+    usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    timer = _hard_deadline(node)
+    try:
+        return check(setup, started)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, usr1)
