@@ -262,3 +262,23 @@ def test_three_local_nodes_pass_and_then_a_slow_one_is_named_by_its_pairs(tiny_d
     assert "1 of 3 node(s) failed the check" in done[0].stderr and "n3 recorded in" in done[0].stderr
     assert took < 60, took
     print(done[0].stdout + done[0].stderr)
+
+
+def test_run_node_check_false_skips_the_check_and_a_config_error_is_a_user_error(capsys):
+    assert nodecheck.main(["run.node_check=false"]) == 0
+    assert capsys.readouterr().out == "bfly.nodecheck: skipped (run.node_check=false)\n"
+    assert nodecheck.main(["run.node_check=maybe"]) == 2
+    assert "bfly.nodecheck: error: run.node_check: expected bool, got str 'maybe'" in capsys.readouterr().err
+
+
+def test_one_node_alone_checks_its_own_view_and_prints_one_line(tiny_data, tmp_path, capsys, monkeypatch):
+    for name in ("SLURM_PROCID", "SLURM_NTASKS", "SLURMD_NODENAME", "BFLY_EXIT_STATUS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    assert nodecheck.main(tiny_overrides(tiny_data, tmp_path / "run")) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("bfly.nodecheck: nodes ok: 1/1 in ") and "all-reduce skipped (one node)" in out
+    assert out.count("\n") == 1 and not (tmp_path / "run" / ".bfly-nodecheck").exists()
+    assert nodecheck.main(tiny_overrides(tmp_path / "no-data", tmp_path / "run")) == 77
+    err = capsys.readouterr().err
+    assert f"bfly.nodecheck: {socket.gethostname()}: data root {tmp_path / 'no-data'} not readable (No such file" in err
+    assert not (tmp_path / "run" / "suspect_nodes.json").exists()  # one node, a wrong path: no node's fault

@@ -102,7 +102,10 @@ def test_a_node_that_differs_ends_the_job_before_step_1_naming_it(fault, tiny_da
     (blamed,) = ledger.read(run_dir)
     assert (blamed.node, blamed.reason, blamed.job) == ("n2", ledger.NODE_CHECK, job_id)
     assert check_seconds(text) <= 60
-    print(f"{fault}: job {job_id} ended {took:.0f} s after sbatch, check {check_seconds(text)} s; {line}")
+    said = [
+        ln for ln in text.splitlines() if ln.startswith(("bfly.nodecheck: ", "bfly: not excluding", "bfly: failed"))
+    ]
+    print(f"{fault}: job {job_id} ended {took:.0f} s after sbatch, check {check_seconds(text)} s:", *said, sep="\n  ")
 
 
 @slurm

@@ -477,6 +477,9 @@ def check(s: Setup, started: float) -> int:
     if go["network"]:
         measure_network(store, s.rank, s.world, s.device, s.fault.slow_s)
     status = int(_after(store, "verdict")["status"])
+    # Rank 0 removes the tokens it sees; a node with its own view of the run directory removes its own.
+    with contextlib.suppress(OSError):
+        (Path(mine["run_dir"]["dir"]) / TOKENS / f"{s.job}.{s.rank}").unlink(missing_ok=True)
     store.set(f"bye/{s.rank}", "1")
     return status
 
