@@ -8,7 +8,7 @@ import pytest
 from bfly.job import ledger
 from bfly.job.ledger import HANG, HARDWARE, NODE_CHECK, Blame, Cap
 
-STRAGGLER = "straggler"  # recorded, never excluding
+STRAGGLER = ledger.STRAGGLER  # recorded, never excluding
 
 
 def blame(node: str, reason: str = HANG, when: str = "") -> Blame:
@@ -141,3 +141,15 @@ def test_an_nccl_error_on_every_node_blames_none_and_a_plain_bug_blames_none():
     bug = [record(0, "n1", "ZeroDivisionError: division by zero"), record(1, "n2", None)]
     assert ledger.from_crash(bug, "7", ("n1", "n2"), None) == []
     assert [b.node for b in ledger.from_crash(everywhere[:1], "7", ("n1",), None)] == ["n1"]  # one node: it
+
+
+def test_a_straggler_named_in_this_attempts_log_is_recorded_once_per_node():
+    lines = [
+        "2026-12-06 07:00:01 warning: rank 1 (gpu-07) is a straggler: 2.1x the other ranks' own work per step for 3",
+        "2026-12-06 07:00:09 warning: rank 1 (gpu-07) is a straggler: 2.4x the other ranks' own work per step for 3",
+        "2026-12-06 07:00:11 epoch 1/2 step 8/10",
+    ]
+    (got,) = ledger.from_stragglers(lines, "7", ("gpu-06", "gpu-07"), {})
+    assert (got.node, got.reason) == ("gpu-07", ledger.STRAGGLER)
+    assert got.what == "rank 1 was a straggler there (2.4x the other ranks' own work per step)"
+    assert ledger.excluded([got], Cap(("gpu-06", "gpu-07"), 1, 4), [], []).nodes == ()  # recorded, not excluding

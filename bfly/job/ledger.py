@@ -5,6 +5,8 @@ A node is blamed (an entry in the ledger: node, host, reason, what happened, ste
 * a hang that names it (the hang watchdog's line: the stalled rank's host),
 * a crash whose error looks like the hardware's (CUDA, NCCL, ECC, Xid ...) on it and not on every node,
 * a failed node check (bfly.nodecheck) on it while other nodes passed the same check,
+* a straggler named on it (bfly.run.health: STRAGGLER_POINTS log points in a row) in a job that then
+  failed: recorded, never excluding by itself (a slow node still computes right),
 
 and not for a user error (config, data, run directory) or a preemption: those are no node's fault.
 
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 FILE = "suspect_nodes.json"
-HANG, HARDWARE, NODE_CHECK = "hang", "hardware", "node check"
+HANG, HARDWARE, NODE_CHECK, STRAGGLER = "hang", "hardware", "node check", "straggler"
 EXCLUDING = (HANG, HARDWARE, NODE_CHECK)  # the reasons that exclude a node from the job's next placement
 
 
@@ -254,3 +256,18 @@ def from_crash(records: Sequence[dict[str, Any]], job: str, job_nodes: Sequence[
         Blame.now(node, HARDWARE, f"rank {r['rank']} failed there: {r['error'][:160]}", job, step, r.get("host"))
         for node, r in hit.items()
     ]
+
+
+_STRAGGLER = re.compile(r"rank (\d+) \(([^()]+)\) is a straggler: ([\d.]+)x")
+
+
+def from_stragglers(log_lines: Sequence[str], job: str, job_nodes: Sequence[str], hosts: dict[str, str]) -> list[Blame]:
+    """The nodes of the ranks named stragglers in this attempt's train.log lines (bfly.run.health's warning)."""
+    blames: dict[str, Blame] = {}
+    for line in log_lines:
+        found = _STRAGGLER.search(line)
+        node = node_of(found[2], job_nodes, hosts) if found else None
+        if found and node is not None:
+            what = f"rank {found[1]} was a straggler there ({found[3]}x the other ranks' own work per step)"
+            blames[node] = Blame.now(node, STRAGGLER, what, job, None, found[2])
+    return list(blames.values())

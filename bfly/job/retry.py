@@ -348,11 +348,24 @@ def blames_of(
         and a.get("slurm_restart_count", "0") in (str(environ.slurm_restart_count()), None)
     ]
     end = this[-1]["end"] if this else None
+    hosts = ledger.hosts_of(run_dir, job_id)
+    blames = ledger.from_stragglers(_this_attempts_log(run_dir, job_id), job_id, nodes, hosts)
     if status == EXIT_HANG and end and end.get("ended") == attempts.HANG:
-        return ledger.from_hang(end.get("detail", ""), job_id, nodes, ledger.hosts_of(run_dir, job_id))
+        blames += ledger.from_hang(end.get("detail", ""), job_id, nodes, hosts)
     if status == EXIT_CRASH:
-        return ledger.from_crash(records, job_id, nodes, end["global_step"] if end else None)
-    return []
+        blames += ledger.from_crash(records, job_id, nodes, end["global_step"] if end else None)
+    return blames
+
+
+def _this_attempts_log(run_dir: Path, job_id: str) -> list[str]:
+    """train.log's lines since this job attempt began (log_attempt's line)."""
+    try:
+        lines = (run_dir / "train.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    began = f"job {job_id} attempt {environ.slurm_restart_count() + 1}:"
+    starts = [i for i, line in enumerate(lines) if began in line]
+    return lines[starts[-1] :] if starts else []
 
 
 # --- the sbatch scripts' side -------------------------------------------------------------------------
