@@ -120,10 +120,10 @@ def requeue_after_failure(status: int, run_dir: Path, rank: int) -> None:
     placement = retry.blame_and_exclude(run_dir, status, []) if status == retry.EXIT_NODE_CHECK else None
     detail = f"status {status} on rank {rank} ({socket.gethostname()})"
     decision = retry.after_failure(run_dir, status, detail, placement is not None and placement.changed)
+    for line in placement.refused if placement and not decision.requeue else []:
+        print(f"bfly launch: {line}", flush=True)
     print(f"bfly launch: rank {rank}: {decision.reason}", flush=True)
     if not decision.requeue:
-        for line in placement.refused if placement else []:
-            print(f"bfly launch: {line}", flush=True)
         return
     if decision.taken_here:
         placement = placement or retry.blame_and_exclude(run_dir, status, [])

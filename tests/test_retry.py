@@ -18,6 +18,7 @@ from bfly.job.retry import (
     EXIT_NODE_CHECK,
     STATE,
     after_failure,
+    blames_of,
     decide,
     exit_records,
     job_status,
@@ -166,3 +167,30 @@ def test_an_exit_record_holds_the_slurm_node_and_the_error_written_for_torchrun(
     record_exit(1)
     (got,) = exit_records(tmp_path / "exits")
     assert (got["node"], got["rank"], got["error"]) == ("n2", 1, "stopping, a collective failed (NCCL error: x)")
+
+
+HANG_LINE = (
+    "hang: no rank has made progress for 9 s (limit 8 s); stalled: rank 1 (vm, pid 11979) is stopped (process "
+    "state T), in forward-backward, last step 4, 9 s since its last progress; stacks ...; ending the job (exit 76)"
+)
+
+
+@pytest.mark.parametrize("where", ["train.log", "attempts.jsonl after another rank's crash record"])
+def test_a_hang_blames_the_node_its_line_names_wherever_the_line_was_written(where, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "33")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    log = ["2026-12-06 07:00:00 job 33 attempt 1: 0 failure requeue(s) of BFLY_MAX_FAILURES=3"]
+    records = [{"event": "start", "attempt": 1, "slurm_job_id": "33", "slurm_restart_count": None}]
+    if where == "train.log":
+        log.append(f"2026-12-06 07:01:00 {HANG_LINE}")
+    else:
+        records += [
+            {"event": "end", "attempt": 1, "ended": "crash", "detail": "Connection reset by peer", "global_step": 5},
+            {"event": "end", "attempt": 1, "ended": "hang", "detail": HANG_LINE, "global_step": 5},
+        ]
+    (tmp_path / "train.log").write_text("\n".join(log) + "\n")
+    (tmp_path / "attempts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (got,) = blames_of(tmp_path, EXIT_HANG, [], "33", ("n1",))
+    assert (got.node, got.reason, got.what, got.step) == ("n1", "hang", "rank 1 hung there at step 4", 4)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the next attempt: that hang is not its own
+    assert blames_of(tmp_path, EXIT_HANG, [], "33", ("n1",)) == []

@@ -337,24 +337,41 @@ def blame_and_exclude(run_dir: Path, status: int, records: list[dict[str, Any]])
 def blames_of(
     run_dir: Path, status: int, records: list[dict[str, Any]], job_id: str, nodes: tuple[str, ...]
 ) -> list[ledger.Blame]:
-    """A hang: the stalled ranks' nodes (this attempt's hang line in attempts.jsonl); a crash: the nodes
-    with hardware-looking errors. A failed node check has blamed its nodes itself."""
+    """A hang: the stalled ranks' nodes (the hang line, in this attempt's train.log or attempts.jsonl); a
+    crash: the nodes with hardware-looking errors; either: the stragglers named in this attempt. A failed
+    node check has blamed its nodes itself."""
+    log = _this_attempts_log(run_dir, job_id)
+    hosts = ledger.hosts_of(run_dir, job_id)
+    blames = ledger.from_stragglers(log, job_id, nodes, hosts)
+    ends = _this_attempts_ends(run_dir, job_id)
+    if status == EXIT_HANG:
+        hangs = [line for line in log if "hang: " in line and "stalled: " in line]
+        hangs += [e.get("detail", "") for e in ends if e.get("ended") == "hang"]
+        blames += ledger.from_hang(hangs[0], job_id, nodes, hosts) if hangs else []
+    if status == EXIT_CRASH:
+        step = max((e.get("global_step", 0) for e in ends), default=None)
+        blames += ledger.from_crash(records, job_id, nodes, step)
+    return blames
+
+
+def _this_attempts_ends(run_dir: Path, job_id: str) -> list[dict[str, Any]]:
+    """Every end record of this job attempt in attempts.jsonl (ranks that failed at once may each write one)."""
     from bfly.job import attempts
 
-    this = [
-        a
-        for a in attempts.read(run_dir)
-        if a.get("slurm_job_id") == job_id.split("_")[0]
-        and a.get("slurm_restart_count", "0") in (str(environ.slurm_restart_count()), None)
+    records = []
+    with contextlib.suppress(OSError):
+        for line in (run_dir / attempts.FILE).read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    restart = str(environ.slurm_restart_count())
+    starts = [
+        r["attempt"]
+        for r in records
+        if r.get("event") == "start"
+        and r.get("slurm_job_id") == job_id.split("_")[0]
+        and (r.get("slurm_restart_count") or "0") == restart
     ]
-    end = this[-1]["end"] if this else None
-    hosts = ledger.hosts_of(run_dir, job_id)
-    blames = ledger.from_stragglers(_this_attempts_log(run_dir, job_id), job_id, nodes, hosts)
-    if status == EXIT_HANG and end and end.get("ended") == attempts.HANG:
-        blames += ledger.from_hang(end.get("detail", ""), job_id, nodes, hosts)
-    if status == EXIT_CRASH:
-        blames += ledger.from_crash(records, job_id, nodes, end["global_step"] if end else None)
-    return blames
+    return [r for r in records if r.get("event") == "end" and starts and r.get("attempt") == starts[-1]]
 
 
 def _this_attempts_log(run_dir: Path, job_id: str) -> list[str]:
@@ -399,10 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     status, detail = node_check_status(run_dir / EXIT_DIR) or job_status(records)
     placement = blame_and_exclude(run_dir, status, records)
     decision = after_failure(run_dir, status, detail, placement is not None and placement.changed)
-    print(f"bfly: {decision.reason}", file=sys.stderr, flush=True)
     # What the next placement avoids, and which blamed nodes it cannot avoid and why (even without a requeue).
     lines = [] if placement is None else placement.lines if decision.requeue else placement.refused
-    for line in lines:
+    for line in [*lines, decision.reason]:
         print(f"bfly: {line}", file=sys.stderr, flush=True)
     if decision.requeue:
         print("requeue")
