@@ -136,3 +136,24 @@ def test_a_hung_job_is_requeued_away_from_its_node_resumes_and_finishes(tiny_dat
     print(
         f"{line[0]}; ran on {first}, then {scontrol_job(job_id)['NodeList']}; training again {lost:.0f} s after SIGSTOP"
     )
+
+
+@slurm
+@pytest.mark.slow
+def test_a_hang_on_the_last_placeable_node_requeues_there_and_says_why_it_is_not_excluded(tiny_data, tmp_path):
+    """The job's own --exclude=n2 leaves n1 only: the requeued job keeps n1 (and the user's exclusion)."""
+    run_dir = tmp_path / "run"
+    overrides = (*EVERY_2, "run.hang_timeout_s=5", "run.startup_timeout_s=60", "run.stop_grace_s=10")
+    env = {"BFLY_MAX_RESTARTS": "0"}
+    job_id, log = sbatch(
+        SINGLE_NODE, run_dir, tiny_data, "--cpus-per-task=2", "--exclude=n2", overrides=overrides, env=env
+    )
+    wait_for_text(log, f"epoch 1/2 step 5/{STEPS}", job_id)
+    os.kill(trainer_pid(job_id, 1), signal.SIGSTOP)
+    assert wait_job_done(job_id, log, timeout_s=420) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    refused = re.search(r"^bfly: not excluding n1 \(rank 1 hung there at step [\d,]+\): (.*)$", text, re.M)
+    assert refused and refused[1] == "it would leave 0 usable node(s) in the partition, this job needs 1", text[-3000:]
+    assert "bfly: excluding" not in text and f"bfly: job {job_id} attempt 2" in text
+    assert scontrol_job(job_id)["ExcNodeList"] == "n2" and scontrol_job(job_id)["NodeList"] == "n1"
+    print(refused[0])
