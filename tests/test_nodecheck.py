@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from bfly.job import faults, nodecheck
+from bfly.job import faults, ledger, nodecheck
 from bfly.job.nodecheck import Problem
 
 from conftest import PYTHON, REPO, subprocess_env, tiny_overrides
@@ -282,3 +282,18 @@ def test_one_node_alone_checks_its_own_view_and_prints_one_line(tiny_data, tmp_p
     err = capsys.readouterr().err
     assert f"bfly.nodecheck: {socket.gethostname()}: data root {tmp_path / 'no-data'} not readable (No such file" in err
     assert not (tmp_path / "run" / "suspect_nodes.json").exists()  # one node, a wrong path: no node's fault
+
+
+@pytest.mark.slow
+def test_a_node_that_never_joins_is_named_within_the_minute(tiny_data, tmp_path):
+    """Without SLURM's node list the late task is named by its number, and no node is blamed."""
+    done, took = run_nodes(2, tiny_overrides(tiny_data, tmp_path / "run"), fault="n2:absent=45")
+    assert [p.returncode for p in done] == [77, 77], done[0].stderr + done[1].stderr
+    assert (
+        "bfly.nodecheck: task 1: did not join the check within 30 s (not started, or cannot reach 127.0.0.1:"
+        in done[0].stderr
+    )
+    assert "bfly.nodecheck: n2: cannot reach the rendezvous 127.0.0.1:" in done[1].stderr  # late: the check is over
+    assert "recorded in" not in done[0].stderr and ledger.read(tmp_path / "run") == []
+    assert took < 75, took
+    print(done[0].stderr + done[1].stderr)

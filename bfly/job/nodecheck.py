@@ -324,12 +324,12 @@ def _wait_keys(store: Any, keys: Sequence[str], seconds: float) -> list[str]:
     return missing
 
 
-def meet(rdzv: tuple[str, int], rank: int, world: int) -> Any:
+def meet(rdzv: tuple[str, int], rank: int, timeout_s: float) -> Any:
     """The check's store: served by rank 0 on the rendezvous port, reached by the others."""
     from torch.distributed import TCPStore
 
     host, port = rdzv
-    return TCPStore(host, port, None, rank == 0, timeout=timedelta(seconds=JOIN_TIMEOUT_S), wait_for_workers=False)
+    return TCPStore(host, port, None, rank == 0, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
 def measure_network(store: Any, rank: int, world: int, device: Any, slow_s: float) -> None:
@@ -465,7 +465,10 @@ def check(s: Setup, started: float) -> int:
     time.sleep(s.fault.absent_s)
     host, port = s.rdzv or ("?", 0)
     try:
-        store = meet((host, port), s.rank, s.world)
+        # A node that cannot reach the store says so itself before the hard deadline (torch's client tries
+        # twice, each for the timeout given).
+        left = DEADLINE_S - (time.monotonic() - started) - 5
+        store = meet((host, port), s.rank, max(1.0, min(JOIN_TIMEOUT_S, left) / 2))
     except Exception as e:  # torch raises RuntimeError, DistNetworkError, TimeoutError ... : one line each
         print(f"bfly.nodecheck: {s.node}: cannot reach the rendezvous {host}:{port} ({one_line(e)})", file=sys.stderr)
         return EXIT_NODE_CHECK
@@ -475,7 +478,8 @@ def check(s: Setup, started: float) -> int:
     go = _after(store, "go")
     store.set(f"seen/{s.rank}", json.dumps(_seen(s, mine, go)))
     if go["network"]:
-        measure_network(store, s.rank, s.world, s.device, s.fault.slow_s)
+        with contextlib.suppress(Exception):  # a failed all-reduce: rank 0 names it
+            measure_network(store, s.rank, s.world, s.device, s.fault.slow_s)
     status = int(_after(store, "verdict")["status"])
     # Rank 0 removes the tokens it sees; a node with its own view of the run directory removes its own.
     with contextlib.suppress(OSError):
@@ -518,6 +522,9 @@ def lead(store: Any, s: Setup, mine: dict[str, Any], started: float) -> int:
     host, port = s.rdzv or ("?", 0)
     why = f"did not join the check within {JOIN_TIMEOUT_S:.0f} s (not started, or cannot reach {host}:{port})"
     extra = [Problem(n, why, hardware=True) for n in absent]
+    for n in [n for n in facts if n not in seen]:  # joined, then went quiet: named for that alone
+        extra.append(Problem(n, f"joined the check, then did not answer for {JOIN_TIMEOUT_S:.0f} s", hardware=True))
+        seen[n] = {"skew": 0.0, "seen": [s.node]}
     net = "all-reduce skipped (a node is missing)"
     if not absent:
         net, slow = _network(store, s, [f["node"] for f in every])
@@ -576,6 +583,7 @@ def judge(
     problems = problems_of(facts, seen, head) + extra
     nodes = [*facts, *absent]
     lines, blamed = verdict(problems, nodes)
+    blamed = [n for n in blamed if not n.startswith("task ")]  # no node list to name it by: nothing to exclude
     skipped = {f["gpus"]["nvml"]["skipped"] for f in facts.values() if f["gpus"] and f["gpus"]["nvml"]["skipped"]}
     for line in sorted(skipped):
         print(f"bfly.nodecheck: {line}", flush=True)
