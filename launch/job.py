@@ -4,9 +4,14 @@ One SLURM task per GPU: submitit starts the tasks, so torchrun is not involved; 
 environment torchrun would give (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) is exported
 from SLURM's before the trainer starts.
 
+On SLURM every task first takes part in the node check (bfly.nodecheck, in-process; run.node_check=false
+skips it): a failing node is named and blamed in the run's suspect-node ledger, and the job ends before
+training (status 77) or requeues away from that node.
+
 A task that fails by a crash or a hang asks bfly.retry whether the job requeues (BFLY_MAX_FAILURES,
 only while the run makes progress, never after a user error); the first task to ask decides for all and
-requeues the job with `scontrol requeue`; they all leave without a result, so the submitter waits on.
+requeues the job with `scontrol requeue`, then excludes the nodes blamed for the failure from its next
+placement (bfly/job/ledger.py); they all leave without a result, so the submitter waits on.
 
 Time limit and preemption: submitit sends its signal (SIGUSR2) to every task. The trainer catches it
 (from its start), stops at the next step with a checkpoint and returns its outcome; this callable then hands
@@ -24,12 +29,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import submitit
 
 from bfly.job import retry
+from bfly.job.exits import EXIT_NODE_CHECK
 from bfly.run.runlog import read_metrics
 
 
@@ -53,6 +60,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         dist = export_distributed_env()
         if dist.rank == 0:
             print(f"bfly launch: {retry.log_attempt(Path(self.run_dir), torchrun=False)}", flush=True)
+        checked = node_check(self.train_args, dist)
+        if checked != 0:
+            requeue_after_failure(checked, Path(self.run_dir), dist.rank)
+            raise TrainingFailed(f"node check failed (status {checked}, rank {dist.rank}): see rank 0's log")
         if self.threads:
             import torch
 
@@ -92,20 +103,50 @@ def leave_after_signal(caught: tuple[str, ...], rank: int) -> None:
     sys.exit(0)
 
 
+def node_check(train_args: list[str], dist: submitit.helpers.TorchDistributedEnvironment) -> int:
+    """On SLURM: every node of the job checked before training, the tasks meeting at the rendezvous address."""
+    if submitit.JobEnvironment().cluster != "slurm":
+        return 0
+    from bfly.job import nodecheck
+
+    return nodecheck.main([*train_args, f"--rdzv={dist.master_addr}:{dist.master_port}"])
+
+
 def requeue_after_failure(status: int, run_dir: Path, rank: int) -> None:
     """On SLURM: requeue the job if bfly.retry says so, and leave without a result (the job goes on);
-    otherwise return, and the task fails."""
+    otherwise return, and the task fails. The requeued job avoids the nodes blamed for the failure."""
     if submitit.JobEnvironment().cluster != "slurm":
         return
-    decision = retry.after_failure(run_dir, status, f"status {status} on rank {rank} ({socket.gethostname()})")
+    # A failed node check requeues only if the job can avoid the failing node (read-only: the check blamed).
+    placement = retry.blame_and_exclude(run_dir, status, []) if status == EXIT_NODE_CHECK else None
+    detail = f"status {status} on rank {rank} ({socket.gethostname()})"
+    decision = retry.after_failure(run_dir, status, detail, placement is not None and placement.changed)
+    for line in placement.refused if placement and not decision.requeue else []:
+        print(f"bfly launch: {line}", flush=True)
     print(f"bfly launch: rank {rank}: {decision.reason}", flush=True)
     if not decision.requeue:
         return
     if decision.taken_here:
-        job_id = submitit.JobEnvironment().job_id
-        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-        print(f"bfly launch: requeued job {job_id}", flush=True)
+        placement = placement or retry.blame_and_exclude(run_dir, status, [])
+        for line in placement.lines if placement else []:
+            print(f"bfly launch: {line}", flush=True)
+        requeue(submitit.JobEnvironment().job_id, placement.nodes if placement and placement.changed else ())
     sys.exit(0)  # no result file: the submitter keeps waiting for the requeued job
+
+
+def requeue(job_id: str, exclude: tuple[str, ...]) -> None:
+    """`scontrol requeue`, then the job's new exclusion list: SLURM takes it only once the job no longer runs."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not end this task first
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    print(f"bfly launch: requeued job {job_id}", flush=True)
+    if not exclude:
+        return
+    for _ in range(50):
+        cmd = ["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={','.join(exclude)}"]
+        if subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0:
+            return
+        time.sleep(0.2)
+    print(f"bfly launch: warning: could not exclude {','.join(exclude)} from job {job_id}", flush=True)
 
 
 def summary(run_dir: Path) -> dict[str, Any]:

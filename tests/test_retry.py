@@ -12,8 +12,17 @@ import sys
 import pytest
 import torch
 
-from bfly.job.exits import EXIT_HANG, EXIT_STOPPED
-from bfly.job.retry import EXIT_DIR, STATE, after_failure, decide, exit_records, job_status
+from bfly.job.exits import EXIT_HANG, EXIT_NODE_CHECK, EXIT_STOPPED, record_exit
+from bfly.job.retry import (
+    EXIT_DIR,
+    STATE,
+    after_failure,
+    blames_of,
+    decide,
+    exit_records,
+    job_status,
+    node_check_status,
+)
 
 from conftest import PYTHON, REPO, subprocess_env, tiny_overrides
 from probes.fault_launch import Launch, torchrun_cmd
@@ -121,3 +130,65 @@ def test_the_scripts_helper_refuses_a_config_error_before_anything_starts(tmp_pa
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.splitlines() == [str(tmp_path / "run" / EXIT_DIR), os.environ.get("BFLY_MAX_RESTARTS", "2")]
     assert "bfly: job 5 attempt 1: 0 failure requeue(s) of BFLY_MAX_FAILURES=3" in ok.stderr
+
+
+@pytest.mark.parametrize(
+    "failures, changed, requeue, why",
+    [
+        (0, True, True, "failed node check (status 77): requeueing away from the failing node(s), failure 1 of 3"),
+        (0, False, False, "failed node check (status 77): not requeueing, no failing node can be excluded"),
+        (3, True, False, "3 failure(s) requeued already (BFLY_MAX_FAILURES=3)"),
+    ],
+)
+def test_a_failed_node_check_requeues_only_away_from_the_failing_node(failures, changed, requeue, why):
+    decision = decide(EXIT_NODE_CHECK, failures, 3, 40, 40, placement_changed=changed)  # no progress: nothing trained
+    assert decision.requeue is requeue and why in decision.reason
+
+
+def test_the_node_checks_record_is_the_attempts_status(tmp_path):
+    assert node_check_status(tmp_path) is None
+    (tmp_path / "nodecheck.json").write_text(json.dumps({"status": 77, "detail": "n2: torch 0.0.0 differs"}))
+    assert node_check_status(tmp_path) == (77, "n2: torch 0.0.0 differs")
+
+
+def test_an_exit_record_holds_the_slurm_node_and_the_error_written_for_torchrun(tmp_path, monkeypatch):
+    error_file = tmp_path / "error.json"
+    error_file.write_text(json.dumps({"message": {"message": "stopping, a collective failed (NCCL error: x)"}}))
+    for name, value in {
+        "BFLY_EXIT_STATUS_DIR": str(tmp_path / "exits"),
+        "TORCHELASTIC_ERROR_FILE": str(error_file),
+        "SLURMD_NODENAME": "n2",
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+    }.items():
+        monkeypatch.setenv(name, value)
+    record_exit(1)
+    (got,) = exit_records(tmp_path / "exits")
+    assert (got["node"], got["rank"], got["error"]) == ("n2", 1, "stopping, a collective failed (NCCL error: x)")
+
+
+HANG_LINE = (
+    "hang: no rank has made progress for 9 s (limit 8 s); stalled: rank 1 (vm, pid 11979) is stopped (process "
+    "state T), in forward-backward, last step 4, 9 s since its last progress; stacks ...; ending the job (exit 76)"
+)
+
+
+@pytest.mark.parametrize("where", ["train.log", "attempts.jsonl after another rank's crash record"])
+def test_a_hang_blames_the_node_its_line_names_wherever_the_line_was_written(where, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "33")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    log = ["2026-12-06 07:00:00 job 33 attempt 1: 0 failure requeue(s) of BFLY_MAX_FAILURES=3"]
+    records = [{"event": "start", "attempt": 1, "slurm_job_id": "33", "slurm_restart_count": None}]
+    if where == "train.log":
+        log.append(f"2026-12-06 07:01:00 {HANG_LINE}")
+    else:
+        records += [
+            {"event": "end", "attempt": 1, "ended": "crash", "detail": "Connection reset by peer", "global_step": 5},
+            {"event": "end", "attempt": 1, "ended": "hang", "detail": HANG_LINE, "global_step": 5},
+        ]
+    (tmp_path / "train.log").write_text("\n".join(log) + "\n")
+    (tmp_path / "attempts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (got,) = blames_of(tmp_path, EXIT_HANG, [], "33", ("n1",))
+    assert (got.node, got.reason, got.what, got.step) == ("n1", "hang", "rank 1 hung there at step 4", 4)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the next attempt: that hang is not its own
+    assert blames_of(tmp_path, EXIT_HANG, [], "33", ("n1",)) == []

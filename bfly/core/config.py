@@ -223,6 +223,12 @@ class RunConfig:
         "checkpoint writes; below dist.timeout_s, which also bounds the rendezvous",
         operational=True,
     )
+    node_check: bool = _opt(
+        True,
+        "our sbatch scripts check every node before training (data, run directory, versions, clocks, "
+        "rendezvous, GPUs, network: python -m bfly.nodecheck, under a minute); false skips it",
+        operational=True,
+    )
     stop_grace_s: int = _opt(
         120,
         "after a stop signal, a trainer that has not stopped within this many seconds (blocked in start-up "

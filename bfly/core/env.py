@@ -274,3 +274,45 @@ def _slow_rank(value: str) -> tuple[int, float]:
         return int(rank), float(seconds)
     except ValueError:
         raise RuntimeError(f"BFLY_TEST_SLOW_RANK={value!r}: expected <rank>:<seconds>") from None
+
+
+# --- nodes: the node check (bfly.nodecheck) and the suspect-node ledger (bfly/job/ledger.py) -------------
+
+
+def slurm_node_name() -> str | None:
+    """SLURMD_NODENAME: the name SLURM knows this node by (a job step's task); None outside SLURM."""
+    return os.environ.get("SLURMD_NODENAME") or None
+
+
+def slurm_task() -> tuple[int, int, int] | None:
+    """(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) of a job step's task; None outside a job step."""
+    if "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return None
+    return _int("SLURM_PROCID"), _int("SLURM_NTASKS"), _int_or("SLURM_LOCALID", 0)
+
+
+def slurm_nodelist() -> str | None:
+    """The nodes of this job step (SLURM_STEP_NODELIST), else of the job (SLURM_JOB_NODELIST), as SLURM
+    writes them (`n[1-2]`)."""
+    return os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or None
+
+
+def slurm_gpus_on_node() -> int | None:
+    """SLURM_GPUS_ON_NODE: the GPUs SLURM allocated on this node; None when it allocated none."""
+    return _int("SLURM_GPUS_ON_NODE") if os.environ.get("SLURM_GPUS_ON_NODE", "") != "" else None
+
+
+def exclude_nodes_by_hand() -> list[str]:
+    """BFLY_EXCLUDE_NODES=n3,n7: nodes a requeued job of this run must avoid, whatever the ledger says."""
+    return [n.strip() for n in os.environ.get("BFLY_EXCLUDE_NODES", "").split(",") if n.strip()]
+
+
+def max_excluded_nodes() -> int:
+    """BFLY_MAX_EXCLUDED_NODES: the most nodes the suspect-node ledger excludes from one job (default 4)."""
+    return _int_or("BFLY_MAX_EXCLUDED_NODES", 4)
+
+
+def node_faults_for_test() -> str:
+    """Test hook, BFLY_TEST_NODE_FAULT=<node>:<fault>=<value>[;...]: what bfly.nodecheck sees on <node> is
+    changed (bfly/job/faults.py lists the faults). For tests of a node that differs from the others."""
+    return os.environ.get("BFLY_TEST_NODE_FAULT", "")

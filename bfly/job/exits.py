@@ -6,6 +6,7 @@ trainer leaves its status for the launcher's retry decision (bfly.retry).
     2   a user error: config, data, run directory, checkpoint (one line names the culprit)
     75  stopped by a signal with the checkpoint written (run.stopped_exit_code; run again to resume)
     76  a hang: a rank made no progress for run.hang_timeout_s (bfly.job.watchdog)
+    77  a node failed the node check before training (bfly.job.nodecheck)
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ EXIT_STOPPED = 75
 # retry it from the last checkpoint, and told apart from a crash (1) in the job's log.
 EXIT_HANG = 76
 
+# A node of the job failed the node check (bfly.job.nodecheck) before training: the job ends, or is requeued
+# away from that node (bfly.job.ledger).
+EXIT_NODE_CHECK = 77
+
 # The errors that are the user's to fix (exit 2): retrying would fail the same way.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirBusy)
 
@@ -58,12 +63,23 @@ def record_exit(status: int) -> None:
         "status": status,
         "rank": rank,
         "host": socket.gethostname(),
+        "node": environ.slurm_node_name(),  # the node as SLURM names it (host names need not be)
         "pid": os.getpid(),
         "restart": restart,
         "time": time.time(),
+        "error": _error_line(),
     }
     with contextlib.suppress(OSError):  # a full or read-only disk must not hide the real exit status
         where.mkdir(parents=True, exist_ok=True)
         tmp = where / f".rank-{rank}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(record))
         tmp.replace(path)
+
+
+def _error_line() -> str | None:
+    """The failure this trainer wrote for torchrun's summary (bfly.core.errors.recorded), if any: what a
+    hardware-looking crash is recognised by."""
+    path = environ.elastic_error_file()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return str(json.loads(path.read_text())["message"]["message"])[:300] if path else None
+    return None

@@ -10,7 +10,14 @@ Two levels:
   only while the run makes progress: a failure with no newer checkpoint than at the previous failure
   requeue stops the job. Never after a user error (status 2). A job stopped by a signal with its
   checkpoint written (EXIT_STOPPED, or 0 under our sbatch scripts) keeps its own path: the time-limit
-  and preemption requeue.
+  and preemption requeue. A job whose node check failed (EXIT_NODE_CHECK, 77: bfly.nodecheck) requeues
+  only when the failing node can be excluded from its next placement, within the same budget.
+
+Before a requeue, the nodes blamed during this job (a hang naming a rank's host, a crash with a CUDA- or
+NCCL-looking error, a failed node check: bfly/job/ledger.py, run.dir/suspect_nodes.json) are excluded from
+its next placement: `after` prints them on its second line for the sbatch scripts' `scontrol update
+JobId=... ExcNodeList=...`, which SLURM accepts only once the job is no longer running (after `scontrol
+requeue`, while it completes or waits).
 
 The failure count and the checkpoint step of the last failure requeue are kept in the run directory
 (retries.json), so they survive the requeue. torchrun reports any failed trainer as its own status 1:
@@ -18,8 +25,8 @@ under our sbatch scripts each trainer records its exit status in <run dir>/.bfly
 (BFLY_EXIT_STATUS_DIR), and the job's status is read from there.
 
     python -m bfly.retry begin [--config X] [key=value ...]   # before torchrun: prints the records' folder
-    python -m bfly.retry after [--config X] [key=value ...]   # after it failed: prints `requeue` or exits
-                                                              # with the job's status
+    python -m bfly.retry after [--config X] [key=value ...]   # after it failed: prints `requeue` and the
+                                                              # nodes to exclude, or exits with the job's status
 """
 
 from __future__ import annotations
@@ -28,13 +35,16 @@ import contextlib
 import fcntl
 import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bfly.core import env as environ
-from bfly.job.exits import EXIT_CRASH, EXIT_HANG, EXIT_STOPPED, EXIT_USER_ERROR
+from bfly.core.errors import one_line
+from bfly.job import ledger
+from bfly.job.exits import EXIT_CRASH, EXIT_HANG, EXIT_NODE_CHECK, EXIT_STOPPED, EXIT_USER_ERROR
 
 STATE = "retries.json"
 EXIT_DIR = ".bfly-exit"
@@ -47,6 +57,8 @@ def cause(status: int) -> str:
         return f"hang (status {EXIT_HANG})"
     if status == EXIT_STOPPED:
         return f"stopped by a signal (status {EXIT_STOPPED})"
+    if status == EXIT_NODE_CHECK:
+        return f"failed node check (status {EXIT_NODE_CHECK})"
     return f"crash (status {status})"
 
 
@@ -57,10 +69,17 @@ class Decision:
     taken_here: bool = True  # False: another rank of the job took it for this attempt (it requeues)
 
 
-def decide(status: int, failures: int, max_failures: int, step_before: int | None, step_now: int | None) -> Decision:
+def decide(
+    status: int,
+    failures: int,
+    max_failures: int,
+    step_before: int | None,
+    step_now: int | None,
+    placement_changed: bool = False,
+) -> Decision:
     """Requeue a job that ended with `status`? failures: failure requeues of this job so far; step_before:
     the run's checkpoint step at the last of them (None: there was none); step_now: its checkpoint step
-    now (None: no checkpoint)."""
+    now (None: no checkpoint); placement_changed: the requeued job would avoid a node it ran on."""
     what = cause(status)
     if status == 0:
         return Decision(False, "finished")
@@ -72,6 +91,12 @@ def decide(status: int, failures: int, max_failures: int, step_before: int | Non
         return Decision(
             False,
             f"{what}: not requeueing, {failures} failure(s) requeued already (BFLY_MAX_FAILURES={max_failures})",
+        )
+    if status == EXIT_NODE_CHECK:  # nothing trained: progress is no measure, a new placement is
+        if not placement_changed:
+            return Decision(False, f"{what}: not requeueing, no failing node can be excluded (see above)")
+        return Decision(
+            True, f"{what}: requeueing away from the failing node(s), failure {failures + 1} of {max_failures}"
         )
     if step_before is not None and (step_now or 0) <= step_before:
         at = f"step {step_now}" if step_now is not None else "no checkpoint"
@@ -170,7 +195,7 @@ def _locked_state(run_dir: Path):
         os.fsync(f.fileno())
 
 
-def after_failure(run_dir: Path, status: int, detail: str) -> Decision:
+def after_failure(run_dir: Path, status: int, detail: str, placement_changed: bool = False) -> Decision:
     """The decision for this job attempt's failure, taken once per attempt (SLURM job id and restart
     count): every rank that asks gets the same one. The reason is written to train.log once."""
     job = environ.slurm_job_id() or "local"
@@ -181,7 +206,7 @@ def after_failure(run_dir: Path, status: int, detail: str) -> Decision:
         if state.get("job") != job:  # a new submission gets a new budget
             state.update(job=job, failures=0, step=None)
         step_now = checkpoint_step(run_dir)
-        decision = decide(status, state["failures"], environ.max_failures(), state["step"], step_now)
+        decision = decide(status, state["failures"], environ.max_failures(), state["step"], step_now, placement_changed)
         if decision.requeue:
             state.update(failures=state["failures"] + 1, step=step_now)
         reason = f"{decision.reason} [{detail}]"
@@ -216,6 +241,98 @@ def _to_train_log(run_dir: Path, msg: str) -> None:
     append_to_train_log(run_dir, msg)
 
 
+# --- the nodes a requeued job avoids (bfly/job/ledger.py) ----------------------------------------------------
+
+
+def node_check_status(where: Path) -> tuple[int, str] | None:
+    """The status and detail bfly.nodecheck recorded when a node failed the check (None: it did not)."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        record = json.loads((where / "nodecheck.json").read_text())
+        return int(record["status"]), str(record["detail"])
+    return None
+
+
+@dataclass(frozen=True)
+class Placement:
+    nodes: tuple[str, ...]  # the job's exclusion list for its next placement
+    changed: bool  # it avoids a node the job could use before
+    lines: list[str]  # what is excluded, and what is not and why
+
+    @property
+    def refused(self) -> list[str]:
+        return [line for line in self.lines if line.startswith("not excluding")]
+
+
+def blame_and_exclude(run_dir: Path, status: int, records: list[dict[str, Any]]) -> Placement | None:
+    """On SLURM: blames the nodes this failure points at (ledger), and the job's next exclusion list."""
+    job_id = environ.slurm_job_id()
+    if job_id is None or status in (0, EXIT_USER_ERROR, EXIT_STOPPED):  # no node's fault
+        return None
+    try:
+        job = ledger.job(job_id)
+        ledger.add(run_dir, blames_of(run_dir, status, records, job_id, job.nodes))
+        usable = ledger.usable_nodes(job.partitions)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        print(f"bfly: cannot read job {job_id}'s placement ({one_line(e)}): no node excluded", file=sys.stderr)
+        return None
+    mine = [b for b in ledger.read(run_dir) if b.job == job_id]
+    user = [n for n in job.excluded if n not in {b.node for b in mine}]  # the job's own --exclude
+    cap = ledger.Cap(usable, job.needed, environ.max_excluded_nodes())
+    exclusion = ledger.excluded(mine, cap, user, environ.exclude_nodes_by_hand())
+    return Placement(exclusion.nodes, set(exclusion.nodes) != set(job.excluded), exclusion.lines(job.excluded))
+
+
+def blames_of(
+    run_dir: Path, status: int, records: list[dict[str, Any]], job_id: str, nodes: tuple[str, ...]
+) -> list[ledger.Blame]:
+    """A hang: the stalled ranks' nodes (the hang line, in this attempt's train.log or attempts.jsonl); a
+    crash: the nodes with hardware-looking errors; either: the stragglers named in this attempt. A failed
+    node check has blamed its nodes itself."""
+    log = _this_attempts_log(run_dir, job_id)
+    hosts = ledger.hosts_of(run_dir, job_id)
+    blames = ledger.from_stragglers(log, job_id, nodes, hosts)
+    ends = _this_attempts_ends(run_dir, job_id)
+    if status == EXIT_HANG:
+        hangs = [line for line in log if "hang: " in line and "stalled: " in line]
+        hangs += [e.get("detail", "") for e in ends if e.get("ended") == "hang"]
+        blames += ledger.from_hang(hangs[0], job_id, nodes, hosts) if hangs else []
+    if status == EXIT_CRASH:
+        step = max((e.get("global_step", 0) for e in ends), default=None)
+        blames += ledger.from_crash(records, job_id, nodes, step)
+    return blames
+
+
+def _this_attempts_ends(run_dir: Path, job_id: str) -> list[dict[str, Any]]:
+    """Every end record of this job attempt in attempts.jsonl (ranks that failed at once may each write one)."""
+    from bfly.job import attempts
+
+    records = []
+    with contextlib.suppress(OSError):
+        for line in (run_dir / attempts.FILE).read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    restart = str(environ.slurm_restart_count())
+    starts = [
+        r["attempt"]
+        for r in records
+        if r.get("event") == "start"
+        and r.get("slurm_job_id") == job_id.split("_")[0]
+        and (r.get("slurm_restart_count") or "0") == restart
+    ]
+    return [r for r in records if r.get("event") == "end" and starts and r.get("attempt") == starts[-1]]
+
+
+def _this_attempts_log(run_dir: Path, job_id: str) -> list[str]:
+    """train.log's lines since this job attempt began (log_attempt's line)."""
+    try:
+        lines = (run_dir / "train.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    began = f"job {job_id} attempt {environ.slurm_restart_count() + 1}:"
+    starts = [i for i, line in enumerate(lines) if began in line]
+    return lines[starts[-1] :] if starts else []
+
+
 # --- the sbatch scripts' side -------------------------------------------------------------------------
 
 
@@ -246,11 +363,17 @@ def main(argv: list[str] | None = None) -> int:
         print(run_dir / EXIT_DIR)  # for BFLY_EXIT_STATUS_DIR
         print(environ.max_restarts())
         return 0
-    status, detail = job_status(exit_records(run_dir / EXIT_DIR))
-    decision = after_failure(run_dir, status, detail)
-    print(f"bfly: {decision.reason}", file=sys.stderr, flush=True)
+    records = exit_records(run_dir / EXIT_DIR)
+    status, detail = node_check_status(run_dir / EXIT_DIR) or job_status(records)
+    placement = blame_and_exclude(run_dir, status, records)
+    decision = after_failure(run_dir, status, detail, placement is not None and placement.changed)
+    # What the next placement avoids, and which blamed nodes it cannot avoid and why (even without a requeue).
+    lines = [] if placement is None else placement.lines if decision.requeue else placement.refused
+    for line in [*lines, decision.reason]:
+        print(f"bfly: {line}", file=sys.stderr, flush=True)
     if decision.requeue:
         print("requeue")
+        print(",".join(placement.nodes) if placement and placement.changed else "")
         return 0
     return status
 
