@@ -3,20 +3,15 @@
 import argparse
 import runpy
 import sys
+from pathlib import Path
 
 import pytest
 
+# Every `python -m bfly.X` entry point (bfly/X.py), so that a new command cannot be left out.
 COMMANDS = [
-    "bfly.train",
-    "bfly.evaluate",
-    "bfly.predict",
-    "bfly.export",
-    "bfly.report",
-    "bfly.retry",
-    "bfly.gpu_check",
-    "bfly.bench",
-    "bfly.reproduce",
-    "bfly.compact",
+    *sorted(
+        f"bfly.{p.stem}" for p in (Path(__file__).resolve().parents[1] / "bfly").glob("*.py") if p.stem != "__init__"
+    ),
     "launch.submit",
 ]
 
