@@ -176,12 +176,18 @@ def ref2(tiny_data, tmp_path_factory) -> Path:
     return reference_run(tmp_path_factory.getbasetemp(), 2, fault_args(tiny_data, Path("ref")))
 
 
+# The model every test of the plumbing trains (checkpoints, faults, signals, resume, grids, SLURM...): ResNet-50
+# cut down to ~34k parameters, so that a step takes milliseconds and a checkpoint a few hundred KB. The real
+# models keep their own tests (tests/test_models.py, tests/test_gpu_path.py, the shipped configs).
+TEST_MODEL = "resnet_tiny"
+
+
 def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
     base = {
         "data.root": str(data),
         "data.image_size": 32,
         "data.workers": 0,
-        "model.name": "resnet50",
+        "model.name": TEST_MODEL,
         "train.epochs": 2,
         "train.batch_size": 12,
         "train.log_every": 1,

@@ -34,7 +34,7 @@ from conftest import one_epoch_overrides, tiny_dataset
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
-from bfly import wandb_log  # noqa: E402
+from bfly.run import wandb_log  # noqa: E402
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a real key: 40 hex digits
 
