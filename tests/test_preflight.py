@@ -11,7 +11,7 @@ import pytest
 
 from bfly.job.train import main
 
-from conftest import PYTHON, REPO, run_python, subprocess_env, tiny_overrides
+from conftest import PYTHON, REPO, TEST_MODEL, run_python, subprocess_env, tiny_overrides
 
 
 def check(*args: str) -> subprocess.CompletedProcess:
@@ -137,7 +137,7 @@ def test_check_refuses_a_checkpoint_of_another_model(stopped_run, tiny_data, cap
     before = snapshot(stopped_run)
     assert main(["--check", *tiny_overrides(tiny_data, stopped_run, **{"model.name": "vgg19"})]) == 2
     (line,) = problems(capsys.readouterr().err)
-    assert f"{stopped_run / 'last.pt'}: checkpoint is a resnet50 model, this run builds vgg19" in line
+    assert f"{stopped_run / 'last.pt'}: checkpoint is a {TEST_MODEL} model, this run builds vgg19" in line
     assert snapshot(stopped_run) == before
 
 
