@@ -152,7 +152,7 @@ def bad_checkpoints(trained_run, tmp_path_factory) -> dict[str, Path]:
 
 EXPECTED = {
     "vgg19": "weights do not fit a vgg19 with 10 classes",
-    "five_classes": "fc.weight is [10, 2048] in the checkpoint, [5, 2048] in the model",
+    "five_classes": "fc.weight is [10, 128] in the checkpoint, [5, 128] in the model",
     "alexnet": "checkpoint is a 'alexnet' model; bfly builds resnet50, vgg19, vgg19_bn, resnet_tiny",
     "not_bfly": "not a bfly checkpoint (no 'arch' entry)",
     "missing": "checkpoint not found",
