@@ -25,11 +25,6 @@ from bfly.tools import evaluate, predict
 from conftest import MINI_ROOT as MINI, REPO, tiny_dataset, torchrun
 
 
-@pytest.fixture(scope="session")
-def tiny_data(trained_run) -> Path:
-    return trained_run.parent / "data"
-
-
 def run_cli(module, argv: list[str], capsys) -> tuple[int, str, str]:
     rc = module.main(argv)
     out, err = capsys.readouterr()

@@ -31,12 +31,21 @@ from bfly.core.data.sampling import StepPlan, rank_micro_batches
 from bfly.core.stopping import EXIT_STOPPED
 from bfly.job.train import main
 
-from conftest import PYTHON, REPO, TEST_MODEL, data_copy, our_frames, read_jsonl, subprocess_env, tiny_overrides
+from conftest import (
+    PYTHON,
+    REPO,
+    TEST_MODEL,
+    assert_same_weights,
+    data_copy,
+    our_frames,
+    read_jsonl,
+    subprocess_env,
+    tiny_overrides,
+)
 from probes.fault_launch import (
     CKPT_EVERY,
     STEPS,
     Launch,
-    assert_same_weights,
     fault_args,
     replace_image,
     run_to_end,

@@ -26,11 +26,10 @@ from bfly.core.env import StallHook, stall_hooks
 from bfly.core.stopping import EXIT_HANG
 from bfly.job.watchdog import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, configure_nccl, nccl_settings
 
-from conftest import PYTHON, REPO, read_jsonl
+from conftest import PYTHON, REPO, assert_same_weights, read_jsonl
 from probes.fault_launch import (
     Launch,
     _descendants,
-    assert_same_weights,
     fault_args,
     progress_step,
     run_to_end,

@@ -231,14 +231,6 @@ def snapshot(run: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
 
 
-@pytest.fixture
-def stopped_run(tiny_data, tmp_path) -> Path:
-    """A run dir stopped mid-run by its step budget (last.pt at step 3 of 10)."""
-    run = tmp_path / "run"
-    assert main(fault_args(tiny_data, run, **{"run.stop_after_steps": 3})) == 0
-    return run
-
-
 REFUSED = {
     "another model": ({"model.name": "vgg19_bn"}, rf"checkpoint is a {TEST_MODEL} model, this run builds vgg19_bn"),
     "another lr": ({"optim.lr": 0.5}, r"optim\.lr: 0\.05 -> 0\.5"),

@@ -25,8 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 from conftest import PYTHON, REPO, subprocess_env, tiny_overrides  # noqa: E402
@@ -264,17 +262,6 @@ def run_to_end(cmd: list[str], timeout: float = 300) -> Launch:
     if rc != 0:
         launch.fail(f"exit code {rc}")
     return launch
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
 
 
 _references: dict[tuple, Path] = {}
