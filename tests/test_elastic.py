@@ -25,6 +25,9 @@ pytestmark = [
 EPOCHS = 4
 STEPS = 5  # per epoch: 60 images, global batch 12
 WORLD = re.compile(rf"^bfly: {TEST_MODEL}, .* (\d+) process\(es\) on cpu")
+# Rank 0 waits 0.5 s more for each batch: the test model's steps take milliseconds, and the node going on
+# alone must still be training when the lost one comes back (a rendezvous of its own, seconds).
+SLOW_STEPS = {"BFLY_TEST_STALL": "0:data:*:0.5"}
 
 
 def agent(port: int, hosts_store: bool, args: list[str]) -> Launch:
@@ -44,7 +47,7 @@ def agent(port: int, hosts_store: bool, args: list[str]) -> Launch:
         "bfly.train",
         *args,
     ]
-    return Launch(cmd, timeout=900, env=RESTARTABLE)
+    return Launch(cmd, timeout=900, env={**RESTARTABLE, **SLOW_STEPS})
 
 
 def world_sizes(launches: list[Launch], t0: float) -> list[tuple[float, int]]:

@@ -34,6 +34,10 @@ submitit = pytest.importorskip("submitit")  # the launcher's extra; a GPU box ma
 SINGLE_NODE = REPO / "slurm" / "train_single_node.sbatch"
 MULTI_NODE = REPO / "slurm" / "train_multi_node.sbatch"
 STEPS = 10  # per epoch: 60 images, global batch 6
+# Jobs that are signalled or killed mid-run: rank 0 waits 0.3 s more for each batch. The test model's steps
+# take milliseconds, and a signal or kill sent once a step is in the log must still find the job mid-epoch
+# (SLURM delivers a signal through the batch shell).
+PACED = {"BFLY_TEST_STALL": "0:data:*:0.3"}
 DONE_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 slurm = pytest.mark.slurm
@@ -112,6 +116,7 @@ def sbatch(
     nproc: int = 2,
     overrides: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    paced: bool = True,
 ) -> tuple[str, Path]:
     log = run_dir.parent / f"{run_dir.name}.slurm.out"
     cmd = [
@@ -125,7 +130,9 @@ def sbatch(
         *train_args(data, run_dir),
         *overrides,
     ]
-    full_env = subprocess_env(BFLY_PYTHON=PYTHON, BFLY_NPROC_PER_NODE=str(nproc), **(env or {}))
+    full_env = subprocess_env(
+        BFLY_PYTHON=PYTHON, BFLY_NPROC_PER_NODE=str(nproc), **{**(PACED if paced else {}), **(env or {})}
+    )
     out = subprocess.run(cmd, cwd=run_dir.parent, env=full_env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     SUBMITTED.append(out.stdout.strip().split(";")[0])
@@ -168,7 +175,7 @@ class Finished(NamedTuple):
 def reference(slurm_cluster, tiny_data, tmp_path_factory) -> Finished:
     """An uninterrupted 2-process run through the single-node script: what every other run must match."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    job_id, log = sbatch(SINGLE_NODE, run_dir, tiny_data, "--cpus-per-task=2")
+    job_id, log = sbatch(SINGLE_NODE, run_dir, tiny_data, "--cpus-per-task=2", paced=False)
     return Finished(job_id, run_dir, log, wait_job_done(job_id, log))
 
 
@@ -212,7 +219,7 @@ def test_single_node_script_checkpoints_requeues_and_resumes(how, reference, tin
 @slurm
 @pytest.mark.slow
 def test_single_node_script_checkpoints_and_requeues_before_a_real_time_limit(slurm_cluster, tiny_data, tmp_path):
-    """A 1-minute limit, SLURM's own signal 50 s before it, a run far longer than a minute."""
+    """A 1-minute limit, SLURM's own signal 50 s before it, a run far longer than a minute (1000 epochs)."""
     run_dir = tmp_path / "run"
     log = tmp_path / "slurm.out"
     cmd = [
@@ -225,7 +232,7 @@ def test_single_node_script_checkpoints_and_requeues_before_a_real_time_limit(sl
         f"--output={log}",
         str(SINGLE_NODE),
         *train_args(tiny_data, run_dir),
-        "train.epochs=20",
+        "train.epochs=1000",
     ]
     env = subprocess_env(BFLY_PYTHON=PYTHON, BFLY_NPROC_PER_NODE="2")
     job_id = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=60).stdout.strip()
@@ -468,7 +475,7 @@ def test_a_config_error_ends_the_job_at_once_without_a_retry(slurm_cluster, tiny
 
 
 def launch_submit(
-    run_dir: Path, data: Path, *flags: str, timeout: float = 120, overrides: tuple[str, ...] = ()
+    run_dir: Path, data: Path, *flags: str, timeout: float = 120, overrides: tuple[str, ...] = (), paced: bool = False
 ) -> subprocess.CompletedProcess:
     cmd = [
         PYTHON,
@@ -485,7 +492,8 @@ def launch_submit(
         *overrides,
     ]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(cmd, cwd=run_dir.parent, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    env = subprocess_env(**(PACED if paced else {}))
+    out = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -535,7 +543,7 @@ def test_launch_submit_trains_with_two_tasks_and_the_results_read_back(submitted
 def test_launch_submit_job_checkpoints_requeues_and_resumes(how, reference, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     # submitit counts a signal as a time-out unless the job ran under 80% of a limit of 50 min or more.
-    out = launch_submit(run_dir, tiny_data, "--time", "10" if how == "timeout" else "60")
+    out = launch_submit(run_dir, tiny_data, "--time", "10" if how == "timeout" else "60", paced=True)
     job = submitted_job(out, run_dir)
     log = run_dir / "submitit" / f"{job.job_id}_0_log.out"
     wait_for_text(log, f"epoch 1/2 step 2/{STEPS}", job.job_id)
@@ -563,7 +571,7 @@ def test_launch_submit_job_checkpoints_requeues_and_resumes(how, reference, tiny
 @pytest.mark.slow
 def test_launch_submit_job_requeues_after_a_crash_and_resumes_exactly(reference, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    out = launch_submit(run_dir, tiny_data, "--time", "10", overrides=EVERY_2)
+    out = launch_submit(run_dir, tiny_data, "--time", "10", overrides=EVERY_2, paced=True)
     job = submitted_job(out, run_dir)
     log = run_dir / "submitit" / f"{job.job_id}_0_log.out"
     killed_at = kill_trainer_after(log, job.job_id, f"epoch 1/2 step 5/{STEPS}")
