@@ -5,6 +5,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -177,12 +179,18 @@ def ref2(tiny_data, tmp_path_factory) -> Path:
     return reference_run(tmp_path_factory.getbasetemp(), 2, fault_args(tiny_data, Path("ref")))
 
 
+# The model every test of the plumbing trains (checkpoints, faults, signals, resume, grids, SLURM...): ResNet-50
+# cut down to ~34k parameters, so that a step takes milliseconds and a checkpoint a few hundred KB. The real
+# models keep their own tests (tests/test_models.py, tests/test_gpu_path.py, the shipped configs).
+TEST_MODEL = "resnet_tiny"
+
+
 def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
     base = {
         "data.root": str(data),
         "data.image_size": 32,
         "data.workers": 0,
-        "model.name": "resnet50",
+        "model.name": TEST_MODEL,
         "train.epochs": 2,
         "train.batch_size": 12,
         "train.log_every": 1,
@@ -244,6 +252,52 @@ def torchrun(
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def weights(path: Path) -> dict:
+    """The model weights of a checkpoint file."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Checkpoint files `a` and `b` hold the same weights, bit for bit."""
+    import torch
+
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.fixture
+def stopped_run(tiny_data, tmp_path) -> Path:
+    """A run directory of the fault tests' config stopped by its step budget after 3 of its 10 steps
+    (last.pt at epoch 1, step 3)."""
+    from bfly.job.train import main as train_main
+
+    from probes.fault_launch import fault_args
+
+    run = tmp_path / "run"
+    assert train_main(fault_args(tiny_data, run, **{"run.stop_after_steps": 3})) == 0
+    return run
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Polls `condition` every 0.2 s until it holds or `timeout_s` passed; whether it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return condition()
+
+
+LOCAL_CLUSTER = REPO / "slurm" / "local_cluster.sh"
+
+
+def local_cluster(command: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`slurm/local_cluster.sh COMMAND` (up, down, status), output captured."""
+    return subprocess.run(["bash", str(LOCAL_CLUSTER), command], capture_output=True, text=True, timeout=timeout)
 
 
 # --- end of training fixtures ---

@@ -37,6 +37,7 @@ from conftest import (
     MINI_ROOT,
     PYTHON,
     REPO,
+    TEST_MODEL,
     data_copy,
     folder_copy,
     read_jsonl,
@@ -72,7 +73,7 @@ class Workspace:
         header, rows = read_rows(self.csv())
         return (self.data / rows[row][header.index("filepaths")]).read_bytes()
 
-    def checkpoint(self, name: str, arch: str = "resnet50", num_classes: int = 10, **entries) -> Path:
+    def checkpoint(self, name: str, arch: str = TEST_MODEL, num_classes: int = 10, **entries) -> Path:
         """A checkpoint as bfly writes it, of our own model with the given architecture and classes."""
         model = build_model(arch, num_classes)
         payload = {
@@ -186,11 +187,11 @@ def nonexistent_checkpoint(ws):
 
 
 def checkpoint_of_another_architecture(ws):
-    path = ws.checkpoint("resnet50.pt")
+    path = ws.checkpoint(f"{TEST_MODEL}.pt")
     return (
         ws.args(**{"run.resume": path, "model.name": "vgg19"}),
         str(path),
-        "checkpoint is a resnet50 model, this run builds vgg19",
+        f"checkpoint is a {TEST_MODEL} model, this run builds vgg19",
     )
 
 
@@ -218,9 +219,9 @@ def best_checkpoint_as_resume(ws):
     path = ws.tmp / "best.pt"
     torch.save(
         {
-            "arch": "resnet50",
+            "arch": TEST_MODEL,
             "num_classes": 10,
-            "model": build_model("resnet50", 10).state_dict(),
+            "model": build_model(TEST_MODEL, 10).state_dict(),
             "epoch": 1,
             "global_step": 5,
             "metrics": {},
@@ -353,7 +354,7 @@ def test_an_image_one_rank_cannot_decode_mid_run_the_other_rank_names_that_rank(
 def test_a_zero_byte_image_is_refused_at_start_up_with_nothing_written(tiny_data, tmp_path):
     ws = Workspace(tmp_path, tiny_data)
     out = run_bad_case_under_torchrun(Bad("zero byte image", zero_byte_image), ws)
-    assert "bfly: resnet50" not in out  # the start-up line of a run that trains
+    assert f"bfly: {TEST_MODEL}," not in out  # the start-up line of a run that trains
     assert not ws.run.exists()
 
 

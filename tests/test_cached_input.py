@@ -23,6 +23,8 @@ from bfly.core.data.metadata import DataError, load_metadata
 from bfly.core.data.sampling import StepPlan, rank_micro_batches
 from bfly.core.data.transforms import build_eval_transform
 
+from conftest import TEST_MODEL
+
 CPU = torch.device("cpu")
 CLASSES = ("ALPHA", "BETA", "GAMMA")
 SPLIT_SIZES = {"train": 18, "valid": 6, "test": 6}
@@ -301,7 +303,7 @@ def train_args(root: Path, tmp_path: Path, run: Path, *extra: str) -> list[str]:
         "data.input=cached",
         "data.image_size=32",
         f"data.cache_dir={tmp_path / 'cache'}",
-        "model.name=resnet50",
+        f"model.name={TEST_MODEL}",
         "train.epochs=1",
         "train.batch_size=6",
         "train.log_every=1",

@@ -39,7 +39,7 @@ def test_yaml_file_then_overrides(tmp_path):
         ("train.epochs=abc", "train.epochs: expected int, got str 'abc'"),
         ("train.epochs=1.5", "train.epochs: expected int, got float 1.5"),
         ("train.epochs=true", "train.epochs: expected int, got bool True"),
-        ("model.name=resnet18", "model.name: 'resnet18' is not one of resnet50, vgg19, vgg19_bn"),
+        ("model.name=resnet18", "model.name: 'resnet18' is not one of resnet50, vgg19, vgg19_bn, resnet_tiny"),
         ("optim.betas=0.9", "optim.betas: expected a list"),
         ("optim.betas=[0.9,0.99,0.5]", "optim.betas: must be two values in [0, 1)"),
         ("optim.betas=[0.9]", "optim.betas: must be two values in [0, 1)"),

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import PYTHON, free_port, read_jsonl
+from conftest import PYTHON, TEST_MODEL, free_port, read_jsonl
 from probes.fault_launch import RESTARTABLE, Launch, fault_args
 
 pytestmark = [
@@ -24,7 +24,10 @@ pytestmark = [
 
 EPOCHS = 4
 STEPS = 5  # per epoch: 60 images, global batch 12
-WORLD = re.compile(r"^bfly: resnet50, .* (\d+) process\(es\) on cpu")
+WORLD = re.compile(rf"^bfly: {TEST_MODEL}, .* (\d+) process\(es\) on cpu")
+# Rank 0 waits 0.5 s more for each batch: the test model's steps take milliseconds, and the node going on
+# alone must still be training when the lost one comes back (a rendezvous of its own, seconds).
+SLOW_STEPS = {"BFLY_TEST_STALL": "0:data:*:0.5"}
 
 
 def agent(port: int, hosts_store: bool, args: list[str]) -> Launch:
@@ -44,7 +47,7 @@ def agent(port: int, hosts_store: bool, args: list[str]) -> Launch:
         "bfly.train",
         *args,
     ]
-    return Launch(cmd, timeout=900, env=RESTARTABLE)
+    return Launch(cmd, timeout=900, env={**RESTARTABLE, **SLOW_STEPS})
 
 
 def world_sizes(launches: list[Launch], t0: float) -> list[tuple[float, int]]:
@@ -74,10 +77,10 @@ def test_a_node_lost_mid_epoch_and_started_again_the_run_finishes_with_every_ste
     port = free_port()
     first = agent(port, True, args)
     second = agent(port, False, args)
-    wait_progress_after(first, r"^bfly: resnet50, .* 2 process\(es\)", STEPS + 2)  # mid-epoch 2, last.pt at step 6
+    wait_progress_after(first, rf"^bfly: {TEST_MODEL}, .* 2 process\(es\)", STEPS + 2)  # mid-epoch 2, last.pt at step 6
     second.kill_all()  # agent, trainer and loader workers: SIGKILL, all at once
     lost_at = time.monotonic() - first.t0
-    wait_progress_after(first, r"^bfly: resnet50, .* 1 process\(es\)", 2)  # going on alone
+    wait_progress_after(first, rf"^bfly: {TEST_MODEL}, .* 1 process\(es\)", 2)  # going on alone
     back = agent(port, False, args)
     back_at = time.monotonic() - first.t0
     assert first.wait() == 0, first.output[-4000:]

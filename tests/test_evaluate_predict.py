@@ -25,11 +25,6 @@ from bfly.tools import evaluate, predict
 from conftest import MINI_ROOT as MINI, REPO, tiny_dataset, torchrun
 
 
-@pytest.fixture(scope="session")
-def tiny_data(trained_run) -> Path:
-    return trained_run.parent / "data"
-
-
 def run_cli(module, argv: list[str], capsys) -> tuple[int, str, str]:
     rc = module.main(argv)
     out, err = capsys.readouterr()
@@ -152,8 +147,8 @@ def bad_checkpoints(trained_run, tmp_path_factory) -> dict[str, Path]:
 
 EXPECTED = {
     "vgg19": "weights do not fit a vgg19 with 10 classes",
-    "five_classes": "fc.weight is [10, 2048] in the checkpoint, [5, 2048] in the model",
-    "alexnet": "checkpoint is a 'alexnet' model; bfly builds resnet50, vgg19, vgg19_bn",
+    "five_classes": "fc.weight is [10, 128] in the checkpoint, [5, 128] in the model",
+    "alexnet": "checkpoint is a 'alexnet' model; bfly builds resnet50, vgg19, vgg19_bn, resnet_tiny",
     "not_bfly": "not a bfly checkpoint (no 'arch' entry)",
     "missing": "checkpoint not found",
 }

@@ -1,17 +1,22 @@
 """python -m bfly.export: weights and a program a teammate loads without bfly, giving the checkpoint's logits."""
 
 import json
+import re
+from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 from torchvision import transforms
 
+from bfly.core.checkpoint import load
 from bfly.core.data.metadata import load_metadata
+from bfly.core.models import build_model
 from bfly.core.trained import load_trained
 
-from conftest import run_python
+from conftest import TEST_MODEL, run_python
 
 
 def load_without_bfly(model_dir):
@@ -31,9 +36,22 @@ def load_without_bfly(model_dir):
     return info, model.eval(), program, preprocess
 
 
-def test_export_round_trip_gives_the_checkpoints_logits(trained_run, tmp_path):
+@pytest.fixture(scope="module")
+def resnet50_best(trained_run, tmp_path_factory) -> Path:
+    """The trained run's best.pt holding a ResNet-50 instead (seeded weights): torchvision has a twin of it."""
+    saved = load(trained_run / "best.pt")
+    torch.manual_seed(0)
+    saved["config"]["model"]["name"] = saved["arch"] = "resnet50"
+    saved["model"] = build_model("resnet50", saved["num_classes"]).state_dict()
+    saved.pop("ema", None)
+    path = tmp_path_factory.mktemp("resnet50") / "best.pt"
+    torch.save(saved, path)
+    return path
+
+
+def test_export_round_trip_gives_the_checkpoints_logits(resnet50_best, tmp_path):
     out = tmp_path / "model"
-    best = trained_run / "best.pt"
+    best = resnet50_best
     done = run_python("-m", "bfly.export", "--checkpoint", str(best), "--out", str(out), "--split", "test", timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     print(done.stdout)
@@ -58,6 +76,27 @@ def test_export_round_trip_gives_the_checkpoints_logits(trained_run, tmp_path):
             print(f"{name}: max |diff| {diff:.2e} on {len(photos)} valid images (bound {bound:.2e})")
             assert diff <= bound, name
     assert all(d is not None and d <= tol for d in info["check"]["max_abs_diff"].values())
+
+
+def test_a_model_without_a_torchvision_twin_exports_and_checks_its_program(trained_run, tmp_path):
+    out = tmp_path / "model"
+    best = trained_run / "best.pt"
+    done = run_python("-m", "bfly.export", "--checkpoint", str(best), "--out", str(out), "--split", "test", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"exported {TEST_MODEL} (10 classes) from {best} to {out}: " in done.stdout
+    assert f"model.safetensors: not checked in torchvision (torchvision has no {TEST_MODEL})" in done.stdout
+    assert re.search(r"^  model\.pt2 \(torch\.export\): max \|diff\| \S+ ok$", done.stdout, re.M), done.stdout
+    info = json.loads((out / "model.json").read_text())
+    assert info["arch"] == TEST_MODEL and info["torchvision_builder"] is None
+    assert list(info["check"]["max_abs_diff"]) == ["model.pt2 (torch.export)"]
+    _, _, ours = load_trained(best)
+    model = build_model(TEST_MODEL, 10)
+    model.load_state_dict(load_file(out / "model.safetensors"), strict=True)  # bfly's own model takes them
+    images = torch.randn(3, 3, 32, 32)
+    program = torch.export.load(out / "model.pt2").module()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), ours(images), rtol=0, atol=0)
+        torch.testing.assert_close(program(images), ours(images), rtol=1e-4, atol=1e-4)
 
 
 def test_export_of_a_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path):

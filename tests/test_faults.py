@@ -31,12 +31,21 @@ from bfly.core.data.sampling import StepPlan, rank_micro_batches
 from bfly.job.exits import EXIT_STOPPED
 from bfly.job.train import main
 
-from conftest import PYTHON, REPO, data_copy, our_frames, read_jsonl, subprocess_env, tiny_overrides
+from conftest import (
+    PYTHON,
+    REPO,
+    TEST_MODEL,
+    assert_same_weights,
+    data_copy,
+    our_frames,
+    read_jsonl,
+    subprocess_env,
+    tiny_overrides,
+)
 from probes.fault_launch import (
     CKPT_EVERY,
     STEPS,
     Launch,
-    assert_same_weights,
     fault_args,
     replace_image,
     run_to_end,
@@ -72,7 +81,7 @@ def sigkill_one_rank(data: Path, run: Path, ref: Path, step: int, rank: int) -> 
     seen = launch.wait_step(step)
     os.kill(launch.workers(2)[rank], signal.SIGKILL)
     assert launch.wait() == 0, launch.output[-4000:]
-    assert launch.output.count("bfly: resnet50,") == 2  # started once, restarted once
+    assert launch.output.count(f"bfly: {TEST_MODEL},") == 2  # started once, restarted once
     resumed = re.search(rf"^resumed from {re.escape(str(run / ckpt.LAST))}: .* global step (\d+)$", launch.output, re.M)
     restart = int(resumed[1]) if resumed else 0  # killed before the first checkpoint: starts afresh
     assert seen - CKPT_EVERY <= restart < STEPS, f"killed after step {seen}, restarted from step {restart}"

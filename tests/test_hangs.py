@@ -27,10 +27,9 @@ from bfly.job.exits import EXIT_HANG
 from bfly.job.watchdog import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, configure_nccl, nccl_settings
 from bfly.tools.child import descendants
 
-from conftest import PYTHON, REPO, read_jsonl
+from conftest import PYTHON, REPO, assert_same_weights, read_jsonl
 from probes.fault_launch import (
     Launch,
-    assert_same_weights,
     fault_args,
     progress_step,
     run_to_end,
@@ -318,7 +317,7 @@ def test_trainers_blocked_in_start_up_do_not_survive_their_agent(tiny_data, tmp_
 
 @pytest.mark.slow
 def test_a_slow_rank_a_long_evaluation_and_a_long_checkpoint_write_are_not_hangs(tiny_data, tmp_path, ref2):
-    """Rank 1 about 3x slower at every step; rank 0 evaluates for 40 s (every batch in time) and writes one
+    """Rank 1 a second slower at every step; rank 0 evaluates for 40 s (every batch in time) and writes one
     checkpoint for 40 s, while the other rank waits, limit 4 s: the run finishes, no hang declared."""
     run = tmp_path / "run"
     stalls = "1:data:*:1.0,0:eval:*:4,0:checkpoint:6:40"

@@ -5,19 +5,14 @@ down again. A cluster that was already up is used and left running."""
 import os
 import shutil
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "local_cluster.sh"
+from conftest import local_cluster, wait_until
+
 SLURM_COMMANDS = ("slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "munged", "mariadbd")
 
 pytestmark = pytest.mark.slurm
-
-
-def cluster(command, timeout=300):
-    return subprocess.run(["bash", str(SCRIPT), command], capture_output=True, text=True, timeout=timeout)
 
 
 def skip_reason():
@@ -27,13 +22,6 @@ def skip_reason():
     if not installed and shutil.which("apt-get") is None:
         return "SLURM packages not installed and apt-get unavailable to install them"
     return None
-
-
-def wait_until(condition, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return condition()
 
 
 def accounting_state(job_id):
@@ -51,17 +39,17 @@ def running_cluster():
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    was_up = cluster("status").returncode == 0
-    up = cluster("up")
+    was_up = local_cluster("status").returncode == 0
+    up = local_cluster("up")
     assert up.returncode == 0, f"up failed:\n{up.stdout}\n{up.stderr}"
     yield
     if not was_up:
-        down = cluster("down")
+        down = local_cluster("down")
         assert down.returncode == 0, f"down failed:\n{down.stdout}\n{down.stderr}"
 
 
 def test_up_reports_both_nodes_idle_and_is_idempotent(running_cluster):
-    again = cluster("up")
+    again = local_cluster("up")
     assert again.returncode == 0, again.stderr
     assert "already up" in again.stdout
     assert "node n1: partition=debug* state=idle" in again.stdout

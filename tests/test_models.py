@@ -1,4 +1,4 @@
-"""Our ResNet-50 / VGG-19 against torchvision's reference implementations (tests only)."""
+"""Our ResNet-50 / VGG-19 against torchvision's reference implementations; resnet_tiny against ResNet-50."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import torch
 import torchvision
 from torch import nn
 
-from bfly.core.models import MODEL_NAMES, build_model, resnet50
-from bfly.core.models.resnet import Bottleneck
+from bfly.core.models import MODEL_NAMES, build_model, resnet50, resnet_tiny
+from bfly.core.models.resnet import Bottleneck, ResNet
 
 NUM_CLASSES = 100
 PARAM_COUNTS = {"resnet50": 23_712_932, "vgg19": 139_979_940, "vgg19_bn": 139_990_948}
+TORCHVISION_MODELS = ("resnet50", "vgg19", "vgg19_bn")  # resnet_tiny has no torchvision twin
 # ResNet needs a few pixels to survive its /32 downsampling; VGG's adaptive avgpool accepts 32x32.
 INPUT_SIZE = {"resnet50": 64, "vgg19": 32, "vgg19_bn": 32}
 
@@ -31,7 +32,7 @@ def _perturb_zero_initialised(model: nn.Module, gen: torch.Generator) -> None:
                 m.bias.normal_(0.0, 0.01, generator=gen)
 
 
-@pytest.fixture(scope="module", params=MODEL_NAMES)
+@pytest.fixture(scope="module", params=TORCHVISION_MODELS)
 def pair(request: pytest.FixtureRequest) -> tuple[str, nn.Module, nn.Module]:
     """(name, ours, torchvision's), ours holding torchvision's weights; one VGG pair alive at a time."""
     name = request.param
@@ -161,5 +162,63 @@ def test_build_model_forwards_num_classes_and_keywords(fresh_vgg19_bn: nn.Module
 def test_build_model_rejects_unknown_name_listing_valid_ones() -> None:
     with pytest.raises(ValueError, match="resnet18") as excinfo:
         build_model("resnet18", num_classes=10)
-    for name in ("resnet50", "vgg19", "vgg19_bn"):
+    for name in MODEL_NAMES:
         assert name in str(excinfo.value)
+
+
+# --- resnet_tiny: ResNet-50's network, cut down for quick try-outs and the plumbing tests ---
+
+
+def test_resnet_tiny_is_a_registered_resnet_of_bottleneck_blocks() -> None:
+    assert "resnet_tiny" in MODEL_NAMES
+    model = build_model("resnet_tiny", num_classes=NUM_CLASSES, zero_init_residual=True)
+    assert type(model) is ResNet
+    blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == 4  # one per stage
+    assert all(torch.all(block.bn3.weight == 0) for block in blocks)
+    assert [layer[0].conv2.out_channels for layer in (model.layer1, model.layer2, model.layer3, model.layer4)] == [
+        4,
+        8,
+        16,
+        32,
+    ]
+
+
+def test_resnet_tiny_parameter_count() -> None:
+    assert sum(p.numel() for p in resnet_tiny(num_classes=NUM_CLASSES).parameters()) == 45_896
+    assert sum(p.numel() for p in resnet_tiny(num_classes=10).parameters()) == 34_286
+
+
+def test_resnet_tiny_state_dict_keys_are_resnet50_keys_of_each_stage_first_block() -> None:
+    """The same naming contract as resnet50 (torchvision's names): conv1, bn1, layerN.0.*, fc."""
+    tiny = resnet_tiny(num_classes=NUM_CLASSES).state_dict()
+    first_blocks = {
+        key: tensor.shape
+        for key, tensor in resnet50(num_classes=NUM_CLASSES).state_dict().items()
+        if not key.startswith("layer") or key.split(".")[1] == "0"
+    }
+    assert list(tiny) == list(first_blocks)
+    assert tiny["layer4.0.conv3.weight"].shape == (128, 32, 1, 1)
+    assert tiny["fc.weight"].shape == (NUM_CLASSES, 128)
+
+
+@pytest.mark.parametrize(("batch", "size"), [(1, 32), (3, 64), (2, 224)])
+def test_resnet_tiny_output_shape_is_batch_by_num_classes(batch: int, size: int) -> None:
+    model = resnet_tiny(num_classes=7).eval()
+    with torch.no_grad():
+        assert model(torch.randn(batch, 3, size, size)).shape == (batch, 7)
+
+
+def test_resnet_tiny_every_parameter_gets_a_finite_gradient() -> None:
+    model = resnet_tiny(num_classes=NUM_CLASSES).train()
+    model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))).logsumexp(dim=1).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+
+
+def test_a_resnet_tiny_run_writes_checkpoints_well_under_1_mb(trained_run) -> None:
+    from bfly.core.checkpoint import load
+
+    for name in ("last.pt", "best.pt"):
+        assert load(trained_run / name)["arch"] == "resnet_tiny"
+        assert (trained_run / name).stat().st_size < 500_000, name

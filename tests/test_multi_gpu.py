@@ -117,9 +117,8 @@ def test_evaluating_a_compiled_model_compiles_nothing_and_matches_eager():
 
 @pytest.mark.slow
 def test_a_compiled_training_run_never_recompiles(tiny_data, tmp_path):
-    """The trainer with model.compile=true (inductor, ResNet50 at 32 px; 40 s on 2 cores with a warm
-    inductor cache, 140 s cold): two epochs with two evaluated splits each, under dynamo's
-    error_on_recompile. Evaluating the compiled module instead made 3 graphs and took 256 s cold."""
+    """The trainer with model.compile=true (inductor, the test model at 32 px): two epochs with two evaluated
+    splits each, under dynamo's error_on_recompile. Evaluating the compiled module instead made 3 graphs."""
     from bfly.job.train import main
 
     torch._dynamo.reset()

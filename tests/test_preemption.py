@@ -27,7 +27,7 @@ from bfly.job.exits import EXIT_STOPPED
 from bfly.job.train import main
 from bfly.run.rundir import LOCK, Holder, RunDirBusy, RunDirLock, this_process
 
-from conftest import our_frames, read_jsonl
+from conftest import TEST_MODEL, our_frames, read_jsonl
 from probes.fault_launch import STEPS, Launch, fault_args, run_to_end, torchrun_cmd, train_cmd
 from test_faults import assert_nothing_lost, torchrun_exit_codes
 
@@ -229,16 +229,8 @@ def snapshot(run: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
 
 
-@pytest.fixture
-def stopped_run(tiny_data, tmp_path) -> Path:
-    """A run dir stopped mid-run by its step budget (last.pt at step 3 of 10)."""
-    run = tmp_path / "run"
-    assert main(fault_args(tiny_data, run, **{"run.stop_after_steps": 3})) == 0
-    return run
-
-
 REFUSED = {
-    "another model": ({"model.name": "vgg19_bn"}, r"checkpoint is a resnet50 model, this run builds vgg19_bn"),
+    "another model": ({"model.name": "vgg19_bn"}, rf"checkpoint is a {TEST_MODEL} model, this run builds vgg19_bn"),
     "another lr": ({"optim.lr": 0.5}, r"optim\.lr: 0\.05 -> 0\.5"),
     "another batch": ({"train.batch_size": 6}, r"train\.batch_size: 12 -> 6"),
     "two changes": (

@@ -11,7 +11,7 @@ import pytest
 
 from bfly.job.train import main
 
-from conftest import PYTHON, REPO, run_python, subprocess_env, tiny_overrides
+from conftest import PYTHON, REPO, TEST_MODEL, run_python, subprocess_env, tiny_overrides
 
 
 def check(*args: str) -> subprocess.CompletedProcess:
@@ -113,14 +113,6 @@ def test_a_config_error_is_the_one_problem(capsys):
     assert "unknown config key 'train.epochz'" in line
 
 
-@pytest.fixture(scope="module")
-def stopped_run(tiny_data, tmp_path_factory) -> Path:
-    """A run stopped after 3 of its 10 steps: last.pt at epoch 1, step 3."""
-    run_dir = tmp_path_factory.mktemp("stopped") / "run"
-    assert main(tiny_overrides(tiny_data, run_dir, **{"run.stop_after_steps": 3})) == 0
-    return run_dir
-
-
 def test_check_tells_where_a_run_would_resume_and_changes_nothing(stopped_run, tiny_data, capsys):
     before = snapshot(stopped_run)
     assert main(["--check", "--nproc", "2", *tiny_overrides(tiny_data, stopped_run)]) == 0
@@ -137,7 +129,7 @@ def test_check_refuses_a_checkpoint_of_another_model(stopped_run, tiny_data, cap
     before = snapshot(stopped_run)
     assert main(["--check", *tiny_overrides(tiny_data, stopped_run, **{"model.name": "vgg19"})]) == 2
     (line,) = problems(capsys.readouterr().err)
-    assert f"{stopped_run / 'last.pt'}: checkpoint is a resnet50 model, this run builds vgg19" in line
+    assert f"{stopped_run / 'last.pt'}: checkpoint is a {TEST_MODEL} model, this run builds vgg19" in line
     assert snapshot(stopped_run) == before
 
 

@@ -14,7 +14,8 @@ from bfly.core import checkpoint as ckpt
 from bfly.core.config import ConfigError, load_config
 from bfly.job.train import main
 
-from probes.fault_launch import Launch, assert_same_weights, fault_args, run_to_end, train_cmd
+from conftest import assert_same_weights
+from probes.fault_launch import Launch, fault_args, run_to_end, train_cmd
 
 POLICY = {"train.keep_last_n": 3, "train.snapshot_every_epochs": 1}  # with FAULT: last.pt every 2 steps
 

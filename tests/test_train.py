@@ -7,7 +7,7 @@ import torch
 
 from bfly.job.train import main
 
-from conftest import REPO, read_jsonl, tiny_overrides, torchrun
+from conftest import REPO, assert_same_weights, read_jsonl, tiny_overrides, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -103,23 +103,12 @@ def test_a_finished_run_is_not_trained_again(single_run, tiny_data, capsys):
     assert (single_run / "last.pt").stat().st_mtime_ns == before
 
 
-def weights(path):
-    return torch.load(path, weights_only=True)["model"]
-
-
-def assert_bit_identical(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-
-
 def test_mid_epoch_resume_is_bit_identical_single_process(tiny_data, tmp_path, single_run):
     run = tmp_path / "resumed"
     assert main(tiny_overrides(tiny_data, run, **{"run.stop_after_steps": 3})) == 0
     assert torch.load(run / "last.pt", weights_only=True)["step_in_epoch"] == 3
     assert main(tiny_overrides(tiny_data, run)) == 0
-    assert_bit_identical(run / "last.pt", single_run / "last.pt")
+    assert_same_weights(run / "last.pt", single_run / "last.pt")
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1]
     assert read_jsonl(run / "metrics.jsonl")[1]["train_loss"] == pytest.approx(
         read_jsonl(single_run / "metrics.jsonl")[1]["train_loss"], rel=1e-12
@@ -156,7 +145,7 @@ def test_two_process_resume_after_epochs_is_bit_identical(ddp_straight, tiny_dat
     second = torchrun(2, "bfly.train", args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
-    assert_bit_identical(run / "last.pt", straight / "last.pt")
+    assert_same_weights(run / "last.pt", straight / "last.pt")
     assert (
         read_jsonl(run / "metrics.jsonl")[-1]["valid_top1"] == read_jsonl(straight / "metrics.jsonl")[-1]["valid_top1"]
     )

@@ -59,7 +59,7 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, operat
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("resnet50", "architecture", MODEL_NAMES)
+    name: str = _opt("resnet50", "architecture (resnet_tiny: a small ResNet for quick try-outs and tests)", MODEL_NAMES)
     zero_init_residual: bool = _opt(True, "ResNet: zero-init the last BN of each block")
     dropout: float = _opt(0.5, "VGG: dropout in the classifier")
     sync_bn: bool = _opt(True, "SyncBatchNorm when world size > 1 (CPU and GPU)")

@@ -5,7 +5,8 @@
 
 Writes into --out:
   model.safetensors  the weights (the EMA's when the run kept one) under torchvision's key names: they load
-                     with strict=True into torchvision.models.<arch>(num_classes=N)
+                     with strict=True into torchvision.models.<arch>(num_classes=N) (resnet_tiny has no
+                     torchvision twin: its weights load into bfly's own model or through model.pt2)
   model.pt2          a torch.export program (batch size free): torch.export.load(path).module()(images)
   model.onnx         only when the onnx package (and the exporter's onnxscript) is installed
   model.json         arch, class names, the eval transform's parameters (size, mean, std, ...), and the check
@@ -108,12 +109,18 @@ def _readable(path: Path) -> None:
     path.chmod(0o666 & ~mask)
 
 
-def torchvision_model(arch: str, num_classes: int, weights: Path) -> nn.Module:
-    """torchvision's own model, loaded strictly from the exported weights: proves the key names fit."""
+def torchvision_builder(arch: str) -> Callable[..., nn.Module] | None:
+    """torchvision's model of that name (resnet50, vgg19, vgg19_bn); None for ours alone (resnet_tiny)."""
     import torchvision
+
+    return getattr(torchvision.models, arch, None)
+
+
+def torchvision_model(builder: Callable[..., nn.Module], num_classes: int, weights: Path) -> nn.Module:
+    """torchvision's own model, loaded strictly from the exported weights: proves the key names fit."""
     from safetensors.torch import load_file
 
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    model = builder(weights=None, num_classes=num_classes)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval()
 
@@ -132,12 +139,12 @@ def export(checkpoint: Path, out: Path, data_root: str | None, split: str, count
     with torch.no_grad():
         reference = model(images)
     example = images[:1].repeat(2, 1, 1, 1)  # a batch of 2: a batch of 1 would fix the program's batch size
-    forms: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
-        f"{WEIGHTS} in torchvision.models.{saved['arch']} (strict load)": torchvision_model(
-            saved["arch"], saved["num_classes"], out / WEIGHTS
-        ),
-        f"{PROGRAM} (torch.export)": export_program(model, example, out / PROGRAM),
-    }
+    forms: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {}
+    builder = torchvision_builder(saved["arch"])
+    if builder is not None:
+        name = f"{WEIGHTS} in torchvision.models.{saved['arch']} (strict load)"
+        forms[name] = torchvision_model(builder, saved["num_classes"], out / WEIGHTS)
+    forms[f"{PROGRAM} (torch.export)"] = export_program(model, example, out / PROGRAM)
     if importlib.util.find_spec("onnx") is not None:
         forms[f"{ONNX} (onnxruntime)"] = export_onnx(model, example, out / ONNX)
     tol = tolerance(reference)
@@ -155,7 +162,9 @@ def export(checkpoint: Path, out: Path, data_root: str | None, split: str, count
         "arch": saved["arch"],
         "num_classes": saved["num_classes"],
         "class_names": list(saved["class_names"]),
-        "torchvision_builder": f"torchvision.models.{saved['arch']}(num_classes={saved['num_classes']})",
+        "torchvision_builder": (
+            f"torchvision.models.{saved['arch']}(num_classes={saved['num_classes']})" if builder is not None else None
+        ),
         "eval_transform": eval_transform_info(size),
         "input": "float32 tensor (N, 3, H, W), the eval transform's output; output: logits (N, num_classes)",
         "files": sorted(p.name for p in out.iterdir() if p.name in (WEIGHTS, PROGRAM, ONNX)),
@@ -217,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             else (f"max |diff| {diff:.2e} " + ("ok" if diff <= check["tolerance"] else "DIFFERS"))
         )
         print(f"  {name}: {verdict}")
+    if info["torchvision_builder"] is None:
+        print(f"  {WEIGHTS}: not checked in torchvision (torchvision has no {info['arch']})")
     if importlib.util.find_spec("onnx") is None:
         print(f"  {ONNX}: not written (pip install onnx onnxscript onnxruntime to add it)")
     if not ok:

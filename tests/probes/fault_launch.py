@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-import torch
-
 from bfly.tools.child import Child, children
 
 TESTS = Path(__file__).resolve().parent.parent
@@ -151,17 +149,6 @@ def run_to_end(cmd: list[str], timeout: float = 300) -> Launch:
     if rc != 0:
         launch.fail(f"exit code {rc}")
     return launch
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
 
 
 _references: dict[tuple, Path] = {}

@@ -15,6 +15,8 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any], tuple[str, ...]]] = {
     "resnet50": ("bfly.core.models.resnet", "resnet50", {}, ("zero_init_residual",)),
     "vgg19": ("bfly.core.models.vgg", "vgg19", {"batch_norm": False}, ("dropout",)),
     "vgg19_bn": ("bfly.core.models.vgg", "vgg19", {"batch_norm": True}, ("dropout",)),
+    # ResNet-50 cut down to ~34k parameters: for quick try-outs of the commands, and the tests of the plumbing.
+    "resnet_tiny": ("bfly.core.models.resnet", "resnet_tiny", {}, ("zero_init_residual",)),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -33,9 +35,9 @@ def build_model(name: str, num_classes: int, **kw: Any) -> nn.Module:
 
 
 def __getattr__(name: str) -> Any:  # `from bfly.models import resnet50, vgg19`: the constructors, imported now
-    if name in ("resnet50", "vgg19"):
+    if name in ("resnet50", "resnet_tiny", "vgg19"):
         return getattr(importlib.import_module(f"bfly.core.models.{name[:3] if name == 'vgg19' else 'resnet'}"), name)
     raise AttributeError(f"module 'bfly.core.models' has no attribute {name!r}")
 
 
-__all__ = ["MODEL_NAMES", "build_model", "model_options", "resnet50", "vgg19"]
+__all__ = ["MODEL_NAMES", "build_model", "model_options", "resnet50", "resnet_tiny", "vgg19"]

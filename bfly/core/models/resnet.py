@@ -1,4 +1,5 @@
-"""ResNet-50 (v1.5: stride on the 3x3 conv), module names matching torchvision's."""
+"""ResNet-50 (v1.5: stride on the 3x3 conv), module names matching torchvision's; and resnet_tiny, the same
+network cut down (one block per stage, 1/16 of the widths) for quick try-outs and tests."""
 
 from __future__ import annotations
 
@@ -32,19 +33,24 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, layers: list[int], num_classes: int = 100, zero_init_residual: bool = False) -> None:
+    """Stem (7x7 conv, BN, max-pool), four stages of Bottleneck blocks of `layers[i]` blocks each, average
+    pool, fc. `base_width`: the stem's and the first stage's width (doubled at each stage; 64 in ResNet-50)."""
+
+    def __init__(
+        self, layers: list[int], num_classes: int = 100, zero_init_residual: bool = False, base_width: int = 64
+    ) -> None:
         super().__init__()
-        self.in_channels = 64
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.in_channels = base_width
+        self.conv1 = nn.Conv2d(3, base_width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(64, layers[0], stride=1)
-        self.layer2 = self._make_layer(128, layers[1], stride=2)
-        self.layer3 = self._make_layer(256, layers[2], stride=2)
-        self.layer4 = self._make_layer(512, layers[3], stride=2)
+        self.layer1 = self._make_layer(base_width, layers[0], stride=1)
+        self.layer2 = self._make_layer(base_width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(base_width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(base_width * 8, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * Bottleneck.expansion, num_classes)
+        self.fc = nn.Linear(base_width * 8 * Bottleneck.expansion, num_classes)
         self._init_weights(zero_init_residual)
 
     def _make_layer(self, width: int, blocks: int, stride: int) -> nn.Sequential:
@@ -81,3 +87,11 @@ class ResNet(nn.Module):
 
 def resnet50(num_classes: int = 100, zero_init_residual: bool = False) -> ResNet:
     return ResNet([3, 4, 6, 3], num_classes=num_classes, zero_init_residual=zero_init_residual)
+
+
+def resnet_tiny(num_classes: int = 100, zero_init_residual: bool = False) -> ResNet:
+    """A small ResNet for quick try-outs and tests: ResNet-50's classes and module names, one Bottleneck
+    per stage, widths 4-8-16-32 (ResNet-50: 64-128-256-512). About 34k parameters for 10 classes, so a
+    checkpoint is a few hundred KB and a CPU step takes milliseconds; it learns little. Use it to try the
+    commands, a config or a cluster set-up end to end, not for results."""
+    return ResNet([1, 1, 1, 1], num_classes=num_classes, zero_init_residual=zero_init_residual, base_width=4)
