@@ -125,6 +125,20 @@ def torchvision_model(builder: Callable[..., nn.Module], num_classes: int, weigh
     return model.eval()
 
 
+def compare(
+    forms: dict[str, Callable[[torch.Tensor], torch.Tensor] | None], images: torch.Tensor, reference: torch.Tensor
+) -> dict[str, float | None]:
+    """Each form's largest logit difference from the model's own on `images` (None: written, not checked)."""
+    checks: dict[str, float | None] = {}
+    for name, run in forms.items():
+        if run is None:
+            checks[name] = None  # written, not checked: onnxruntime is not installed
+            continue
+        with torch.no_grad():
+            checks[name] = (run(images).float() - reference).abs().max().item()
+    return checks
+
+
 def export(checkpoint: Path, out: Path, data_root: str | None, split: str, count: int) -> tuple[dict[str, Any], bool]:
     """Writes the forms and checks them; returns model.json's content and whether every form matched."""
     from safetensors.torch import save_file
@@ -148,16 +162,8 @@ def export(checkpoint: Path, out: Path, data_root: str | None, split: str, count
     if importlib.util.find_spec("onnx") is not None:
         forms[f"{ONNX} (onnxruntime)"] = export_onnx(model, example, out / ONNX)
     tol = tolerance(reference)
-    checks: dict[str, float | None] = {}
-    ok = True
-    for name, run in forms.items():
-        if run is None:
-            checks[name] = None  # written, not checked: onnxruntime is not installed
-            continue
-        with torch.no_grad():
-            diff = (run(images).float() - reference).abs().max().item()
-        checks[name] = diff
-        ok = ok and diff <= tol
+    checks = compare(forms, images, reference)
+    ok = all(diff <= tol for diff in checks.values() if diff is not None)
     info = {
         "arch": saved["arch"],
         "num_classes": saved["num_classes"],
