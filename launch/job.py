@@ -109,7 +109,9 @@ def node_check(train_args: list[str], dist: submitit.helpers.TorchDistributedEnv
         return 0
     from bfly.job import nodecheck
 
-    return nodecheck.main([*train_args, f"--rdzv={dist.master_addr}:{dist.master_port}"])
+    # The port next to training's: rank 0 closes the check's store as training's starts on its own port, and a
+    # rank that reached training's rendezvous first would otherwise meet the check's store as it closes.
+    return nodecheck.main([*train_args, f"--rdzv={dist.master_addr}:{dist.master_port + 1}"])
 
 
 def requeue_after_failure(status: int, run_dir: Path, rank: int) -> None:

@@ -247,7 +247,9 @@ def train_under_ddp(rank: int, world: int, port: int, results: Any) -> None:
         model(torch.randn(4, 3, 12, 12, generator=g)).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    buffers = {k: v.clone() for k, v in raw.state_dict().items() if k.startswith("bns.")}
+    # As numpy arrays: they travel by value (a tensor on a queue shares its memory through a handle that
+    # this process, gone by then, would have to serve).
+    buffers = {k: v.numpy().copy() for k, v in raw.state_dict().items() if k.startswith("bns.")}
     results.put((rank, {"broadcast_buffers": model.broadcast_buffers, "buffers": buffers}))
     dist.destroy_process_group()
 
@@ -255,6 +257,7 @@ def train_under_ddp(rank: int, world: int, port: int, results: Any) -> None:
 def test_under_ddp_every_rank_keeps_the_same_running_statistics_without_broadcasting_them():
     first, second = spawn(2, train_under_ddp)
     assert first["broadcast_buffers"] is False and second["broadcast_buffers"] is False
-    a, b = first["buffers"], second["buffers"]
+    a = {k: torch.from_numpy(v) for k, v in first["buffers"].items()}
+    b = {k: torch.from_numpy(v) for k, v in second["buffers"].items()}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert int(a["bns.0.num_batches_tracked"]) == 3 and not torch.equal(a["bns.0.running_var"], torch.ones(8))

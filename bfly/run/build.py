@@ -15,7 +15,6 @@ from bfly.core.data.metadata import DatasetMeta
 from bfly.core.data.sampling import StepPlan
 from bfly.core.engine import Trainer
 from bfly.core.env import DistEnv
-from bfly.core.optim import implementation
 from bfly.core.stopping import StopRequest
 from bfly.run.runlog import RunLog
 
@@ -53,7 +52,6 @@ def build_run(
             f"({len(meta.splits['train'].paths)} images): no full batch per epoch"
         )
     trainer = stack.build_trainer(cfg, raw, device, meta.num_classes, plan.accum_steps, steps, ddp=env.distributed)
-    log.info(f"optimizer: {cfg.optim.name}, {implementation(cfg.optim.name, device)} implementation")
     eval_bs = stack.eval_batch_size(cfg, env.world_size)
     if note := shm_warning(cfg, plan, eval_bs, env.local_world_size, shm_free()):  # rank 0's node stands for all
         log.warn(note)

@@ -22,6 +22,7 @@ from bfly.core.data.metadata import load_metadata
 from bfly.core.engine import TrainState
 from bfly.core.env import DistEnv
 from bfly.core.errors import one_line
+from bfly.core.optim import implementation
 from bfly.core.stack import pick_device
 from bfly.core.stopping import StopRequest
 from bfly.run.build import Run, build_run
@@ -160,6 +161,8 @@ def _train_and_report(run: Run, checkpoints: RunCheckpoints, state: TrainState, 
         f"{run.plan.batch_size} = {env.world_size} x {run.plan.accum_steps} x {run.plan.micro_batch}, "
         f"{run.train_input.steps_per_epoch} steps/epoch, run dir {run.run_dir}"
     )
+    # Which optimizer kernel runs: the fused one on CUDA (no host sync in fp16's scaler step), foreach elsewhere.
+    run.log.info(f"optimizer: {cfg.optim.name}, {implementation(cfg.optim.name, run.device)} implementation")
     return train_loop(run, state, Callbacks(components(run, checkpoints, state, harness)))
 
 
