@@ -305,7 +305,7 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest, watch: Watchdog | None =
             return Outcome(why, None, tuple(stop.caught))
         # Every start-up check passed: from here on the run directory changes.
         log.attach(state.epoch)
-        if restarted := retry.restart_line():
+        if restarted := retry.restart_line(run_dir):
             log.info(restarted)
         if device.type == "cuda":  # where NCCL's flight recorder writes on a collective's timeout
             (run_dir / "hang").mkdir(exist_ok=True)
@@ -415,7 +415,7 @@ def run_job(argv: list[str] | None = None) -> Result:
             return Result(0, None)
         # From here on a rank that stops making progress, or cannot honour a stop, is found and ended.
         beat = Heartbeat(env.rank, stall_hooks())
-        watch = Watchdog.start(beat, env, Limits.of(cfg.run), run_dir_of(cfg), stop.signal_name)
+        watch = Watchdog.start(beat, env, Limits.of(cfg.run, cfg.dist.timeout_s), run_dir_of(cfg), stop.signal_name)
         outcome = train(cfg, env, stop, watch)
         code = cfg.run.stopped_exit_code if outcome.by_signal else 0
         return Result(code, outcome, Failure(_stopped_line(env, outcome)) if code else None)

@@ -46,10 +46,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bfly.core.env import DistEnv, restart_count, restart_store_shared, store_address
+from bfly.core.env import DistEnv, agent_serves_store, restart_count, restart_store_shared, store_address
 from bfly.core.stopping import EXIT_HANG, STOP_SIGNALS
+from bfly.job import retry
 from bfly.job.ending import bounded, exit_hang, forked_children, kill_stopped, proc_state, write_stacks
-from bfly.job.hang import Seen, View, frozen_ranks, judge
+from bfly.job.hang import Seen, View, frozen_ranks, judge, stale_after
 from bfly.job.heartbeat import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, watched
 from bfly.job.nccl import configure_nccl, dump_nccl_trace, nccl_settings
 from bfly.run.runlog import append_to_train_log
@@ -73,17 +74,34 @@ RESTART_HINT = (
 
 class StoreLink:
     """This rank's side of the job's rendezvous store (a TCPStore every rank reaches across nodes): it
-    publishes this rank's record, reads the other ranks', and carries a declared hang to every rank."""
+    publishes this rank's record, reads the other ranks', and carries a declared hang to every rank.
+
+    Every exchange runs in a thread of its own, waited for at most `timeout_s`: a request to a store whose
+    host is stopped gets no answer, ever (the TCP connection stays open), whatever the store's timeout.
+    While one is unanswered no other is sent, and `answered` (when the store last answered) stays old:
+    the judgement takes that silence as evidence against the store's host."""
 
     def __init__(self, address: tuple[str, int] | None, prefix: str, env: DistEnv, timeout_s: float):
         self.address, self.prefix, self.env, self.timeout_s = address, prefix, env, timeout_s
         self.store: Any = None
+        self.answered: float | None = None  # monotonic time of the last answered exchange
+        self._pending: threading.Thread | None = None
 
-    def exchange(self, mine: dict[str, Any], seen: dict[int, Seen], now: float) -> str | None:
-        """Publishes `mine`, updates `seen` with the others' records that changed; returns the hang line
-        another rank declared, if one did."""
+    def exchange(self, mine: dict[str, Any], seen: dict[int, Seen]) -> dict[str, str] | None:
+        """Publishes `mine`, updates `seen` with the others' records that changed; returns the hang another
+        rank declared ({"line", "cause"}), if one did."""
         if self.address is None or self.env.world_size == 1:
             return None
+        if self._pending is not None and self._pending.is_alive():  # the last request is still unanswered
+            return None
+        result: list[dict[str, str] | None] = []
+        thread = threading.Thread(target=lambda: result.append(self._exchange(mine, seen)), daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        self._pending = thread
+        return result[0] if result else None
+
+    def _exchange(self, mine: dict[str, Any], seen: dict[int, Seen]) -> dict[str, str] | None:
         if self.store is None:
             self.store = self._connect()
             if self.store is None:
@@ -96,18 +114,20 @@ class StoreLink:
                 record = json.loads(bytes(raw))
                 old = seen.get(record["rank"])
                 if old is None or old.record["seq"] != record["seq"]:
-                    seen[record["rank"]] = Seen(record, now)
+                    seen[record["rank"]] = Seen(record, time.monotonic())
+            declared = None
             if self.store.check([f"{self.prefix}/hang"]):
-                return bytes(self.store.get(f"{self.prefix}/hang")).decode()
-        except Exception:  # the store's host is stopped or gone: judge on what was seen last
+                declared = json.loads(bytes(self.store.get(f"{self.prefix}/hang")))
+        except Exception:  # the store's host is gone: judge on what was seen last
             return None
-        return None
+        self.answered = time.monotonic()
+        return declared
 
-    def declare(self, line: str) -> None:
+    def declare(self, line: str, cause: str) -> None:
         """Tells the other ranks (they read it at their next poll)."""
-        if self.store is not None:
-            with contextlib.suppress(Exception):
-                self.store.set(f"{self.prefix}/hang", line)
+        store = self.store
+        if store is not None:
+            bounded(lambda: store.set(f"{self.prefix}/hang", json.dumps({"line": line, "cause": cause})), 2)
 
     def _key(self, rank: int) -> str:
         return f"{self.prefix}/rank{rank}"
@@ -193,6 +213,7 @@ class Watchdog:
         self.seen: dict[int, Seen] = {}
         self.started = time.monotonic()
         self.stop_signal: tuple[str, float] | None = None
+        self.resumed: float | None = None  # when this process last found it had been stopped
         self._seq = 0
         self._polled = self.started  # when the thread last polled
         self._closed = threading.Event()
@@ -247,27 +268,34 @@ class Watchdog:
 
     def _tick(self, now: float) -> None:
         last_poll, self._polled = self._polled, now
+        if now - last_poll > stale_after(self.limits):  # this process was stopped (or this thread starved)
+            self.resumed = now
         caught = self._signals.arrived()
         if caught and self.stop_signal is None:
             self.stop_signal = (caught, now)
         if self.limits.hang_s > 0:
-            # Backstop for a main thread that holds the GIL while stuck (this thread could not run): the
-            # interpreter's own timer prints every thread's stack and exits. Its clock runs on while the
-            # process is stopped: a process suspended for longer than this is ended when it goes on.
-            left = max(self.beat.limit(self.limits) - (now - self.beat.since), 0)
-            faulthandler.dump_traceback_later(left + 120 + 5 * self.limits.poll_s, exit=True)
+            faulthandler.dump_traceback_later(self.backstop_s(now), exit=True)
         mine = self._record(now)
         self.seen[self.env.rank] = Seen(mine, now)
-        declared = self.link.exchange(mine, self.seen, now)
+        declared = self.link.exchange(mine, self.seen)
         if declared:
-            self._end(declared)
+            self._end(declared["line"], declared["cause"])
         if self.stop_signal and self.limits.stop_grace_s > 0:
             name, at = self.stop_signal
             if now - at > self.limits.stop_grace_s:
                 self._end_unstoppable(name, now - at, mine)
         verdict = judge(replace(self.view(now), last_poll=last_poll), self.limits)
         if verdict:
-            self._end(verdict.line(self.run_dir / "hang", self.hint))
+            self._end(verdict.line(self.run_dir / "hang", self.hint), verdict.cause)
+
+    def backstop_s(self, now: float) -> float:
+        """Seconds from `now` after which the interpreter's own timer prints every thread's stack and ends
+        the process: the backstop for a main thread that holds the GIL while stuck (this thread cannot
+        run then). Its clock runs on while the process is stopped, so a job suspended for longer is ended
+        when it goes on; that is why it lies past dist.timeout_s, as long as collectives in flight wait
+        (they time out too after such a suspension)."""
+        left = max(self.beat.limit(self.limits) - (now - self.beat.since), 0)
+        return left + max(120, self.limits.collective_s) + 5 * self.limits.poll_s
 
     def _record(self, now: float) -> dict[str, Any]:
         """This rank's heartbeat as published: what the other ranks judge it by."""
@@ -300,6 +328,9 @@ class Watchdog:
             self.started,
             self.beat.steady_limit(self.limits),
             store=f"{self.address[0]}:{self.address[1]}" if self.address else "",
+            resumed=self.resumed,
+            store_answered=self.link.answered,
+            store_host=None if agent_serves_store() else 0,
         )
         local = [r for r in frozen_ranks(view, self.limits) if r in self.seen and self._is_local(r)]
         return replace(view, states={r: proc_state(self.seen[r].record["pid"]) for r in local})
@@ -309,18 +340,20 @@ class Watchdog:
 
     # --- ending ---
 
-    def _end(self, line: str) -> None:
-        """Writes this process's stacks; the first live rank reports `line`; then the process ends."""
+    def _end(self, line: str, cause: str) -> None:
+        """Writes this process's stacks; the first live rank reports `line`; then the process ends.
+        cause: the verdict in a few words, for the restart line (bfly.job.retry)."""
         self.declared = line
         view = self.view(time.monotonic())
         frozen = frozen_ranks(view, self.limits)
         live = [r for r in range(self.env.world_size) if r not in frozen]
         reporter = min(live, default=self.env.rank) == self.env.rank
-        self.link.declare(line)
+        self.link.declare(line, cause)
         dumped = self.dump(line)
         if reporter:
             print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
             append_to_train_log(self.run_dir, line)
+            retry.record_hang(self.run_dir, cause)
             for callback in self.on_hang:
                 bounded(functools.partial(callback, line), 20)
         elif not dumped:
@@ -329,7 +362,7 @@ class Watchdog:
         kill_stopped(self.seen[r].record["pid"] for r in frozen if r in self.seen and self._is_local(r))
         # Let the other ranks read the verdict (this process may host the store) before ending.
         time.sleep(self.limits.poll_s + 2 if self.env.world_size > 1 else 0)
-        exit_hang(self.before_exit, line)
+        exit_hang(self.before_exit, line, cause)
 
     def _end_unstoppable(self, signal_name: str, waited: float, mine: dict[str, Any]) -> None:
         line = (
@@ -341,7 +374,7 @@ class Watchdog:
         self.declared = line
         self.dump(line)
         print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
-        exit_hang(self.before_exit, line)
+        exit_hang(self.before_exit, line, f"stop signal not honoured on rank {self.env.rank} ({self.host})")
 
     @property
     def dump_path(self) -> Path:
