@@ -66,6 +66,7 @@ class Case:
     resumed_ago: float | None = None  # the judging rank found its own process had been stopped
     store_answered_ago: float | None = None  # the store last answered (None: at every poll)
     store_host: int | None = 0  # rank 0 serves the store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
+    unheard: dict[int, tuple[int, str | None]] = field(default_factory=dict)  # never heard of, on this host
 
     def view(self) -> View:
         seen = {r: Seen(rec, NOW - self.changed_ago.get(r, 0.0)) for r, rec in self.records.items()}
@@ -83,6 +84,7 @@ class Case:
             None if self.resumed_ago is None else NOW - self.resumed_ago,
             None if self.store_answered_ago is None else NOW - self.store_answered_ago,
             self.store_host,
+            self.unheard,
         )
 
 
@@ -269,6 +271,11 @@ TABLE: dict[str, tuple[Case, tuple[int, ...] | None, list[str]]] = {
         Case({0: record(0, "rendezvous", idle=70, steps=0)}, started_ago=70),
         (1,),
         ["rank 1 sent no heartbeat (not started, or cannot reach the rendezvous store at node-a:29500)"],
+    ),
+    "start-up: a rank never heard of, found on this host through /proc, is named with its pid and state": (
+        Case({0: record(0, "rendezvous", idle=70, steps=0)}, started_ago=70, unheard={1: (4242, "T")}),
+        (1,),
+        ["rank 1 (node-a, pid 4242) sent no heartbeat and is stopped (process state T)"],
     ),
     "start-up: a rank that has not reached the rendezvous past the start-up limit is named": (
         Case({0: record(0, "rendezvous", idle=70, steps=0), 1: record(1, "startup", idle=70, steps=0)}),

@@ -31,11 +31,12 @@ def proc_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
-def forked_children(pid: int | None = None) -> list[int]:
-    """This process's forked children (DataLoader workers: same command line), from /proc."""
+def forked_children(pid: int | None = None, cmdline: bytes | None = None) -> list[int]:
+    """This process's forked children (DataLoader workers: same command line), from /proc; or `pid`'s
+    children with command line `cmdline`."""
     pid = pid or os.getpid()
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = cmdline or Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return []
     kids = []
@@ -49,6 +50,25 @@ def forked_children(pid: int | None = None) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return sorted(kids)
+
+
+def local_trainers(rank: int, world_size: int) -> dict[int, int]:
+    """rank -> pid of this job's trainers on this host (this process's siblings under torchrun's agent:
+    same parent, same command line, their RANK from /proc/<pid>/environ), this one included."""
+    try:
+        mine = Path("/proc/self/cmdline").read_bytes()
+    except OSError:
+        return {}
+    found = {rank: os.getpid()}
+    for pid in forked_children(os.getppid(), mine):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=") and e[5:].isdigit()]
+        if ranks and ranks[-1] < world_size:
+            found.setdefault(ranks[-1], pid)
+    return found
 
 
 def write_stacks(path: Path, line: str, beat: Heartbeat, who: str) -> bool:

@@ -74,6 +74,8 @@ class View:
     resumed: float | None = None  # when the judging rank last found its own process had been stopped
     store_answered: float | None = None  # when the store last answered (None: at every poll, or no store)
     store_host: int | None = None  # the rank whose process serves the store (None: torchrun's agent)
+    unheard: Mapping[int, tuple[int, str | None]] = field(default_factory=dict)  # rank -> (pid, /proc state)
+    # of ranks never heard of that run on this host
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,9 @@ def cause_of(view: View, culprits: list[int]) -> str:
 def describe(view: View, rank: int, age: float, frozen: bool, limits: Limits) -> str:
     """A stalled rank as the hang line names it: who, where, in what state, doing what."""
     seen = view.seen.get(rank)
+    if seen is None and rank in view.unheard:
+        pid, state = view.unheard[rank]
+        return f"rank {rank} ({view.host}, pid {pid}) sent no heartbeat and{_frozen_state(True, state, 0, False)}"
     if seen is None:
         where = f" at {view.store}" if view.store else ""
         return f"rank {rank} sent no heartbeat (not started, or cannot reach the rendezvous store{where})"

@@ -49,7 +49,15 @@ from typing import Any
 from bfly.core.env import DistEnv, agent_serves_store, restart_count, restart_store_shared, store_address
 from bfly.core.stopping import EXIT_HANG, STOP_SIGNALS
 from bfly.job import retry
-from bfly.job.ending import bounded, exit_hang, forked_children, kill_stopped, proc_state, write_stacks
+from bfly.job.ending import (
+    bounded,
+    exit_hang,
+    forked_children,
+    kill_stopped,
+    local_trainers,
+    proc_state,
+    write_stacks,
+)
 from bfly.job.hang import Seen, View, frozen_ranks, judge, stale_after
 from bfly.job.heartbeat import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, watched
 from bfly.job.nccl import configure_nccl, dump_nccl_trace, nccl_settings
@@ -333,7 +341,13 @@ class Watchdog:
             store_host=None if agent_serves_store() else 0,
         )
         local = [r for r in frozen_ranks(view, self.limits) if r in self.seen and self._is_local(r)]
-        return replace(view, states={r: proc_state(self.seen[r].record["pid"]) for r in local})
+        unheard = [r for r in range(self.env.world_size) if r not in self.seen]
+        pids = local_trainers(self.env.rank, self.env.world_size) if unheard else {}
+        return replace(
+            view,
+            states={r: proc_state(self.seen[r].record["pid"]) for r in local},
+            unheard={r: (pids[r], proc_state(pids[r])) for r in unheard if r in pids},
+        )
 
     def _is_local(self, rank: int) -> bool:
         return self.seen[rank].record["host"] == self.host
