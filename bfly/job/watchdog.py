@@ -17,10 +17,17 @@ The job is hung when no rank has made progress within the limit of the phase it 
 A slow rank makes progress at every step: it is not hung. A stalled one stops every rank within a step
 (they wait for it in the gradient all-reduce); the stalled rank is told apart from those waiting for it:
 a rank whose heartbeat stopped (a stopped or dead process), else one busy in its own work (data, eval,
-checkpoint, start-up) rather than in a collective, else the one furthest behind. Then every live rank
-writes its threads' stacks to run.dir/hang/rank<R>-<host>.txt, the first live rank prints one line
-naming the stalled rank(s) (console, train.log, wandb), and each live process ends with EXIT_HANG
-(torchrun then ends the others). The last checkpoint is intact: checkpoint files are replaced atomically.
+checkpoint, start-up) rather than in a collective, else the one furthest behind. The process that
+serves the store (rank 0, unless torchrun's agent does) is no exception: when the store stops
+answering, its host is the rank named. A rank that was stopped itself names no other. Then every live
+rank writes its threads' stacks to run.dir/hang/rank<R>-<host>.txt, the first live rank prints one line
+naming the stalled rank(s) (console, train.log, wandb) and records the cause (run.dir/hang/cause.json
+and the exit records: the restart line names it), a stopped trainer on the same host is killed, and
+each live process ends with EXIT_HANG (torchrun then ends the others). The last checkpoint is intact:
+checkpoint files are replaced atomically.
+
+A job suspended as a whole (Ctrl-Z, scontrol suspend) is no hang when it goes on, if it was suspended for
+less than dist.timeout_s (see `Watchdog.backstop_s`).
 
 A stop signal that the trainer cannot honour (it is blocked in start-up or in a collective and never
 reaches a step) ends the process after `run.stop_grace_s`, with its stacks written: the signal is seen
