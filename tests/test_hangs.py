@@ -259,33 +259,45 @@ def test_a_stopped_rank_0_which_serves_the_heartbeat_store_is_named_and_the_job_
     print(f"SIGSTOP rank 0 (the store's host): ended {took:.0f} s after the stall; {line}")
 
 
+def loader_workers(trainer: int) -> list[int]:
+    return [p for p in descendants(trainer) if Path(f"/proc/{p}/cmdline").read_bytes().count(b"bfly.train")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("rank", [1, 0])
-def test_a_stopped_trainer_under_max_restarts_is_restarted_after_a_line_that_names_it(tiny_data, tmp_path, ref2, rank):
-    """torchrun --max-restarts=1 (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, no BFLY_EXIT_STATUS_DIR): the hang is
-    named once, the trainers are restarted, the restart line names the hang's rank, host and step, and the
-    run ends as an uninterrupted one."""
+@pytest.mark.parametrize("stopped", ["rank 1", "rank 0", "the loader workers of rank 1"])
+def test_a_stall_under_max_restarts_is_restarted_after_a_line_that_names_it(tiny_data, tmp_path, ref2, stopped):
+    """torchrun --max-restarts=1 (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, no BFLY_EXIT_STATUS_DIR), one process
+    stopped: the hang is named once, the trainers are restarted, the restart line names the hang's rank, host
+    and step, and the run ends as an uninterrupted one."""
     run = tmp_path / "run"
     launch = Launch(torchrun_cmd(2, hang_args(tiny_data, run), max_restarts=1), timeout=600)
     launch.wait_step(STALL_STEP)
     first = launch.workers(2)
     pids = [*first.values(), *(p for w in first.values() for p in descendants(w))]
-    os.kill(first[rank], signal.SIGSTOP)
+    rank = 0 if stopped == "rank 0" else 1
+    targets = loader_workers(first[1]) if "loader" in stopped else [first[rank]]
+    for pid in targets:
+        os.kill(pid, signal.SIGSTOP)
     stalled = time.monotonic()
     restart = launch.wait_for(r"restart 1 of 1 inside this job .* after: .*", timeout=HANG_S + 120)
     took = time.monotonic() - stalled
     line = hang_line(launch.output)
-    assert re.search(
-        rf"stalled: rank {rank} \(\S+, pid {first[rank]}\)(, which serves the heartbeat store,)? is stopped \(process state T\)",
-        line,
-    ), line
+    if "loader" in stopped:
+        named = (
+            rf"rank 1 \(\S+, pid {first[1]}\), waiting for data from loader worker\(s\) pid {targets[0]} \(stopped\)"
+        )
+    else:
+        named = rf"rank {rank} \(\S+, pid {first[rank]}\)(, which serves the heartbeat store,)? is stopped \(process"
+    assert re.search(rf"stalled: {named}", line), line
     host = re.search(rf"stalled: rank {rank} \((\S+),", line)[1]  # type: ignore[index]
     assert re.search(rf"after: hang on rank {rank} \({host}\) at step \d+$", restart[0]), restart[0]
     assert_nothing_left(launch, pids)  # the first round's trainers and loader workers
     assert launch.wait() == 0, launch.output[-6000:]
     assert_one_hang_line_in_train_log(run, line)
     assert_nothing_lost(run, ref2)
-    print(f"SIGSTOP rank {rank} under --max-restarts=1: restarted {took:.0f} s after the stall; {line}; {restart[0]}")
+    limit = float(re.search(r"\(limit (\d+) s\)", line)[1])  # type: ignore[index]
+    assert took < limit + 60, (took, limit)
+    print(f"SIGSTOP {stopped} under --max-restarts=1: restarted {took:.0f} s after the stall; {line}; {restart[0]}")
 
 
 @pytest.mark.slow
