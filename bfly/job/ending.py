@@ -106,12 +106,14 @@ def kill_stopped(pids: Iterable[int]) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def exit_hang(before_exit: list[Callable[[str], None]], line: str, cause: str) -> None:
+def exit_hang(before_exit: list[Callable[[str], None]], line: str, cause: str, run_dir: Path | None = None) -> None:
     """Ends this process now with EXIT_HANG. The status is recorded for the launcher's retry decision
     first (bfly.retry: a hang is retried, unlike a user error), with its cause ("hang on rank 1 (host) at
-    step 4"), then `before_exit` is told `line`. Loader workers go before this process (a stopped one
-    would stay stopped forever)."""
+    step 4"), and in `run_dir` by the rank that reported the hang; then `before_exit` is told `line`.
+    Loader workers go before this process (a stopped one would stay stopped forever)."""
     retry.record_exit(EXIT_HANG, cause)
+    if run_dir is not None:
+        retry.record_hang(run_dir, cause)
     for callback in before_exit:
         bounded(functools.partial(callback, line), 10)
     for pid in forked_children():

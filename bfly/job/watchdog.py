@@ -55,7 +55,6 @@ from typing import Any
 
 from bfly.core.env import DistEnv, agent_serves_store, restart_count, restart_store_shared, store_address
 from bfly.core.stopping import EXIT_HANG, STOP_SIGNALS
-from bfly.job import retry
 from bfly.job.ending import (
     bounded,
     exit_hang,
@@ -374,7 +373,6 @@ class Watchdog:
         if reporter:
             print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
             append_to_train_log(self.run_dir, line)
-            retry.record_hang(self.run_dir, cause)
             for callback in self.on_hang:
                 bounded(functools.partial(callback, line), 20)
         elif not dumped:
@@ -383,7 +381,7 @@ class Watchdog:
         kill_stopped(self.seen[r].record["pid"] for r in frozen if r in self.seen and self._is_local(r))
         # Let the other ranks read the verdict (this process may host the store) before ending.
         time.sleep(self.limits.poll_s + 2 if self.env.world_size > 1 else 0)
-        exit_hang(self.before_exit, line, cause)
+        exit_hang(self.before_exit, line, cause, self.run_dir if reporter else None)
 
     def _end_unstoppable(self, signal_name: str, waited: float, mine: dict[str, Any]) -> None:
         line = (
