@@ -22,9 +22,17 @@ from pathlib import Path
 import pytest
 
 from bfly.core.config import load_config
-from bfly.core.env import StallHook, stall_hooks
+from bfly.core.env import DistEnv, StallHook, stall_hooks
 from bfly.core.stopping import EXIT_HANG
-from bfly.job.watchdog import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, configure_nccl, nccl_settings
+from bfly.job.watchdog import (
+    STEP_MULTIPLE,
+    WARM_STEPS,
+    Heartbeat,
+    Limits,
+    Watchdog,
+    configure_nccl,
+    nccl_settings,
+)
 from bfly.tools.child import descendants
 
 from conftest import PYTHON, REPO, read_jsonl
@@ -162,6 +170,20 @@ def test_the_limit_is_the_start_up_one_at_first_then_the_larger_of_the_timeout_a
     assert beat.limit(limits) == STEP_MULTIPLE * 45.0
     with beat.during("checkpoint"):
         assert beat.limit(limits) == 540
+
+
+def test_the_backstop_for_a_stuck_interpreter_lies_past_the_collective_timeout(tmp_path):
+    """A job suspended for longer than the hang limit goes on; the interpreter's own timer (its clock runs on
+    while the process is stopped) ends a process only past dist.timeout_s, when collectives time out too."""
+    beat = Heartbeat()
+    for step in range(1, WARM_STEPS + 2):
+        beat.enter("forward-backward")
+        beat.step_done(step)
+    dog = Watchdog(beat, DistEnv(0, 0, 1, 1, "single", "env://"), Limits(5, 60, 10, 600), tmp_path, None, None)
+    assert dog.backstop_s(beat.since) >= 600 + 5
+    assert dog.backstop_s(beat.since + 1_000) >= 600  # past the limit already: still dist.timeout_s away
+    short = Watchdog(beat, DistEnv(0, 0, 1, 1, "single", "env://"), Limits(5, 60, 10, 30), tmp_path, None, None)
+    assert short.backstop_s(beat.since) >= 120  # never less than 2 minutes past the limit
 
 
 def test_the_stall_hook_is_read_from_the_environment(monkeypatch):
@@ -302,18 +324,20 @@ def test_a_stall_under_max_restarts_is_restarted_after_a_line_that_names_it(tiny
 
 @pytest.mark.slow
 def test_a_job_suspended_as_a_whole_for_longer_than_the_limit_goes_on_to_the_same_result(tiny_data, tmp_path, ref2):
-    """SIGSTOP to every process of the job (as scontrol suspend and Ctrl-Z do) for 140 s (limit 5 s; longer
-    than the backstop used to allow), then SIGCONT: no hang, and the run ends as an uninterrupted one."""
+    """SIGSTOP to every process of the job (as scontrol suspend and Ctrl-Z do) for 200 s (limit 5 s, or 10 x
+    the median step: longer than the limit + 2 minutes), then SIGCONT: no hang, and the run ends as an
+    uninterrupted one. (Whether the backstop's timer fires before the watchdog re-arms it after such a
+    pause is a race; the test below checks that it lies past dist.timeout_s.)"""
     run = tmp_path / "run"
     launch = Launch(torchrun_cmd(2, hang_args(tiny_data, run)), timeout=600)
     launch.wait_step(STALL_STEP)
     os.killpg(launch.proc.pid, signal.SIGSTOP)
-    time.sleep(140)
+    time.sleep(200)
     os.killpg(launch.proc.pid, signal.SIGCONT)
     assert launch.wait() == 0, launch.output[-6000:]
     assert "hang" not in launch.output and not (run / "hang").exists(), launch.output[-6000:]
     assert_nothing_lost(run, ref2)
-    print("whole job suspended for 140 s (limit 5 s): went on, finished, same weights as uninterrupted")
+    print("whole job suspended for 200 s (limit 5 s): went on, finished, same weights as uninterrupted")
 
 
 @pytest.mark.slow
