@@ -91,15 +91,23 @@ class StoreLink:
     publishes this rank's record, reads the other ranks', and carries a declared hang to every rank.
 
     Every exchange runs in a thread of its own, waited for at most `timeout_s`: a request to a store whose
-    host is stopped gets no answer, ever (the TCP connection stays open), whatever the store's timeout.
-    While one is unanswered no other is sent, and `answered` (when the store last answered) stays old:
-    the judgement takes that silence as evidence against the store's host."""
+    host is stopped gets no answer, ever (the TCP connection stays open), whatever the store's timeout;
+    so does a connection made while the port listens but nobody serves it yet (start-up). While one is
+    unanswered no other is sent, and `answered` (when the store last answered) stays old: the judgement
+    takes that silence as evidence against the store's host. One unanswered for ABANDON_AFTER timeouts is
+    given up (its thread left blocked, at most MAX_ABANDONED of them) and the next goes on a new
+    connection."""
+
+    ABANDON_AFTER = 3
+    MAX_ABANDONED = 5
 
     def __init__(self, address: tuple[str, int] | None, prefix: str, env: DistEnv, timeout_s: float):
         self.address, self.prefix, self.env, self.timeout_s = address, prefix, env, timeout_s
         self.store: Any = None
         self.answered: float | None = None  # monotonic time of the last answered exchange
         self._pending: threading.Thread | None = None
+        self._pending_since = 0.0
+        self._abandoned = 0
 
     def exchange(self, mine: dict[str, Any], seen: dict[int, Seen]) -> dict[str, str] | None:
         """Publishes `mine`, updates `seen` with the others' records that changed; returns the hang another
@@ -107,31 +115,36 @@ class StoreLink:
         if self.address is None or self.env.world_size == 1:
             return None
         if self._pending is not None and self._pending.is_alive():  # the last request is still unanswered
-            return None
+            waited = time.monotonic() - self._pending_since
+            if waited < self.ABANDON_AFTER * self.timeout_s or self._abandoned >= self.MAX_ABANDONED:
+                return None
+            self._abandoned += 1
+            self.store = None  # a new connection: the old one may never answer
         result: list[dict[str, str] | None] = []
         thread = threading.Thread(target=lambda: result.append(self._exchange(mine, seen)), daemon=True)
+        self._pending, self._pending_since = thread, time.monotonic()
         thread.start()
         thread.join(self.timeout_s)
-        self._pending = thread
         return result[0] if result else None
 
     def _exchange(self, mine: dict[str, Any], seen: dict[int, Seen]) -> dict[str, str] | None:
-        if self.store is None:
-            self.store = self._connect()
-            if self.store is None:
+        store = self.store
+        if store is None:
+            store = self.store = self._connect()
+            if store is None:
                 return None
         try:
-            self.store.set(self._key(self.env.rank), json.dumps(mine))
+            store.set(self._key(self.env.rank), json.dumps(mine))
             others = [r for r in range(self.env.world_size) if r != self.env.rank]
-            present = [self._key(r) for r in others if r in seen or self.store.check([self._key(r)])]
-            for raw in self.store.multi_get(present) if present else []:
+            present = [self._key(r) for r in others if r in seen or store.check([self._key(r)])]
+            for raw in store.multi_get(present) if present else []:
                 record = json.loads(bytes(raw))
                 old = seen.get(record["rank"])
                 if old is None or old.record["seq"] != record["seq"]:
                     seen[record["rank"]] = Seen(record, time.monotonic())
             declared = None
-            if self.store.check([f"{self.prefix}/hang"]):
-                declared = json.loads(bytes(self.store.get(f"{self.prefix}/hang")))
+            if store.check([f"{self.prefix}/hang"]):
+                declared = json.loads(bytes(store.get(f"{self.prefix}/hang")))
         except Exception:  # the store's host is gone: judge on what was seen last
             return None
         self.answered = time.monotonic()
