@@ -62,11 +62,16 @@ class Case:
     started_ago: float = 1_000
     own_steady: float = STEADY
     last_poll_ago: float = 1.0  # the judging rank's previous poll
+    judging: int = 0  # the judging rank
+    resumed_ago: float | None = None  # the judging rank found its own process had been stopped
+    store_answered_ago: float | None = None  # the store last answered (None: at every poll)
+    store_host: int | None = 0  # rank 0 serves the store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
+    unheard: dict[int, tuple[int, str | None]] = field(default_factory=dict)  # never heard of, on this host
 
     def view(self) -> View:
         seen = {r: Seen(rec, NOW - self.changed_ago.get(r, 0.0)) for r, rec in self.records.items()}
         return View(
-            0,
+            self.judging,
             self.world_size,
             "node-a",
             seen,
@@ -76,6 +81,10 @@ class Case:
             self.states,
             "node-a:29500",
             NOW - self.last_poll_ago,
+            None if self.resumed_ago is None else NOW - self.resumed_ago,
+            None if self.store_answered_ago is None else NOW - self.store_answered_ago,
+            self.store_host,
+            self.unheard,
         )
 
 
@@ -116,7 +125,88 @@ TABLE: dict[str, tuple[Case, tuple[int, ...] | None, list[str]]] = {
             changed_ago={1: 20},
         ),
         (1,),
-        ["rank 1 (node-b, pid 101) is not responding (stopped, dead or unreachable)"],
+        ["rank 1 (node-b, pid 101) is unreachable since step 10 (stopped, dead or cut off)"],
+    ),
+    "the store silent: its host (rank 0, here stopped) is the one frozen rank, named stopped": (
+        Case(
+            {0: record(0, "collective", idle=0.5, step=6), 1: record(1, "collective", idle=20, step=7)},
+            changed_ago={0: 20},
+            judging=1,
+            store_answered_ago=20,
+            states={0: "T"},
+        ),
+        (0,),
+        ["rank 0 (node-a, pid 100), which serves the heartbeat store, is stopped (process state T), in collective"],
+    ),
+    "the store silent: the other ranks' old records are no evidence against them": (
+        Case(
+            {
+                0: record(0, "forward-backward", idle=0.5, step=6),
+                1: record(1, "collective", idle=20, step=7),
+                2: record(2, "data", idle=0.5, step=5),
+            },
+            changed_ago={0: 20, 2: 20},
+            world_size=3,
+            judging=1,
+            store_answered_ago=20,
+            states={0: "T"},
+        ),
+        (0,),
+        ["rank 0 (node-a, pid 100), which serves the heartbeat store, is stopped (process state T)"],
+    ),
+    "the store silent, its host on another node: it is unreachable since its last step": (
+        Case(
+            {0: record(0, "forward-backward", idle=0.5, step=6, host="node-b"), 1: record(1, "collective", idle=20)},
+            changed_ago={0: 20},
+            judging=1,
+            store_answered_ago=20,
+        ),
+        (0,),
+        ["rank 0 (node-b, pid 100), which serves the heartbeat store, is unreachable since step 6 (stopped, dead"],
+    ),
+    "the store answering late but within 3 polls + 2 s: the frozen rank is still the one named": (
+        Case(
+            {0: record(0, "collective", idle=20), 1: record(1, "forward-backward", idle=0.5, step=4)},
+            changed_ago={1: 20},
+            states={1: "T"},
+            store_answered_ago=3,
+        ),
+        (1,),
+        ["rank 1 (node-a, pid 101) is stopped (process state T)"],
+    ),
+    "a rank stopped itself since its last progress blames no other rank when it goes on": (
+        Case(
+            {0: record(0, "collective", idle=0.5), 1: record(1, "forward-backward", idle=160, step=4)},
+            changed_ago={0: 160},
+            judging=1,
+            resumed_ago=2,
+            store_answered_ago=160,  # rank 0 ended the job meanwhile: its store is gone
+            states={0: None},
+        ),
+        None,
+        [],
+    ),
+    "a rank stopped itself, its step limit past since it went on without progress, names itself": (
+        Case(
+            {0: record(0, "collective", idle=0.5), 1: record(1, "forward-backward", idle=160, step=4)},
+            changed_ago={0: 160},
+            judging=1,
+            resumed_ago=STEADY + 1,
+            store_answered_ago=160,
+            states={0: None},
+        ),
+        (1,),
+        ["rank 1 (node-a, pid 101), in forward-backward, last step 4", "its own process was stopped until 6 s ago"],
+    ),
+    "a rank stopped itself before its last progress judges as usual": (
+        Case(
+            {0: record(0, "collective", idle=20), 1: record(1, "forward-backward", idle=0.5, step=4)},
+            changed_ago={1: 20},
+            states={1: "T"},
+            resumed_ago=100,
+        ),
+        (1,),
+        ["rank 1 (node-a, pid 101) is stopped (process state T)"],
     ),
     "a frozen rank within the judging rank's step limit is no hang yet": (
         Case({0: record(0, "collective", idle=3), 1: record(1, "forward-backward")}, changed_ago={1: 6}),
@@ -181,6 +271,11 @@ TABLE: dict[str, tuple[Case, tuple[int, ...] | None, list[str]]] = {
         Case({0: record(0, "rendezvous", idle=70, steps=0)}, started_ago=70),
         (1,),
         ["rank 1 sent no heartbeat (not started, or cannot reach the rendezvous store at node-a:29500)"],
+    ),
+    "start-up: a rank never heard of, found on this host through /proc, is named with its pid and state": (
+        Case({0: record(0, "rendezvous", idle=70, steps=0)}, started_ago=70, unheard={1: (4242, "T")}),
+        (1,),
+        ["rank 1 (node-a, pid 4242) sent no heartbeat and is stopped (process state T)"],
     ),
     "start-up: a rank that has not reached the rendezvous past the start-up limit is named": (
         Case({0: record(0, "rendezvous", idle=70, steps=0), 1: record(1, "startup", idle=70, steps=0)}),
@@ -298,3 +393,14 @@ def test_a_record_is_frozen_after_three_polls_and_two_seconds_without_change():
     case.changed_ago[1] += 0.1
     assert is_frozen(case.view(), 1, LIMITS)
     assert not is_frozen(case.view(), 0, LIMITS)  # the judging rank
+
+
+def test_the_cause_names_the_stalled_rank_its_host_and_step_for_the_restart_line():
+    stopped, _, _ = TABLE["a stopped rank (its record frozen, its process in state T) is named stopped"]
+    store, _, _ = TABLE["the store silent, its host on another node: it is unreachable since its last step"]
+    everyone, _, _ = TABLE["all waiting at the same step: every rank is named"]
+    never, _, _ = TABLE["start-up: a rank never heard of past the start-up limit sent no heartbeat"]
+    assert judge(stopped.view(), LIMITS).cause == "hang on rank 1 (node-a) at step 4"  # type: ignore[union-attr]
+    assert judge(store.view(), LIMITS).cause == "hang on rank 0 (node-b) at step 6"  # type: ignore[union-attr]
+    assert judge(everyone.view(), LIMITS).cause == "hang on ranks 0, 1 (node-a) at step 10"  # type: ignore[union-attr]
+    assert judge(never.view(), LIMITS).cause == "hang on rank 1 in start-up"  # type: ignore[union-attr]

@@ -22,6 +22,8 @@ from bfly.job.retry import (
     exit_records,
     job_status,
     node_check_status,
+    record_hang,
+    restart_line,
 )
 
 from conftest import PYTHON, REPO, subprocess_env, tiny_overrides
@@ -61,6 +63,43 @@ def test_the_jobs_status_from_what_each_trainer_recorded():
         EXIT_HANG,
         "status 1 on rank 1 (n1); status 76 on rank 0 (n1)",
     )
+
+
+def test_a_hang_is_described_by_the_rank_the_watchdog_named_not_by_the_rank_that_ended_with_its_status():
+    named = {"rank": 0, "host": "n1", "status": EXIT_HANG, "restart": 0, "cause": "hang on rank 1 (n2) at step 4"}
+    assert job_status([named]) == (EXIT_HANG, "hang on rank 1 (n2) at step 4 (status 76 on rank 0 (n1))")
+
+
+def test_the_restart_line_names_the_hang_from_the_exit_records(tmp_path, monkeypatch):
+    monkeypatch.setenv("BFLY_EXIT_STATUS_DIR", str(tmp_path / EXIT_DIR))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    record_exit(EXIT_HANG, "hang on rank 1 (n2) at step 4")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    assert restart_line(tmp_path) == (
+        "restart 1 of 2 inside this job (torchrun --max-restarts) after: hang on rank 1 (n2) at step 4 "
+        f"(status 76 on rank 0 ({os.uname().nodename}))"
+    )
+
+
+def test_without_exit_records_the_restart_line_names_the_hang_this_torchrun_declared(tmp_path, monkeypatch):
+    monkeypatch.delenv("BFLY_EXIT_STATUS_DIR", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-a")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    record_hang(tmp_path, "hang on rank 1 (n2) at step 4")  # written after this process's parent started
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    assert restart_line(tmp_path) == (
+        "restart 1 of 2 inside this job (torchrun --max-restarts) after: hang on rank 1 (n2) at step 4"
+    )
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-b")  # another torchrun's hang is not this one's
+    assert restart_line(tmp_path) is not None and restart_line(tmp_path).endswith("after: a trainer failed")  # type: ignore[union-attr]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-a")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # the hang was two rounds ago
+    assert restart_line(tmp_path).endswith("after: a trainer failed")  # type: ignore[union-attr]
+    assert restart_line(None).endswith("after: a trainer failed")  # type: ignore[union-attr]
 
 
 def save_checkpoint_at(run_dir, step):

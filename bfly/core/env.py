@@ -186,6 +186,11 @@ def restart_count() -> tuple[int, int]:
     return _int_or("TORCHELASTIC_RESTART_COUNT", 0), _int_or("TORCHELASTIC_MAX_RESTARTS", 0)
 
 
+def elastic_run_id() -> str | None:
+    """TORCHELASTIC_RUN_ID: torchrun's rendezvous id (--rdzv-id; a fresh one per --standalone torchrun)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
 def slurm_restart_count() -> int:
     """How often SLURM has requeued this job (0 on its first run)."""
     return _int_or("SLURM_RESTART_COUNT", 0)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from bfly.job import retry
 from bfly.job.exits import EXIT_HANG, record_exit
 from bfly.job.heartbeat import Heartbeat
 
@@ -30,11 +31,12 @@ def proc_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
-def forked_children(pid: int | None = None) -> list[int]:
-    """This process's forked children (DataLoader workers: same command line), from /proc."""
+def forked_children(pid: int | None = None, cmdline: bytes | None = None) -> list[int]:
+    """This process's forked children (DataLoader workers: same command line), from /proc; or `pid`'s
+    children with command line `cmdline`."""
     pid = pid or os.getpid()
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = cmdline or Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return []
     kids = []
@@ -48,6 +50,25 @@ def forked_children(pid: int | None = None) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return sorted(kids)
+
+
+def local_trainers(rank: int, world_size: int) -> dict[int, int]:
+    """rank -> pid of this job's trainers on this host (this process's siblings under torchrun's agent:
+    same parent, same command line, their RANK from /proc/<pid>/environ), this one included."""
+    try:
+        mine = Path("/proc/self/cmdline").read_bytes()
+    except OSError:
+        return {}
+    found = {rank: os.getpid()}
+    for pid in forked_children(os.getppid(), mine):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=") and e[5:].isdigit()]
+        if ranks and ranks[-1] < world_size:
+            found.setdefault(ranks[-1], pid)
+    return found
 
 
 def write_stacks(path: Path, line: str, beat: Heartbeat, who: str) -> bool:
@@ -85,11 +106,14 @@ def kill_stopped(pids: Iterable[int]) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def exit_hang(before_exit: list[Callable[[str], None]], line: str) -> None:
+def exit_hang(before_exit: list[Callable[[str], None]], line: str, cause: str, run_dir: Path | None = None) -> None:
     """Ends this process now with EXIT_HANG. The status is recorded for the launcher's retry decision
-    first (bfly.retry: a hang is retried, unlike a user error), then `before_exit` is told `line`. Loader
-    workers go before this process (a stopped one would stay stopped forever)."""
-    record_exit(EXIT_HANG)
+    first (bfly.retry: a hang is retried, unlike a user error), with its cause ("hang on rank 1 (host) at
+    step 4"), and in `run_dir` by the rank that reported the hang; then `before_exit` is told `line`.
+    Loader workers go before this process (a stopped one would stay stopped forever)."""
+    record_exit(EXIT_HANG, cause)
+    if run_dir is not None:
+        retry.record_hang(run_dir, cause)
     for callback in before_exit:
         bounded(functools.partial(callback, line), 10)
     for pid in forked_children():

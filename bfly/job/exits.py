@@ -43,8 +43,9 @@ EXIT_NODE_CHECK = 77
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirBusy)
 
 
-def record_exit(status: int) -> None:
-    """A trainer's exit status, where the launcher reads it (BFLY_EXIT_STATUS_DIR; unset: not recorded).
+def record_exit(status: int, cause: str | None = None) -> None:
+    """A trainer's exit status, where the launcher reads it (BFLY_EXIT_STATUS_DIR; unset: not recorded),
+    with its cause where the trainer knows it (a hang: the rank the watchdog named, not this one).
     A trainer killed by a signal records nothing: the launcher counts that as a crash. A process records once:
     its first decided status stands (a user error recorded before the process group closes is not turned
     into another status by what happens while it exits)."""
@@ -69,6 +70,8 @@ def record_exit(status: int) -> None:
         "time": time.time(),
         "error": _error_line(),
     }
+    if cause:
+        record["cause"] = cause
     with contextlib.suppress(OSError):  # a full or read-only disk must not hide the real exit status
         where.mkdir(parents=True, exist_ok=True)
         tmp = where / f".rank-{rank}.{os.getpid()}.tmp"

@@ -16,7 +16,13 @@ None. The rules:
 * but not judged at a poll that comes late, 3 polls + 2 s after the judging rank's previous one: its own
   process was stopped (Ctrl-Z, a suspended SLURM job), and every record is old for that reason alone.
   The next poll judges the records published after the job went on (a pause longer than the
-  watchdog's faulthandler backstop still ends the process: see bfly.job.watchdog);
+  watchdog's backstop still ends the process: see bfly.job.watchdog);
+* a rank stopped itself since its last progress names no other rank: its own stop explains why the
+  others waited (and the ranks that were not stopped judge it). Once its step limit has passed since it
+  went on without progress, it names itself;
+* when the store that carries the records has not answered for 3 polls + 2 s, the records are old
+  because the store is silent: that is evidence against the store's host (rank 0, unless torchrun's
+  agent serves the store), not against the other ranks. The store's host is then the one frozen rank;
 * the stalled ranks are the frozen ones, else those busy in their own work (a phase that is not
   waiting for another rank), else those furthest behind in steps, else all.
 """
@@ -65,6 +71,11 @@ class View:
     states: Mapping[int, str | None] = field(default_factory=dict)  # /proc state of frozen ranks on this host
     store: str = ""  # the rendezvous store's host:port, named for a rank never heard of
     last_poll: float | None = None  # when the judging rank polled before `now` (None: not known)
+    resumed: float | None = None  # when the judging rank last found its own process had been stopped
+    store_answered: float | None = None  # when the store last answered (None: at every poll, or no store)
+    store_host: int | None = None  # the rank whose process serves the store (None: torchrun's agent)
+    unheard: Mapping[int, tuple[int, str | None]] = field(default_factory=dict)  # rank -> (pid, /proc state)
+    # of ranks never heard of that run on this host
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,7 @@ class Verdict:
     limit: float  # that rank's limit
     named: str  # how the stalled ranks are described
     startup: bool  # a stalled rank is in start-up or the rendezvous (or never heard of)
+    cause: str = ""  # in a few words, for the restart line: "hang on rank 1 (host) at step 4"
 
     def line(self, hang_dir: Path, hint: str | None = None) -> str:
         """The line printed, written to train.log and sent to wandb."""
@@ -90,12 +102,26 @@ def stale_after(limits: Limits) -> float:
     return 3 * limits.poll_s + 2
 
 
+def store_silent(view: View, limits: Limits) -> bool:
+    """The store that carries the records has not answered for 3 polls + 2 s."""
+    return view.store_answered is not None and view.now - view.store_answered > stale_after(limits)
+
+
 def is_frozen(view: View, rank: int, limits: Limits) -> bool:
-    """Its heartbeat stopped being published (stopped, dead, or unreachable)."""
+    """Its heartbeat stopped being published (stopped, dead, or unreachable). While the store is silent,
+    only the store's host is: the others' records are old because the store does not answer."""
     if rank == view.rank:
+        return False
+    if store_silent(view, limits) and view.store_host is not None and rank != view.store_host:
         return False
     seen = view.seen.get(rank)
     return seen is None or view.now - seen.changed > stale_after(limits)
+
+
+def stopped_itself(view: View) -> bool:
+    """The judging rank's own process was stopped since its last progress."""
+    own = view.seen.get(view.rank)
+    return view.resumed is not None and own is not None and view.resumed > own.changed - own.record["idle"]
 
 
 def frozen_ranks(view: View, limits: Limits) -> list[int]:
@@ -121,6 +147,8 @@ def judge(view: View, limits: Limits) -> Verdict | None:
     detection is off, or this poll came late: the judging rank's own process was stopped)."""
     if limits.hang_s <= 0 or (view.last_poll is not None and view.now - view.last_poll > stale_after(limits)):
         return None
+    if stopped_itself(view):
+        return _own_stop(view, limits)
     ranks = range(view.world_size)
     frozen = frozen_ranks(view, limits)
     # A rank whose heartbeat stopped (a stopped or dead process) will not finish what it was doing: the
@@ -134,21 +162,48 @@ def judge(view: View, limits: Limits) -> Verdict | None:
     behind = [r for r in steps if steps[r] == min(steps.values())] if len(set(steps.values())) > 1 else []
     culprits = frozen or busy or behind or list(ranks)
     age, limit = min(stalled.values())  # the rank that moved last, and its limit
-    named = "; ".join(describe(view, r, stalled[r][0], r in frozen) for r in culprits)
+    named = "; ".join(describe(view, r, stalled[r][0], r in frozen, limits) for r in culprits)
     startup = any(r not in seen or seen[r].record["phase"] in ("startup", "rendezvous") for r in culprits)
-    return Verdict(tuple(culprits), age, limit, named, startup)
+    return Verdict(tuple(culprits), age, limit, named, startup, cause_of(view, culprits))
 
 
-def describe(view: View, rank: int, age: float, frozen: bool) -> str:
+def _own_stop(view: View, limits: Limits) -> Verdict | None:
+    """The judging rank was stopped since its last progress: no verdict on the others. Past its step
+    limit since it went on, still without progress, it is the stalled one."""
+    assert view.resumed is not None
+    if view.now - view.resumed <= view.own_steady:
+        return None
+    age = stalled_for(view, view.rank, limits)[0]
+    named = describe(view, view.rank, age, False, limits)
+    named += f"; its own process was stopped until {view.now - view.resumed:.0f} s ago"
+    return Verdict((view.rank,), age, view.own_steady, named, False, cause_of(view, [view.rank]))
+
+
+def cause_of(view: View, culprits: list[int]) -> str:
+    """The verdict in a few words, for the restart line: "hang on rank 1 (host) at step 4"."""
+    ranks = ", ".join(str(r) for r in culprits)
+    hosts = sorted({view.seen[r].record["host"] for r in culprits if r in view.seen})
+    steps = [view.seen[r].record["step"] for r in culprits if r in view.seen]
+    where = f" ({', '.join(hosts)})" if hosts else ""
+    at = f" at step {min(steps)}" if steps else " in start-up"
+    return f"hang on rank{'s' if len(culprits) > 1 else ''} {ranks}{where}{at}"
+
+
+def describe(view: View, rank: int, age: float, frozen: bool, limits: Limits) -> str:
     """A stalled rank as the hang line names it: who, where, in what state, doing what."""
     seen = view.seen.get(rank)
+    if seen is None and rank in view.unheard:
+        pid, state = view.unheard[rank]
+        return f"rank {rank} ({view.host}, pid {pid}) sent no heartbeat and{_frozen_state(True, state, 0, False)}"
     if seen is None:
         where = f" at {view.store}" if view.store else ""
         return f"rank {rank} sent no heartbeat (not started, or cannot reach the rendezvous store{where})"
     rec = seen.record
     who = f"rank {rank} ({rec['host']}, pid {rec['pid']})"
     if frozen:
-        who += _frozen_state(rec["host"] == view.host, view.states.get(rank))
+        local = rec["host"] == view.host
+        silent = store_silent(view, limits) and rank == view.store_host
+        who += _frozen_state(local, view.states.get(rank), rec["step"], silent)
     phase = {
         "startup": "has not reached the rendezvous (start-up)",
         "rendezvous": "in the rendezvous",
@@ -162,10 +217,11 @@ def describe(view: View, rank: int, age: float, frozen: bool) -> str:
     return f"{who}, {phase}, last step {rec['step']}, {age:.0f} s since its last progress"
 
 
-def _frozen_state(local: bool, state: str | None) -> str:
+def _frozen_state(local: bool, state: str | None, step: int, serves_store: bool) -> str:
     """What is known of a frozen rank's process: its /proc state where it runs on this host."""
+    store = ", which serves the heartbeat store," if serves_store else ""
     if not local:
-        return " is not responding (stopped, dead or unreachable)"
+        return f"{store} is unreachable since step {step} (stopped, dead or cut off)"
     if state is None:
-        return " is gone"
-    return f" is {STATES[state] if state in 'TtZX' else 'not responding'} (process state {state})"
+        return f"{store} is gone"
+    return f"{store} is {STATES[state] if state in 'TtZX' else 'not responding'} (process state {state})"

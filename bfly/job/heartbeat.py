@@ -24,11 +24,12 @@ class Limits:
     hang_s: float  # run.hang_timeout_s (0: no hang detection)
     startup_s: float  # run.startup_timeout_s
     stop_grace_s: float  # run.stop_grace_s (0: wait for the stop however long)
+    collective_s: float = 0.0  # dist.timeout_s (0: not known)
 
     @classmethod
-    def of(cls, run: Any) -> Limits:
-        """From the config's `run` section."""
-        return cls(run.hang_timeout_s, run.startup_timeout_s, run.stop_grace_s)
+    def of(cls, run: Any, collective_s: float = 0.0) -> Limits:
+        """From the config's `run` section and dist.timeout_s."""
+        return cls(run.hang_timeout_s, run.startup_timeout_s, run.stop_grace_s, collective_s)
 
     @property
     def poll_s(self) -> float:

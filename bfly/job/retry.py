@@ -37,6 +37,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,9 @@ def job_status(records: list[dict[str, Any]]) -> tuple[int, str]:
         by_status.setdefault(r["status"], []).append(f"{r['rank']} ({r['host']})")
     detail = "; ".join(f"status {s} on rank {', '.join(ranks)}" for s, ranks in sorted(by_status.items()))
     detail = detail or "no trainer recorded a status (killed)"
+    causes = list(dict.fromkeys(r["cause"] for r in records if r.get("cause")))
+    if causes:  # the rank that ended with a hang's status is the one that named it, not the stalled one
+        detail = f"{'; '.join(causes)} ({detail})"
     for status in (EXIT_USER_ERROR, EXIT_HANG):
         if status in by_status:
             return status, detail
@@ -164,15 +168,63 @@ def refused_restart() -> int | None:
     return EXIT_USER_ERROR
 
 
-def restart_line() -> str | None:
-    """Rank 0 of restarted trainers: which restart this is and why (for the console and train.log)."""
+def restart_line(run_dir: Path | None = None) -> str | None:
+    """Rank 0 of restarted trainers: which restart this is and why (for the console and train.log): from
+    the exit records, else (BFLY_EXIT_STATUS_DIR unset) from the hang the previous round declared."""
     restart, allowed = environ.restart_count()
     if restart == 0:
         return None
     where = environ.exit_status_dir()
     previous = exit_records(where, restart - 1) if where else []
-    why = job_status(previous)[1] if previous else "a trainer failed"
+    hang = declared_hang(run_dir, restart - 1) if run_dir and not previous else None
+    why = job_status(previous)[1] if previous else hang or "a trainer failed"
     return f"restart {restart} of {allowed} inside this job (torchrun --max-restarts) after: {why}"
+
+
+# --- the hang a round of trainers declared (for the restart line without exit records) -----------------
+
+HANG_CAUSE = "hang/cause.json"
+
+
+def record_hang(run_dir: Path, cause: str) -> None:
+    """The cause of a hang the watchdog declared, in run.dir/hang/, for the restarted trainers' line."""
+    record = {
+        "cause": cause,
+        "restart": environ.restart_count()[0],
+        "run_id": environ.elastic_run_id(),
+        "time": time.time(),
+    }
+    with contextlib.suppress(OSError):
+        path = run_dir / HANG_CAUSE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".cause.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+
+
+def declared_hang(run_dir: Path, restart: int) -> str | None:
+    """The cause recorded by `record_hang` in torchrun round `restart` of this torchrun (same run id, written
+    after this trainer's agent started), else None."""
+    try:
+        record = json.loads((run_dir / HANG_CAUSE).read_text())
+    except (OSError, ValueError):
+        return None
+    started = _parent_started()
+    if record.get("restart") != restart or record.get("run_id") != environ.elastic_run_id():
+        return None
+    if started is None or record.get("time", 0) < started:
+        return None
+    return str(record["cause"])
+
+
+def _parent_started() -> float | None:
+    """When this process's parent (torchrun's agent) started, in seconds since the epoch (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(x.split()[1]) for x in Path("/proc/stat").read_text().splitlines() if x.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 # --- the state kept in the run directory ------------------------------------------------------------

@@ -100,7 +100,7 @@ def harness(cfg: Config, env: DistEnv, watch: Watchdog, faults: Faults) -> Harne
         components=[faults.component()],
         before_rendezvous=before_rendezvous,
         before_write=faults.before_write,
-        restart_line=retry.restart_line(),
+        restart_line=retry.restart_line(run_dir_of(cfg)),
         recorded=attempt_recorded,
         sink_opened=sink_opened,
         error_line=error_line,
@@ -139,7 +139,11 @@ def run_job(argv: list[str] | None = None) -> Result:
         # From here on a rank that stops making progress, or cannot honour a stop, is found and ended.
         faults = Faults.requested(env.rank)
         failed.watch = Watchdog.start(
-            Heartbeat(env.rank, faults.stall_for_test), env, Limits.of(cfg.run), run_dir_of(cfg), stop.signal_name
+            Heartbeat(env.rank, faults.stall_for_test),
+            env,
+            Limits.of(cfg.run, cfg.dist.timeout_s),
+            run_dir_of(cfg),
+            stop.signal_name,
         )
         outcome = train(cfg, env, stop, harness(cfg, env, failed.watch, faults))
         code = cfg.run.stopped_exit_code if outcome.by_signal else 0

@@ -17,10 +17,17 @@ The job is hung when no rank has made progress within the limit of the phase it 
 A slow rank makes progress at every step: it is not hung. A stalled one stops every rank within a step
 (they wait for it in the gradient all-reduce); the stalled rank is told apart from those waiting for it:
 a rank whose heartbeat stopped (a stopped or dead process), else one busy in its own work (data, eval,
-checkpoint, start-up) rather than in a collective, else the one furthest behind. Then every live rank
-writes its threads' stacks to run.dir/hang/rank<R>-<host>.txt, the first live rank prints one line
-naming the stalled rank(s) (console, train.log, wandb), and each live process ends with EXIT_HANG
-(torchrun then ends the others). The last checkpoint is intact: checkpoint files are replaced atomically.
+checkpoint, start-up) rather than in a collective, else the one furthest behind. The process that
+serves the store (rank 0, unless torchrun's agent does) is no exception: when the store stops
+answering, its host is the rank named. A rank that was stopped itself names no other. Then every live
+rank writes its threads' stacks to run.dir/hang/rank<R>-<host>.txt, the first live rank prints one line
+naming the stalled rank(s) (console, train.log, wandb) and records the cause (run.dir/hang/cause.json
+and the exit records: the restart line names it), a stopped trainer on the same host is killed, and
+each live process ends with EXIT_HANG (torchrun then ends the others). The last checkpoint is intact:
+checkpoint files are replaced atomically.
+
+A job suspended as a whole (Ctrl-Z, scontrol suspend) is no hang when it goes on, if it was suspended for
+less than dist.timeout_s (see `Watchdog.backstop_s`).
 
 A stop signal that the trainer cannot honour (it is blocked in start-up or in a collective and never
 reaches a step) ends the process after `run.stop_grace_s`, with its stacks written: the signal is seen
@@ -46,11 +53,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bfly.core.env import DistEnv, restart_count, restart_store_shared, store_address
+from bfly.core.env import DistEnv, agent_serves_store, restart_count, restart_store_shared, store_address
 from bfly.core.stopping import STOP_SIGNALS
-from bfly.job.ending import bounded, exit_hang, forked_children, kill_stopped, proc_state, write_stacks
+from bfly.job.ending import (
+    bounded,
+    exit_hang,
+    forked_children,
+    kill_stopped,
+    local_trainers,
+    proc_state,
+    write_stacks,
+)
 from bfly.job.exits import EXIT_HANG
-from bfly.job.hang import Seen, View, frozen_ranks, judge
+from bfly.job.hang import Seen, View, frozen_ranks, judge, stale_after
 from bfly.job.heartbeat import STEP_MULTIPLE, WARM_STEPS, Heartbeat, Limits, watched
 from bfly.job.nccl import configure_nccl, dump_nccl_trace, nccl_settings
 from bfly.run.runlog import append_to_train_log
@@ -74,41 +89,73 @@ RESTART_HINT = (
 
 class StoreLink:
     """This rank's side of the job's rendezvous store (a TCPStore every rank reaches across nodes): it
-    publishes this rank's record, reads the other ranks', and carries a declared hang to every rank."""
+    publishes this rank's record, reads the other ranks', and carries a declared hang to every rank.
+
+    Every exchange runs in a thread of its own, waited for at most `timeout_s`: a request to a store whose
+    host is stopped gets no answer, ever (the TCP connection stays open), whatever the store's timeout;
+    so does a connection made while the port listens but nobody serves it yet (start-up). While one is
+    unanswered no other is sent, and `answered` (when the store last answered) stays old: the judgement
+    takes that silence as evidence against the store's host. One unanswered for ABANDON_AFTER timeouts is
+    given up (its thread left blocked, at most MAX_ABANDONED of them) and the next goes on a new
+    connection."""
+
+    ABANDON_AFTER = 3
+    MAX_ABANDONED = 5
 
     def __init__(self, address: tuple[str, int] | None, prefix: str, env: DistEnv, timeout_s: float):
         self.address, self.prefix, self.env, self.timeout_s = address, prefix, env, timeout_s
         self.store: Any = None
+        self.answered: float | None = None  # monotonic time of the last answered exchange
+        self._pending: threading.Thread | None = None
+        self._pending_since = 0.0
+        self._abandoned = 0
 
-    def exchange(self, mine: dict[str, Any], seen: dict[int, Seen], now: float) -> str | None:
-        """Publishes `mine`, updates `seen` with the others' records that changed; returns the hang line
-        another rank declared, if one did."""
+    def exchange(self, mine: dict[str, Any], seen: dict[int, Seen]) -> dict[str, str] | None:
+        """Publishes `mine`, updates `seen` with the others' records that changed; returns the hang another
+        rank declared ({"line", "cause"}), if one did."""
         if self.address is None or self.env.world_size == 1:
             return None
-        if self.store is None:
-            self.store = self._connect()
-            if self.store is None:
+        if self._pending is not None and self._pending.is_alive():  # the last request is still unanswered
+            waited = time.monotonic() - self._pending_since
+            if waited < self.ABANDON_AFTER * self.timeout_s or self._abandoned >= self.MAX_ABANDONED:
+                return None
+            self._abandoned += 1
+            self.store = None  # a new connection: the old one may never answer
+        result: list[dict[str, str] | None] = []
+        thread = threading.Thread(target=lambda: result.append(self._exchange(mine, seen)), daemon=True)
+        self._pending, self._pending_since = thread, time.monotonic()
+        thread.start()
+        thread.join(self.timeout_s)
+        return result[0] if result else None
+
+    def _exchange(self, mine: dict[str, Any], seen: dict[int, Seen]) -> dict[str, str] | None:
+        store = self.store
+        if store is None:
+            store = self.store = self._connect()
+            if store is None:
                 return None
         try:
-            self.store.set(self._key(self.env.rank), json.dumps(mine))
+            store.set(self._key(self.env.rank), json.dumps(mine))
             others = [r for r in range(self.env.world_size) if r != self.env.rank]
-            present = [self._key(r) for r in others if r in seen or self.store.check([self._key(r)])]
-            for raw in self.store.multi_get(present) if present else []:
+            present = [self._key(r) for r in others if r in seen or store.check([self._key(r)])]
+            for raw in store.multi_get(present) if present else []:
                 record = json.loads(bytes(raw))
                 old = seen.get(record["rank"])
                 if old is None or old.record["seq"] != record["seq"]:
-                    seen[record["rank"]] = Seen(record, now)
-            if self.store.check([f"{self.prefix}/hang"]):
-                return bytes(self.store.get(f"{self.prefix}/hang")).decode()
-        except Exception:  # the store's host is stopped or gone: judge on what was seen last
+                    seen[record["rank"]] = Seen(record, time.monotonic())
+            declared = None
+            if store.check([f"{self.prefix}/hang"]):
+                declared = json.loads(bytes(store.get(f"{self.prefix}/hang")))
+        except Exception:  # the store's host is gone: judge on what was seen last
             return None
-        return None
+        self.answered = time.monotonic()
+        return declared
 
-    def declare(self, line: str) -> None:
+    def declare(self, line: str, cause: str) -> None:
         """Tells the other ranks (they read it at their next poll)."""
-        if self.store is not None:
-            with contextlib.suppress(Exception):
-                self.store.set(f"{self.prefix}/hang", line)
+        store = self.store
+        if store is not None:
+            bounded(lambda: store.set(f"{self.prefix}/hang", json.dumps({"line": line, "cause": cause})), 2)
 
     def _key(self, rank: int) -> str:
         return f"{self.prefix}/rank{rank}"
@@ -169,6 +216,27 @@ class StopSignals:
             self._fds = None
 
 
+def published_record(
+    beat: Heartbeat, limits: Limits, rank: int, host: str, pid: int, seq: int, now: float
+) -> dict[str, Any]:
+    """A rank's heartbeat as published (seq: how many it published before): what the other ranks judge it by."""
+    idle, limit = now - beat.since, beat.limit(limits)
+    mine = {
+        "seq": seq,
+        "rank": rank,
+        "host": host,
+        "pid": pid,
+        "step": beat.step,
+        "phase": beat.phase,
+        "idle": round(idle, 1),
+        "limit": limit,
+        "steady": beat.steady_limit(limits),
+    }
+    if beat.phase in ("data", "eval") and idle > limit / 2:
+        mine["workers"] = [[p, proc_state(p)] for p in forked_children()]
+    return mine
+
+
 class Watchdog:
     """A daemon thread per process: every poll it publishes this rank's heartbeat, reads the others', judges
     (bfly.job.hang), and ends the process on a hang or a stop it cannot honour in time."""
@@ -194,6 +262,7 @@ class Watchdog:
         self.seen: dict[int, Seen] = {}
         self.started = time.monotonic()
         self.stop_signal: tuple[str, float] | None = None
+        self.resumed: float | None = None  # when this process last found it had been stopped
         self._seq = 0
         self._polled = self.started  # when the thread last polled
         self._closed = threading.Event()
@@ -248,47 +317,35 @@ class Watchdog:
 
     def _tick(self, now: float) -> None:
         last_poll, self._polled = self._polled, now
+        if now - last_poll > stale_after(self.limits):  # this process was stopped (or this thread starved)
+            self.resumed = now
         caught = self._signals.arrived()
         if caught and self.stop_signal is None:
             self.stop_signal = (caught, now)
         if self.limits.hang_s > 0:
-            # Backstop for a main thread that holds the GIL while stuck (this thread could not run): the
-            # interpreter's own timer prints every thread's stack and exits. Its clock runs on while the
-            # process is stopped: a process suspended for longer than this is ended when it goes on.
-            left = max(self.beat.limit(self.limits) - (now - self.beat.since), 0)
-            faulthandler.dump_traceback_later(left + 120 + 5 * self.limits.poll_s, exit=True)
-        mine = self._record(now)
+            faulthandler.dump_traceback_later(self.backstop_s(now), exit=True)
+        mine = published_record(self.beat, self.limits, self.env.rank, self.host, self.pid, self._seq, now)
+        self._seq += 1
         self.seen[self.env.rank] = Seen(mine, now)
-        declared = self.link.exchange(mine, self.seen, now)
+        declared = self.link.exchange(mine, self.seen)
         if declared:
-            self._end(declared)
+            self._end(declared["line"], declared["cause"])
         if self.stop_signal and self.limits.stop_grace_s > 0:
             name, at = self.stop_signal
             if now - at > self.limits.stop_grace_s:
                 self._end_unstoppable(name, now - at, mine)
         verdict = judge(replace(self.view(now), last_poll=last_poll), self.limits)
         if verdict:
-            self._end(verdict.line(self.run_dir / "hang", self.hint))
+            self._end(verdict.line(self.run_dir / "hang", self.hint), verdict.cause)
 
-    def _record(self, now: float) -> dict[str, Any]:
-        """This rank's heartbeat as published: what the other ranks judge it by."""
-        beat = self.beat
-        idle, limit = now - beat.since, beat.limit(self.limits)
-        mine = {
-            "seq": self._seq,
-            "rank": self.env.rank,
-            "host": self.host,
-            "pid": self.pid,
-            "step": beat.step,
-            "phase": beat.phase,
-            "idle": round(idle, 1),
-            "limit": limit,
-            "steady": beat.steady_limit(self.limits),
-        }
-        if beat.phase in ("data", "eval") and idle > limit / 2:
-            mine["workers"] = [[pid, proc_state(pid)] for pid in forked_children()]
-        self._seq += 1
-        return mine
+    def backstop_s(self, now: float) -> float:
+        """Seconds from `now` after which the interpreter's own timer prints every thread's stack and ends
+        the process: the backstop for a main thread that holds the GIL while stuck (this thread cannot
+        run then). Its clock runs on while the process is stopped, so a job suspended for longer is ended
+        when it goes on; that is why it lies past dist.timeout_s, as long as collectives in flight wait
+        (they time out too after such a suspension)."""
+        left = max(self.beat.limit(self.limits) - (now - self.beat.since), 0)
+        return left + max(120, self.limits.collective_s) + 5 * self.limits.poll_s
 
     def view(self, now: float) -> View:
         """What this rank knows at `now`, the /proc state of frozen ranks on this host included."""
@@ -301,23 +358,33 @@ class Watchdog:
             self.started,
             self.beat.steady_limit(self.limits),
             store=f"{self.address[0]}:{self.address[1]}" if self.address else "",
+            resumed=self.resumed,
+            store_answered=self.link.answered,
+            store_host=None if agent_serves_store() else 0,
         )
         local = [r for r in frozen_ranks(view, self.limits) if r in self.seen and self._is_local(r)]
-        return replace(view, states={r: proc_state(self.seen[r].record["pid"]) for r in local})
+        unheard = [r for r in range(self.env.world_size) if r not in self.seen]
+        pids = local_trainers(self.env.rank, self.env.world_size) if unheard else {}
+        return replace(
+            view,
+            states={r: proc_state(self.seen[r].record["pid"]) for r in local},
+            unheard={r: (pids[r], proc_state(pids[r])) for r in unheard if r in pids},
+        )
 
     def _is_local(self, rank: int) -> bool:
         return self.seen[rank].record["host"] == self.host
 
     # --- ending ---
 
-    def _end(self, line: str) -> None:
-        """Writes this process's stacks; the first live rank reports `line`; then the process ends."""
+    def _end(self, line: str, cause: str) -> None:
+        """Writes this process's stacks; the first live rank reports `line`; then the process ends.
+        cause: the verdict in a few words, for the restart line (bfly.job.retry)."""
         self.declared = line
         view = self.view(time.monotonic())
         frozen = frozen_ranks(view, self.limits)
         live = [r for r in range(self.env.world_size) if r not in frozen]
         reporter = min(live, default=self.env.rank) == self.env.rank
-        self.link.declare(line)
+        self.link.declare(line, cause)
         dumped = self.dump(line)
         if reporter:
             print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
@@ -330,7 +397,7 @@ class Watchdog:
         kill_stopped(self.seen[r].record["pid"] for r in frozen if r in self.seen and self._is_local(r))
         # Let the other ranks read the verdict (this process may host the store) before ending.
         time.sleep(self.limits.poll_s + 2 if self.env.world_size > 1 else 0)
-        exit_hang(self.before_exit, line)
+        exit_hang(self.before_exit, line, cause, self.run_dir if reporter else None)
 
     def _end_unstoppable(self, signal_name: str, waited: float, mine: dict[str, Any]) -> None:
         line = (
@@ -342,7 +409,7 @@ class Watchdog:
         self.declared = line
         self.dump(line)
         print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
-        exit_hang(self.before_exit, line)
+        exit_hang(self.before_exit, line, f"stop signal not honoured on rank {self.env.rank} ({self.host})")
 
     @property
     def dump_path(self) -> Path:
