@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, subprocess_env
 
 PRETEND_GPU = """
@@ -72,6 +74,7 @@ def run_pytest(folder: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_on_a_gpu_machine_the_cpu_tier_hides_the_gpu_and_restores_backend_flags(tmp_path):
     shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "pretend_gpu.py").write_text(PRETEND_GPU)

@@ -206,6 +206,7 @@ run_cells([Cell("stuck", "stuck", 1, stuck), Cell("after", "after", 0, lambda ru
 """
 
 
+@pytest.mark.slow
 def test_a_cell_stuck_outside_python_is_ended_by_its_guard_with_json_and_verdict(tmp_path):
     start = time.monotonic()
     proc = run_python("-c", STUCK, str(tmp_path), timeout=60)

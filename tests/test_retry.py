@@ -135,6 +135,7 @@ def test_the_failure_count_lives_in_the_run_directory_across_requeues(tmp_path, 
     assert attempt(0, 12).requeue
 
 
+@pytest.mark.slow
 def test_a_restart_after_a_user_error_is_refused_at_once(tiny_data, tmp_path):
     """torchrun --max-restarts restarts on any failure; a restarted trainer that finds the previous start
     ended with a user error (here: data.root has no dataset) exits 2 at once instead of failing again."""

@@ -130,6 +130,7 @@ def test_outputs_gradients_and_running_statistics_equal_batchnorm_over_the_globa
         assert empty.startswith("SyncBatchNorm2d: empty input (0, 5, 4, 3) on this rank: every rank needs")
 
 
+@pytest.mark.slow
 def test_compiled_it_still_equals_batchnorm_over_the_global_batch():
     for rank, found in enumerate(spawn(2, compare_with_batchnorm, True)):
         found.pop("empty"), found.pop("num_batches_tracked")
@@ -198,7 +199,7 @@ def count_graphs(rank: int, world: int, port: int, results: Any, name: str, ddp:
 @pytest.mark.parametrize(
     ("name", "ddp"),
     [
-        ("small", True),
+        pytest.param("small", True, marks=pytest.mark.slow),
         ("small", False),
         pytest.param("resnet50", True, marks=pytest.mark.slow),
         pytest.param("vgg19_bn", False, marks=pytest.mark.slow),
@@ -212,6 +213,7 @@ def test_compiled_it_adds_no_graph_and_no_graph_break(name, ddp):
         assert ddp or found["BatchNorm2d"][1] == 0  # DDP's own wrapper adds breaks, to both alike
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun on Linux")
 def test_a_two_process_cpu_run_with_syncbn_resumes_bit_identical(tiny_data, tmp_path):
     args = {"train.epochs": 1, "model.sync_bn": "true"}

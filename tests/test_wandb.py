@@ -549,6 +549,7 @@ def test_auto_mode_goes_offline_in_seconds_when_the_server_cannot_be_reached(tmp
     assert list((tmp_path / "auto" / "wandb").glob("run-*")) == []  # wandb never tried online
 
 
+@pytest.mark.slow
 def test_auto_mode_falls_back_to_offline_when_wandb_cannot_reach_its_server(tmp_path, capsys):
     """The server answers, but wandb still cannot log online (here: it is not a wandb server)."""
     from bfly.job.train import main as train_main
