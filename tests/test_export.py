@@ -78,6 +78,7 @@ def test_export_round_trip_gives_the_checkpoints_logits(resnet50_best, tmp_path)
     assert all(d is not None and d <= tol for d in info["check"]["max_abs_diff"].values())
 
 
+@pytest.mark.slow
 def test_a_model_without_a_torchvision_twin_exports_and_checks_its_program(trained_run, tmp_path):
     out = tmp_path / "model"
     best = trained_run / "best.pt"

@@ -344,6 +344,7 @@ def check_smoke(proc: subprocess.CompletedProcess, result: dict, cells: list[str
         assert verdict["trainer: SIGTERM mid-epoch, resumed at that step, finished"] == "PASS"
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_the_fp16_trainer_cell(tmp_path):
     cells = ["fp16"]
     proc, result, took = run_smoke(tmp_path, cells, timeout=300)

@@ -121,7 +121,7 @@ def compare_with_batchnorm(rank: int, world: int, port: int, results: Any, compi
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_outputs_gradients_and_running_statistics_equal_batchnorm_over_the_global_batch(world):
     for rank, found in enumerate(spawn(world, compare_with_batchnorm, False)):
         empty = found.pop("empty")
