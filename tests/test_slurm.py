@@ -282,7 +282,14 @@ def test_multi_node_script_names_a_stalled_rank_and_ends_the_job(slurm_cluster, 
     log = tmp_path / "slurm.out"
     args = [*train_args(tiny_data, run_dir), "run.hang_timeout_s=5", "run.startup_timeout_s=60"]
     cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--time=10", "--nodes=2", "--cpus-per-task=1"]
-    env = subprocess_env(BFLY_PYTHON=PYTHON, BFLY_NPROC_PER_NODE="1", BFLY_TEST_STALL="1:data:4:600")
+    # No torchrun restart and no requeue: the job ends with the hang (the retries have trials of their own).
+    env = subprocess_env(
+        BFLY_PYTHON=PYTHON,
+        BFLY_NPROC_PER_NODE="1",
+        BFLY_TEST_STALL="1:data:4:600",
+        BFLY_MAX_RESTARTS="0",
+        BFLY_MAX_FAILURES="0",
+    )
     job_id = subprocess.run(
         [*cmd, f"--output={log}", str(MULTI_NODE), *args], env=env, capture_output=True, text=True, check=True,
         timeout=60,
