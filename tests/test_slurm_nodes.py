@@ -19,14 +19,17 @@ from test_slurm import (  # noqa: F401  (the fixtures: the cluster, and no job l
     SINGLE_NODE,
     STEPS,
     cancel_leftover_jobs,
+    reference,
     sacct,
     sbatch,
     slurm_cluster,
     trainer_pid,
     wait_for_text,
     wait_job_done,
-    wait_until,
+    wait_or_fail,
 )
+
+from conftest import assert_same_weights
 
 slurm = pytest.mark.slurm
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
@@ -110,7 +113,7 @@ def test_a_node_that_differs_ends_the_job_before_step_1_naming_it(fault, tiny_da
 
 @slurm
 @pytest.mark.slow
-def test_a_hung_job_is_requeued_away_from_its_node_resumes_and_finishes(tiny_data, tmp_path):
+def test_a_hung_job_is_requeued_away_from_its_node_resumes_and_finishes(reference, tiny_data, tmp_path):  # noqa: F811
     run_dir = tmp_path / "run"
     overrides = (*EVERY_2, "run.hang_timeout_s=5", "run.startup_timeout_s=60", "run.stop_grace_s=10")
     env = {"BFLY_MAX_RESTARTS": "0"}  # the hang goes to the requeue, not to a torchrun restart
@@ -121,7 +124,7 @@ def test_a_hung_job_is_requeued_away_from_its_node_resumes_and_finishes(tiny_dat
     stopped = time.monotonic()
     second = f"bfly: job {job_id} attempt 2"
     wait_for_text(log, second, job_id, timeout_s=240)
-    wait_until(lambda: "epoch 1/2 step" in log.read_text().split(second, 1)[1], 300, "training again", log, job_id)
+    wait_or_fail(lambda: "epoch 1/2 step" in log.read_text().split(second, 1)[1], 300, "training again", log, job_id)
     lost = time.monotonic() - stopped
     excluded = scontrol_job(job_id)["ExcNodeList"]
     assert wait_job_done(job_id, log) == "COMPLETED", log.read_text()[-3000:]
@@ -133,6 +136,7 @@ def test_a_hung_job_is_requeued_away_from_its_node_resumes_and_finishes(tiny_dat
     (blamed,) = ledger.read(run_dir)
     assert (blamed.node, blamed.reason) == (first, ledger.HANG)
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
+    assert_same_weights(run_dir / "last.pt", reference.run_dir / "last.pt")  # as if it had never hung
     print(
         f"{line[0]}; ran on {first}, then {scontrol_job(job_id)['NodeList']}; training again {lost:.0f} s after SIGSTOP"
     )
