@@ -22,9 +22,7 @@ and rewritten under a lock, like retries.json: several nodes may blame at once.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import re
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -32,6 +30,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from bfly.run.rundir import locked_json
 
 FILE = "suspect_nodes.json"
 HANG, HARDWARE, NODE_CHECK, STRAGGLER = "hang", "hardware", "node check", "straggler"
@@ -59,20 +59,10 @@ class Blame:
 
 @contextlib.contextmanager
 def _locked(run_dir: Path) -> Iterator[dict[str, Any]]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / FILE, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        text = f.read()
-        state = json.loads(text) if text.strip() else {}
+    with locked_json(run_dir / FILE, indent=1) as state:
         state.setdefault("blamed", [])
         state.setdefault("hosts", {})
         yield state
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(state, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _state(run_dir: Path) -> dict[str, Any]:

@@ -32,7 +32,6 @@ under our sbatch scripts each trainer records its exit status in <run dir>/.bfly
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import subprocess
@@ -46,6 +45,7 @@ from bfly.core import env as environ
 from bfly.core.errors import one_line
 from bfly.job import ledger
 from bfly.job.exits import EXIT_CRASH, EXIT_HANG, EXIT_NODE_CHECK, EXIT_STOPPED, EXIT_USER_ERROR
+from bfly.run.rundir import locked_json
 
 STATE = "retries.json"
 EXIT_DIR = ".bfly-exit"
@@ -230,21 +230,9 @@ def _parent_started() -> float | None:
 # --- the state kept in the run directory ------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _locked_state(run_dir: Path):
+def _locked_state(run_dir: Path) -> contextlib.AbstractContextManager[dict[str, Any]]:
     """retries.json, read and rewritten under a lock (several ranks of a submitit job may fail at once)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / STATE, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        text = f.read()
-        state = json.loads(text) if text.strip() else {}
-        yield state
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(state) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    return locked_json(run_dir / STATE)
 
 
 def after_failure(run_dir: Path, status: int, detail: str, placement_changed: bool = False) -> Decision:

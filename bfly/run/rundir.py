@@ -14,11 +14,13 @@ whose holder is gone is taken over without a human:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -207,3 +209,21 @@ def append_history(run_dir: Path, record: dict[str, Any]) -> None:
     """config_history.jsonl: each accepted change of the config on a resume, with its step."""
     with open(run_dir / "config_history.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def locked_json(path: Path, indent: int | None = None) -> Iterator[dict[str, Any]]:
+    """A run directory's JSON state file (retries.json, suspect_nodes.json), read and rewritten under an
+    exclusive lock: several ranks or jobs of a run may update it at once; the update survives a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        state = json.loads(text) if text.strip() else {}
+        yield state
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(state, indent=indent) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
