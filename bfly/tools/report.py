@@ -28,6 +28,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -413,20 +414,9 @@ def attempts_section(runs: list[RunMetrics]) -> list[str]:
 
 def print_attempts(run_dirs: list[Path]) -> int:
     """`--attempts`: each run's attempt history table; exit 2 when a run has none."""
-    from bfly.job.attempts import FILE, history_table
+    from bfly.job.attempts import history_table
 
-    missing = 0
-    for run_dir in run_dirs:
-        table = history_table(run_dir)
-        if table is None:
-            print(
-                f"bfly.report: error: {run_dir / FILE} not found (runs started before it existed have none)",
-                file=sys.stderr,
-            )
-            missing += 1
-            continue
-        print(f"attempts of {run_dir}:\n{table}\n")
-    return 2 if missing else 0
+    return _print_each(run_dirs, "attempts", history_table)
 
 
 # --- goodput -------------------------------------------------------------------------------------------
@@ -444,17 +434,27 @@ def goodput_section(runs: list[RunMetrics]) -> list[str]:
 
 def print_goodput(run_dirs: list[Path]) -> int:
     """`--goodput`: each run's goodput tables; exit 2 when a run has no attempt history."""
+    return _print_each(run_dirs, "goodput", _goodput_table)
+
+
+def _goodput_table(run_dir: Path) -> str | None:
+    g = goodput.of_run(run_dir)
+    return None if g is None else goodput.report(g)
+
+
+def _print_each(run_dirs: list[Path], what: str, table_of: Callable[[Path], str | None]) -> int:
+    """Each run's `what` table (from its attempt history); exit 2 when a run has none."""
     missing = 0
     for run_dir in run_dirs:
-        g = goodput.of_run(run_dir)
-        if g is None:
+        table = table_of(run_dir)
+        if table is None:
             print(
                 f"bfly.report: error: {run_dir / ATTEMPTS} not found (runs started before it existed have none)",
                 file=sys.stderr,
             )
             missing += 1
             continue
-        print(f"goodput of {run_dir}:\n{goodput.report(g)}\n")
+        print(f"{what} of {run_dir}:\n{table}\n")
     return 2 if missing else 0
 
 
