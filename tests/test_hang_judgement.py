@@ -277,6 +277,21 @@ TABLE: dict[str, tuple[Case, tuple[int, ...] | None, list[str]]] = {
         (1,),
         ["rank 1 (node-a, pid 4242) sent no heartbeat and is stopped (process state T)"],
     ),
+    "a rank stopped before any record of it arrived is held to the judging rank's step limit": (
+        Case({0: record(0, "collective", idle=6)}, started_ago=20, unheard={1: (4242, "T")}),
+        (1,),
+        ["rank 1 (node-a, pid 4242) sent no heartbeat and is stopped (process state T)"],
+    ),
+    "a rank never heard of and not stopped keeps the start-up limit while the others train": (
+        Case({0: record(0, "collective", idle=6)}, started_ago=20, unheard={1: (4242, "S")}),
+        None,
+        [],
+    ),
+    "start-up: a rank stopped before any record of it arrived keeps the start-up limit in the warm-up": (
+        Case({0: record(0, "collective", idle=6, steps=1)}, started_ago=20, own_steady=60, unheard={1: (4242, "T")}),
+        None,
+        [],
+    ),
     "start-up: a rank that has not reached the rendezvous past the start-up limit is named": (
         Case({0: record(0, "rendezvous", idle=70, steps=0), 1: record(1, "startup", idle=70, steps=0)}),
         (1,),

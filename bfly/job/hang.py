@@ -6,7 +6,8 @@ None. The rules:
 * a rank is frozen when its published record stopped changing for 3 polls + 2 s (a stopped or dead
   process, or one that cannot reach the store); the judging rank itself never is;
 * each rank has made no progress for `age` seconds (its last record's idle time plus the time since it
-  changed; a rank never heard of: since the judging watchdog started, against the start-up limit) and
+  changed; a rank never heard of: since the judging watchdog started, against the start-up limit, or
+  the judging rank's step limit when /proc shows it stopped or dead on this host) and
   has a limit: the one its own record states for its phase (start-up, rendezvous, checkpoint and its
   first WARM_STEPS steps: run.startup_timeout_s; otherwise the larger of run.hang_timeout_s and
   STEP_MULTIPLE x its median step). A frozen rank's own limit is as old as its last record, so the
@@ -38,6 +39,7 @@ from bfly.job.exits import EXIT_HANG
 from bfly.job.heartbeat import Limits
 
 WAITING = ("rendezvous", "forward-backward", "collective")  # phases that may be waiting for another rank
+DEAD_OR_STOPPED = ("T", "t", "Z", "X")  # /proc states of a process that will not make progress
 STATES = {
     "R": "running",
     "S": "sleeping",
@@ -133,6 +135,10 @@ def stalled_for(view: View, rank: int, limits: Limits, steady: bool = False) -> 
     the longer one of a checkpoint write."""
     seen = view.seen.get(rank)
     if seen is None:  # never heard of: not started, or cannot reach the store
+        if view.unheard.get(rank, (0, None))[1] in DEAD_OR_STOPPED:
+            # A trainer on this host that stopped or died before any record of it arrived (its first steps
+            # are milliseconds long): the ranks move in step, so this rank's step limit stands for it.
+            return view.now - view.started, view.own_steady
         return view.now - view.started, limits.startup_s
     age = seen.record["idle"] + (view.now - seen.changed)
     if is_frozen(view, rank, limits):
@@ -224,4 +230,4 @@ def _frozen_state(local: bool, state: str | None, step: int, serves_store: bool)
         return f"{store} is unreachable since step {step} (stopped, dead or cut off)"
     if state is None:
         return f"{store} is gone"
-    return f"{store} is {STATES[state] if state in 'TtZX' else 'not responding'} (process state {state})"
+    return f"{store} is {STATES[state] if state in DEAD_OR_STOPPED else 'not responding'} (process state {state})"

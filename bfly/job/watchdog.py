@@ -394,7 +394,8 @@ class Watchdog:
         elif not dumped:
             print(f"bfly.train [rank {self.env.rank}]: {line}", file=sys.stderr, flush=True)
         # A stopped trainer of this job on this host is ended here (it can run nothing, not even a handler).
-        kill_stopped(self.seen[r].record["pid"] for r in frozen if r in self.seen and self._is_local(r))
+        stopped = [self.seen[r].record["pid"] for r in frozen if r in self.seen and self._is_local(r)]
+        kill_stopped(stopped + [pid for pid, _ in view.unheard.values()])
         # Let the other ranks read the verdict (this process may host the store) before ending.
         time.sleep(self.limits.poll_s + 2 if self.env.world_size > 1 else 0)
         exit_hang(self.before_exit, line, cause, self.run_dir if reporter else None)
