@@ -44,6 +44,19 @@ def _device_to_host(func: object, args: tuple, kwargs: dict) -> bool:
     return False
 
 
+def _blocking_host_to_device(func: object, args: tuple, kwargs: dict) -> bool:
+    """A copy to the device that is not non_blocking: PyTorch then waits for the stream (every queued
+    kernel) after queueing it, whatever the source memory."""
+    if func is aten._to_copy.default:
+        src, dst = args[0], kwargs.get("device")
+        cross = src.device.type == "cpu" and dst is not None and torch.device(dst).type == "cuda"
+        return cross and not kwargs.get("non_blocking", False)
+    if func is aten.copy_.default:
+        blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+        return args[0].device.type == "cuda" and args[1].device.type == "cpu" and args[1].numel() > 1 and blocking
+    return False
+
+
 class CpuFakeTensorMode(FakeTensorMode):
     """FakeTensorMode that knows no real device exists, whatever the mocked torch.cuda says: it must
     never try to run a constant on a device (that would initialise CUDA). Every op that would make the
@@ -66,6 +79,8 @@ class CpuFakeTensorMode(FakeTensorMode):
         on_gpu = bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type == "cuda"
         if (on_gpu and (func in READ_BACK or func in DATA_DEPENDENT)) or _device_to_host(func, args, kwargs):
             self.waits.append(str(func))
+        elif _blocking_host_to_device(func, args, kwargs):
+            self.waits.append(f"{func} to the device")
         if func in READ_BACK:
             return False if args[0].dtype == torch.bool else 0 if not args[0].is_floating_point() else 0.0
         if func.overloadpacket in FUSED_STEPS:

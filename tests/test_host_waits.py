@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,8 +20,17 @@ from bfly.core.data.cached_input import CachedTrainInput
 from bfly.core.data.inputs import build_train_input
 from bfly.core.data.metadata import load_metadata
 from bfly.core.data.sampling import StepPlan
-from bfly.core.engine import StepHooks, TrainState, new_sums, train_one_epoch
+from bfly.core.engine import TrainState, new_sums, train_one_epoch
+from bfly.core.env import DistEnv
 from bfly.core.optim import build_optimizer
+from bfly.core.stopping import StopRequest
+from bfly.run.exchange import LogExchange
+from bfly.run.health import RankHealth
+from bfly.run.loop import Callback, Callbacks
+from bfly.run.metrics import EpochRecord, MetricsLog
+from bfly.run.phases import Phases
+from bfly.run.runlog import RunLog
+from bfly.run.stops import JobBudget, StopAgreement
 from fakecuda import devices, fake_gpu, process_group
 from test_gpu_path import FakeDdp, cached_cfg, fake_backward, gpu_cfg
 
@@ -104,41 +114,85 @@ def cached_batches(tiny_data, cache, cfg, gpu):
     return train._micro_batches(index, params)
 
 
-def waits_per_step(name: str, amp: str, source: str, tiny_data, cache, monkeypatch) -> dict:
-    """Host waits of one epoch of the real engine on a pretend 2-rank GPU run: at the epoch's start,
-    per ordinary step, at each log point (every 3rd step)."""
-    extra = [f"model.name={name}", f"train.amp={amp}", "train.batch_size=12", "data.workers=0"]
+def test_the_pretend_gpu_counts_copies_that_wait_and_not_those_that_do_not():
+    with fake_gpu() as gpu:
+        on_gpu = torch.zeros(3, device=GPU)
+        on_gpu.cpu()  # a read-back
+        torch.ones(3).to(GPU)  # queued, then PyTorch waits for the stream
+        on_gpu.copy_(torch.ones(3))  # the same
+        torch.ones(3).pin_memory().to(GPU, non_blocking=True)  # queued: no wait
+        on_gpu[0] = 1.0  # a fill with a Python number: no copy
+        torch.cuda.synchronize()
+    assert gpu.waits == [
+        "aten._to_copy.default",
+        "aten._to_copy.default to the device",
+        "aten.copy_.default to the device",
+        "torch.cuda.synchronize",
+    ]
+
+
+class Marks(Callback):
+    """Where each step ends in the list of host waits (the last component: after every other's hook)."""
+
+    def __init__(self, gpu):
+        self.gpu, self.steps = gpu, []
+
+    def on_step(self, state: TrainState) -> None:
+        self.steps.append(len(self.gpu.waits))
+
+
+def log_point_components(trainer, gpu, tmp_path, cfg) -> list[Callback]:
+    """The components a 2-rank run calls at its epoch starts, steps and log points (not the epoch's end,
+    evaluation or checkpoints: those wait by design), each real; the run around them a stand-in."""
+    env = DistEnv(0, 0, 2, 2, "torchrun", "env://")
+    run = SimpleNamespace(
+        cfg=cfg,
+        env=env,
+        device=GPU,
+        trainer=trainer,
+        train_input=SimpleNamespace(steps_per_epoch=5),
+        plan=SimpleNamespace(batch_size=cfg.train.batch_size),
+        log=RunLog(tmp_path, is_main=True),
+    )
+    phases = Phases()
+    health = RankHealth(trainer.model, env, GPU, ["node-a", "node-b"])
+    agreement = StopAgreement(StopRequest(), env, GPU, phases)
+    return [
+        EpochRecord(run, phases),
+        LogExchange(env, GPU, phases, [agreement, health]),
+        health,
+        JobBudget(0, 0, 0, 0),
+        agreement,
+        MetricsLog(run),
+        Marks(gpu),
+    ]
+
+
+def waits_per_step(name: str, amp: str, source: str, tiny_data, cache, monkeypatch, tmp_path) -> dict:
+    """Host waits of one epoch of the real engine and the run's components on a pretend 2-rank GPU run: at
+    the epoch's start, per ordinary step, at each log point (every 3rd step)."""
+    extra = [f"model.name={name}", f"train.amp={amp}", "train.batch_size=12", "data.workers=0", "train.log_every=3"]
     cfg = cached_cfg(tiny_data, cache, "device", *extra) if source == "cached" else gpu_cfg(*extra)
     with fake_gpu() as gpu, process_group(2):
         raw = stack.place_model(stack.init_model(cfg, 10), cfg, GPU, sync_bn=True)
         trainer = stack.build_trainer(cfg, raw, GPU, 10, accum_steps=1, steps_per_epoch=5, ddp=True)
         monkeypatch.setattr(torch.Tensor, "backward", fake_backward(list(raw.parameters())))
         batches = cached_batches(tiny_data, cache, cfg, gpu) if source == "cached" else pil_batches(tiny_data, cfg, gpu)
-        marks: list[tuple[str, int]] = []
+        components = Callbacks(log_point_components(trainer, gpu, tmp_path, cfg))
+        forwards: list[int] = []
+        raw.register_forward_pre_hook(lambda module, args: forwards.append(len(gpu.waits)))
+        state = TrainState(sums=new_sums(GPU))
         start = len(gpu.waits)
-        raw.register_forward_pre_hook(lambda module, args: marks.append(("forward", len(gpu.waits))))
-        hooks = StepHooks(
-            every_n=3,
-            on_log=lambda state, fields: marks.append(("log", len(gpu.waits))),
-            should_stop=lambda state, at_log: False,
-            on_step=lambda state: marks.append(("step", len(gpu.waits))),
-            after_backward=lambda: marks.append(("backward", len(gpu.waits))),
-        )
-        train_one_epoch(trainer, TrainState(sums=new_sums(GPU)), batches, hooks)
+        components.on_epoch_start(state)
+        train_one_epoch(trainer, state, batches, components.step_hooks(cfg.train.log_every))
     kinds = [isinstance(m, stack.SyncBatchNorm2d) for m in raw.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert kinds and all(kinds) and False in trainer.model.kwargs.values()  # no buffer sync
-    first_forward = next(count for kind, count in marks if kind == "forward")
-    steps, previous = [], first_forward
-    for kind, count in marks:
-        if kind == "step":
-            steps.append(gpu.waits[previous:count])
-            previous = count
-    ordinary = [Counter(w) for i, w in enumerate(steps) if (i + 1) % 3]
-    at_log = [Counter(w) for i, w in enumerate(steps) if (i + 1) % 3 == 0]
+    ends = components.all[-1].steps
+    steps = [Counter(gpu.waits[a:b]) for a, b in zip([forwards[0], *ends], ends, strict=False)]
     return {
-        "epoch start": Counter(gpu.waits[start:first_forward]),
-        "ordinary": ordinary,
-        "log": at_log,
+        "epoch start": Counter(gpu.waits[start : forwards[0]]),
+        "ordinary": [c for i, c in enumerate(steps) if (i + 1) % 3],
+        "log": [c for i, c in enumerate(steps) if (i + 1) % 3 == 0],
         "steps": len(steps),
     }
 
@@ -146,17 +200,19 @@ def waits_per_step(name: str, amp: str, source: str, tiny_data, cache, monkeypat
 @pytest.mark.parametrize("source", ["cached", "pil"])
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("name", ["resnet50", "vgg19_bn"])
-def test_an_ordinary_step_never_waits_for_the_gpu(name, amp, source, tiny_data, cache_dir, fake_ddp, monkeypatch):
-    found = waits_per_step(name, amp, source, tiny_data, cache_dir, monkeypatch)
+def test_an_ordinary_step_never_waits_for_the_gpu_and_a_log_point_once(
+    name, amp, source, tiny_data, cache_dir, fake_ddp, monkeypatch, tmp_path
+):
+    found = waits_per_step(name, amp, source, tiny_data, cache_dir, monkeypatch, tmp_path)
     print(
         f"{name} {amp} {source}: host waits at the epoch start {dict(found['epoch start'])}, "
         f"per log point {[dict(c) for c in found['log']]}, per ordinary step {[sum(c.values()) for c in found['ordinary']]}"
     )
     assert found["steps"] == 5 and len(found["ordinary"]) == 4
     assert all(not c for c in found["ordinary"])
-    # The engine's clock: one synchronize at the epoch's start, two at a log point (stop, restart).
-    assert found["epoch start"] == Counter({"torch.cuda.synchronize": 1})
-    assert found["log"] == [Counter({"torch.cuda.synchronize": 2})]
+    assert found["epoch start"] == Counter()
+    # One read-back of the log point's table (running sums, stop flag, health's rows); the clock starts after it.
+    assert found["log"] == [Counter({"aten._to_copy.default": 1})]
 
 
 # --- checkpoints: one device-to-host copy per save ----------------------------------------------------

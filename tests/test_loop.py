@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bfly.core.engine import TrainState, new_sums
+from bfly.core.engine import TrainState, Window, new_sums
 from bfly.core.env import DistEnv
 from bfly.core.stopping import StopRequest
 from bfly.run.loop import Callback, Callbacks, EpochEnd, LogPoint
@@ -20,7 +20,7 @@ def stopping(steps: int = 0, epochs: int = 0, signals: tuple[str, ...] = ()) -> 
     stop = StopRequest()  # not installed: the test plays the signals
     stop.caught.extend(signals)
     budget = JobBudget(start_step=10, start_epoch=1, max_steps=steps, max_epochs=epochs)
-    return Callbacks([budget, StopAgreement(stop, ONE_PROCESS, torch.device("cpu"), Phases(), [])])
+    return Callbacks([budget, StopAgreement(stop, ONE_PROCESS, torch.device("cpu"), Phases())])
 
 
 def at(global_step: int, epoch: int = 1) -> TrainState:
@@ -70,7 +70,7 @@ class Adds(Callback):
 def test_components_are_called_in_order_and_see_what_the_earlier_ones_added():
     calls: list[str] = []
     components = Callbacks([Adds("a", calls), None, Adds("b", calls)])  # None: a component this run has not
-    components.on_log(at(11), {"img_per_s": 1.0})
+    components.on_log(at(11), Window(0.0, 1.0, 12, 1, 0.1, 0.01))
     end = EpochEnd(0, new_sums(torch.device("cpu")))
     components.on_epoch_end(at(11), end)
     components.close()

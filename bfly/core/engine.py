@@ -124,12 +124,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+@dataclass(frozen=True)
+class Window:
+    """The steps since the last log point (or the epoch's start) as this rank's host counted them, with no
+    wait for the device: on a GPU the host may be ahead by the work still queued when `ended` is taken."""
+
+    started: float  # time.perf_counter() at its start
+    ended: float  # at the log point
+    images: int
+    steps: int
+    data_wait_s: float  # time spent waiting for the next batch
+    lr: float
+
+
 @dataclass
 class StepHooks:
     """Called by train_one_epoch; return True from `should_stop` to end the epoch early."""
 
     every_n: int
-    on_log: Callable[[TrainState, dict[str, float]], None]
+    # At a log point; returns when the window's figures were read back from the device: the next one starts then.
+    on_log: Callable[[TrainState, Window], float]
     should_stop: Callable[[TrainState, bool], bool]  # (state, at_log_point) -> stop now?
     on_step: Callable[[TrainState], None]
     after_backward: Callable[[], None] | None = None  # after each step's gradient all-reduce (bfly.health)
@@ -139,7 +153,9 @@ def train_one_epoch(trainer: Trainer, state: TrainState, batches, hooks: StepHoo
     """Runs from state.step_in_epoch to the epoch's end. Returns False if stopped early."""
     trainer.model.train()
     micro = 0
-    images_seen, steps_seen, t0, wait = 0, 0, device_clock(trainer.device), 0.0
+    # The host's clock, not the device's: nothing is queued on the device at an epoch's start (the last
+    # epoch's end read its figures back), and each log point's read-back restarts the window's clock.
+    images_seen, steps_seen, t0, wait = 0, 0, time.perf_counter(), 0.0
     t_fetch = time.perf_counter()
     for images, labels in batches:
         wait += time.perf_counter() - t_fetch
@@ -159,18 +175,10 @@ def train_one_epoch(trainer: Trainer, state: TrainState, batches, hooks: StepHoo
             state.step_in_epoch += 1
             at_log = state.global_step % hooks.every_n == 0
             if at_log:
-                dt = device_clock(trainer.device) - t0
-                hooks.on_log(
-                    state,
-                    {
-                        "img_per_s": images_seen / dt,
-                        "data_wait": wait / dt,
-                        "lr": trainer.optimizer.param_groups[0]["lr"],
-                        "window_s": dt,  # since the last log point (or the epoch's start)
-                        "window_steps": steps_seen,
-                    },
-                )
-                images_seen, steps_seen, t0, wait = 0, 0, device_clock(trainer.device), 0.0
+                lr = trainer.optimizer.param_groups[0]["lr"]
+                window = Window(t0, time.perf_counter(), images_seen, steps_seen, wait, lr)
+                t0 = hooks.on_log(state, window)
+                images_seen, steps_seen, wait = 0, 0, 0.0
             hooks.on_step(state)
             if hooks.should_stop(state, at_log):
                 return False

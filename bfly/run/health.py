@@ -12,8 +12,8 @@ train.log_every steps each rank measures, per step over the window since the las
 * compute: the rest of the step (forward, backward, optimizer);
 * peak memory: the GPU's peak allocation, or on CPU the process's peak resident size.
 
-The figures travel on the collective that already runs at log points (the ranks' agreement on a stop
-request, bfly.run.stops): one all-reduce of a [world size, 6] tensor in which each rank fills its own row. Rank 0 names
+The figures travel on the collective that already runs at log points (bfly.run.exchange, with the
+running sums and the stop flag): one all-reduce of a table in which each rank fills its own row. Rank 0 names
 a straggler when one rank's own work (step time less its collective wait) is over STRAGGLER_RATIO x
 the median of the other ranks' at STRAGGLER_POINTS log points in a row: a warning in the console and
 train.log, and `slow rank R (host) 2.1x` in the progress lines while it lasts. Per-rank figures go to
@@ -64,7 +64,6 @@ class RankHealth(Callback):
         self.env, self.device, self.hosts, self.warn = env, device, hosts, warn
         self._grad_ready: float | None = None
         self._comm_s = 0.0
-        self._row = [0.0] * len(FIELDS)
         self.latest: torch.Tensor | None = None  # [world, FIELDS] at the last log point (rank 0)
         self._candidates: list[int | None] = []  # per log point: the rank over the ratio, or None
         self.straggler: tuple[int, float] | None = None  # (rank, ratio) while one is named
@@ -104,34 +103,25 @@ class RankHealth(Callback):
             self._comm_s += time.perf_counter() - self._grad_ready
             self._grad_ready = None
 
-    def window(self, rates: dict[str, float]) -> None:
-        """This rank's figures of the window that ends at this log point (rates: bfly.engine's)."""
-        steps = max(rates["window_steps"], 1)
+    def row(self, point: LogPoint) -> list[float]:
+        """This rank's figures per step of the window that ends at this log point, on the host's clock."""
+        window = point.window
+        steps = max(window.steps, 1)
         window_ms, data_ms, comm_ms = (
-            rates["window_s"] * 1e3,
-            rates["data_wait"] * rates["window_s"] * 1e3,
+            (window.ended - window.started) * 1e3,
+            window.data_wait_s * 1e3,
             self._comm_s * 1e3,
         )
         compute_ms = max(window_ms - data_ms - comm_ms, 0.0)
-        self._row = [
-            window_ms / steps,
-            data_ms / steps,
-            comm_ms / steps,
-            compute_ms / steps,
-            _peak_memory_gb(self.device),
-        ]
         self._comm_s = 0.0
+        return [window_ms / steps, data_ms / steps, comm_ms / steps, compute_ms / steps, _peak_memory_gb(self.device)]
 
     def on_log(self, state: TrainState, point: LogPoint) -> None:
-        self.window(point.rates)
-        point.record.update(self.step_record())  # the figures of the previous log point's exchange
+        point.record.update(self.step_record())  # the figures that arrived with this log point's exchange
         point.fields.update(self.progress_fields())
 
-    def row(self) -> list[float]:
-        return self._row
-
-    def arrived(self, table: torch.Tensor) -> None:
-        """Every rank's figures at this log point (the stop agreement's collective); rank 0 then updates the
+    def arrived(self, table: torch.Tensor, point: LogPoint) -> None:
+        """Every rank's figures at this log point (bfly.run.exchange); rank 0 then updates the
         straggler, and warns when it changed."""
         if not self.env.is_main:
             return

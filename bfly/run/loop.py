@@ -8,23 +8,27 @@ component sees what an earlier one added (a log point's fields, an epoch's recor
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from bfly.core.engine import StepHooks, TrainState, train_one_epoch
+from bfly.core.engine import StepHooks, TrainState, Window, train_one_epoch
 from bfly.run.build import Run
 from bfly.run.outcome import OTHER_RANK, Outcome
 
 
 @dataclass
 class LogPoint:
-    """A log point (every train.log_every steps): the engine's rates of the window since the last one, and
-    what the components add to its record (the sinks') and to the progress line (its fields)."""
+    """A log point (every train.log_every steps): the engine's window since the last one, its rates once
+    read back (bfly.run.exchange), and what the components add to its record (the sinks') and to the
+    progress line (its fields)."""
 
-    rates: dict[str, float]
+    window: Window
+    rates: dict[str, float] = field(default_factory=dict)  # loss, top1, img_per_s, data_wait, lr, window_s
+    read_at: float | None = None  # time.perf_counter() when the figures arrived from the device
     record: dict[str, Any] = field(default_factory=dict)
     fields: dict[str, float | str] = field(default_factory=dict)
 
@@ -106,10 +110,12 @@ class Callbacks:
             batches = c.batches(batches, split)
         return batches
 
-    def on_log(self, state: TrainState, rates: dict[str, float]) -> None:
-        point = LogPoint(rates)
+    def on_log(self, state: TrainState, window: Window) -> float:
+        """Returns when the window's figures arrived from the device (the next window starts then)."""
+        point = LogPoint(window)
         for c in self.all:
             c.on_log(state, point)
+        return point.read_at if point.read_at is not None else time.perf_counter()
 
     def on_step(self, state: TrainState) -> None:
         for c in self.all:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -24,18 +25,22 @@ class EpochRecord(Callback):
     def __init__(self, run: Run, phases: Phases):
         self.run, self.phases = run, phases
         self._t0 = 0.0
-        self._images_before = 0  # images of this epoch counted before this job (restored from a checkpoint)
+        self._images_before = torch.zeros(())  # images of this epoch counted before this job (a resume)
 
     def on_epoch_start(self, state: TrainState) -> None:
-        self._t0 = device_clock(self.run.device)
-        self.phases.enter("collective")
-        self._images_before = int(distributed.all_reduce_sum(state.sums["count"].clone()).item())
+        # Nothing is read back here (no wait for the device): the count restored from a checkpoint is summed
+        # over the ranks at the epoch's end, with the others. The host's clock: the last epoch's end (or the
+        # start-up) left nothing queued on the device.
+        self._t0 = time.perf_counter()
+        self._images_before = state.sums["count"].clone()
 
     def on_epoch_end(self, state: TrainState, end: EpochEnd) -> None:
         epoch_s = device_clock(self.run.device) - self._t0
+        self.phases.enter("collective")
         sums = {k: distributed.all_reduce_sum(v.clone()) for k, v in end.sums.items()}
+        before = int(distributed.all_reduce_sum(self._images_before).item())
         lr = self.run.trainer.optimizer.param_groups[0]["lr"]
-        end.record.update(epoch_record(end.epoch, state.global_step, sums, lr, epoch_s, self._images_before))
+        end.record.update(epoch_record(end.epoch, state.global_step, sums, lr, epoch_s, before))
 
 
 class MetricsLog(Callback):
@@ -48,10 +53,9 @@ class MetricsLog(Callback):
 
     def on_log(self, state: TrainState, point: LogPoint) -> None:
         run, steps, epochs = self.run, self.run.train_input.steps_per_epoch, self.run.cfg.train.epochs
-        count = state.sums["count"].clamp(min=1)
         mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
-        loss, top1 = (state.sums["loss"] / count).item(), (state.sums["correct"] / count).item()
-        record, fields = step_record(loss, top1, point.rates, run.env.world_size, state.epoch, mem)
+        rates = point.rates  # read back by bfly.run.exchange
+        record, fields = step_record(rates["loss"], rates["top1"], rates, run.env.world_size, state.epoch, mem)
         record.update(point.record)
         fields.update(point.fields)
         run.log.step(record, state.global_step)

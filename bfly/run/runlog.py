@@ -189,9 +189,9 @@ def open_wandb(log: RunLog, mode: str, start: Callable[[], Sink]) -> Sink | None
 def step_record(
     loss: float, top1: float, rates: dict[str, float], world_size: int, epoch: int, gpu_mem_gb: float | None
 ) -> tuple[dict[str, Any], dict[str, float | str]]:
-    """(record for the sinks, fields of the progress line) at a log point. loss/top1: this epoch so far
-    (rank 0's share); rates from bfly.engine; data_wait is the share of wall time this rank waited for its
-    next batch (the input path's cost)."""
+    """(record for the sinks, fields of the progress line) at a log point. loss/top1: this epoch so far,
+    over every rank; rates from bfly.run.exchange; data_wait is the share of wall time this rank waited for
+    its next batch (the input path's cost)."""
     record = {
         "train/loss": loss,
         "train/top1": top1,

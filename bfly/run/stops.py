@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -13,7 +12,7 @@ from bfly.core import distributed
 from bfly.core.engine import TrainState
 from bfly.core.env import DistEnv
 from bfly.core.stopping import StopRequest
-from bfly.run.loop import Callback
+from bfly.run.loop import Callback, LogPoint
 from bfly.run.outcome import Outcome
 from bfly.run.phases import Phases
 
@@ -47,44 +46,27 @@ class JobBudget(Callback):
         return outcome
 
 
-class Rider(Protocol):
-    """What travels with the ranks' stop agreement at log points (bfly.run.health's figures): one row of
-    `width` numbers per rank, summed over the ranks, so that each rank fills in its own row."""
-
-    width: int
-
-    def row(self) -> list[float]: ...
-    def arrived(self, table: torch.Tensor) -> None: ...  # [world size, width], on the host
-
-
 class StopAgreement(Callback):
-    """A stop signal stops every rank at the same step: under DDP the ranks agree at log points (a host
-    sync, where the riders' rows travel too) and at the end of each epoch; a single process stops at the
-    next step. A signal this process received names the outcome; else another rank's did."""
+    """A stop signal stops every rank at the same step: under DDP the ranks agree at log points (its flag
+    rides on the log point's exchange, bfly.run.exchange) and at the end of each epoch; a single process
+    stops at the next step. A signal this process received names the outcome; else another rank's did."""
 
-    def __init__(self, stop: StopRequest, env: DistEnv, device: torch.device, phases: Phases, riders: list[Rider]):
-        self.stop, self.env, self.device, self.phases, self.riders = stop, env, device, phases, riders
+    width = 1
+
+    def __init__(self, stop: StopRequest, env: DistEnv, device: torch.device, phases: Phases):
+        self.stop, self.env, self.device, self.phases = stop, env, device, phases
+        self._agreed = False  # some rank's flag was up at the last log point
+
+    def row(self, point: LogPoint) -> list[float]:
+        return [float(self.stop.requested)]
+
+    def arrived(self, table: torch.Tensor, point: LogPoint) -> None:
+        self._agreed = bool(table.max() > 0)
 
     def should_stop(self, state: TrainState, at_log: bool) -> bool:
         if not self.env.distributed:
             return self.stop.requested
-        if not at_log:
-            return False
-        self.phases.enter("collective")
-        return self._exchange()
-
-    def _exchange(self) -> bool:
-        widths = [r.width for r in self.riders]
-        table = torch.zeros(self.env.world_size, 1 + sum(widths), dtype=torch.float64, device=self.device)
-        mine = [float(self.stop.requested), *(x for r in self.riders for x in r.row())]
-        table[self.env.rank] = torch.tensor(mine, dtype=torch.float64)
-        distributed.all_reduce_sum(table)
-        table = table.cpu()
-        column = 1
-        for rider, width in zip(self.riders, widths, strict=True):
-            rider.arrived(table[:, column : column + width])
-            column += width
-        return bool(table[:, 0].max() > 0)
+        return at_log and self._agreed
 
     def stop_after_epoch(self, state: TrainState) -> bool:
         self.phases.enter("collective")

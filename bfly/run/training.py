@@ -28,6 +28,7 @@ from bfly.core.stopping import StopRequest
 from bfly.run.build import Run, build_run
 from bfly.run.checkpoints import CheckpointSchedule, RunCheckpoints
 from bfly.run.evaluation import Evaluation
+from bfly.run.exchange import LogExchange
 from bfly.run.health import RankHealth
 from bfly.run.loop import Callback, Callbacks, train_loop
 from bfly.run.metrics import EpochRecord, MetricsLog
@@ -168,20 +169,23 @@ def _train_and_report(run: Run, checkpoints: RunCheckpoints, state: TrainState, 
 
 def components(run: Run, checkpoints: RunCheckpoints, state: TrainState, harness: Harness) -> list[Callback | None]:
     """The run's components, in the order the loop calls them (None: not in this run): the heartbeat wraps
-    the batches the faults slowed; health adds to a log point before it is logged and to an epoch's record
+    the batches the faults slowed; a log point's figures are read back (with the stop flag and health's
+    rows) before the components use them; health adds to a log point before it is logged and to an epoch's record
     after the evaluation; the budget answers before the stop agreement's collective; checkpoints are saved
     before the profiler marks the step, and before the stop line and the epoch's record are written."""
     cfg, env, phases = run.cfg, run.env, harness.phases
     health = RankHealth.start(run.trainer.model, env, run.device, run.log.warn)
+    agreement = StopAgreement(run.stop, env, run.device, phases)
     return [
         *harness.components,
         phases,
         EpochSeed(cfg.train.seed, env.rank),
         EpochRecord(run, phases),
         Evaluation(run, phases),
+        LogExchange(env, run.device, phases, [agreement, health] if health else [agreement]),
         health,
         JobBudget(state.global_step, state.epoch, cfg.run.stop_after_steps, cfg.run.stop_after_epochs),
-        StopAgreement(run.stop, env, run.device, phases, [health] if health else []),
+        agreement,
         CheckpointSchedule(run, checkpoints, phases),
         StepProfiler.for_run(cfg.train.profile_steps, run.run_dir, run.device, env.is_main, run.log.info),
         MetricsLog(run),
