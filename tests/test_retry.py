@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from bfly.job import ledger
 from bfly.job.exits import EXIT_HANG, EXIT_NODE_CHECK, EXIT_STOPPED, record_exit
 from bfly.job.retry import (
     EXIT_DIR,
@@ -232,3 +233,33 @@ def test_a_hang_blames_the_node_its_line_names_wherever_the_line_was_written(whe
     assert (got.node, got.reason, got.what, got.step) == ("n1", "hang", "rank 1 hung there at step 4", 4)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the next attempt: that hang is not its own
     assert blames_of(tmp_path, EXIT_HANG, [], "33", ("n1",)) == []
+
+
+def test_a_torchrun_restart_on_slurm_blames_the_hung_node_once_and_says_so(tmp_path, monkeypatch):
+    """The restarted trainers' rank 0 puts the node of the previous round's hang into the ledger: a later
+    requeue of the job avoids it, and the requeue's own reading of the same hang adds nothing."""
+    monkeypatch.setenv("SLURM_JOB_ID", "33")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.setenv("BFLY_EXIT_STATUS_DIR", str(tmp_path / EXIT_DIR))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setattr(ledger, "job", lambda job_id: ledger.Job(("n1",), 1, ("debug",), ()))
+    log = ["2026-12-06 07:00:00 job 33 attempt 1: 0 failure requeue(s) of BFLY_MAX_FAILURES=3"]
+    (tmp_path / "train.log").write_text("\n".join([*log, f"2026-12-06 07:01:00 {HANG_LINE}"]) + "\n")
+    (tmp_path / "attempts.jsonl").write_text(
+        json.dumps({"event": "start", "attempt": 1, "slurm_job_id": "33", "slurm_restart_count": None}) + "\n"
+    )
+    record_exit(EXIT_HANG, "hang on rank 1 (vm) at step 4")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    line = restart_line(tmp_path, blame=True)
+    assert line is not None and line.endswith(
+        "after: hang on rank 1 (vm) at step 4 "
+        f"(status 76 on rank 0 ({os.uname().nodename})); n1 is a suspect node (rank 1 hung there at step 4): "
+        "a requeue of this job avoids it"
+    ), line
+    assert [(b.node, b.reason, b.job) for b in ledger.read(tmp_path)] == [("n1", "hang", "33")]
+    assert restart_line(tmp_path) is not None and len(ledger.read(tmp_path)) == 1  # other ranks blame nothing
+    ledger.add(tmp_path, blames_of(tmp_path, EXIT_HANG, [], "33", ("n1",)))  # the requeue reads the same hang
+    assert len(ledger.read(tmp_path)) == 1

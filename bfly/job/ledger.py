@@ -77,11 +77,20 @@ def read(run_dir: Path) -> list[Blame]:
     return [Blame(**{k: v for k, v in e.items() if k in fields}) for e in _state(run_dir).get("blamed", [])]
 
 
-def add(run_dir: Path, blames: Sequence[Blame]) -> None:
+def add(run_dir: Path, blames: Sequence[Blame]) -> list[Blame]:
+    """Adds the blames not there yet (the same node, reason, line and job: one event read twice, by a
+    torchrun restart and then the requeue); returns those added."""
     if not blames:
-        return
+        return []
+    added = []
     with _locked(run_dir) as state:
-        state["blamed"].extend(asdict(b) for b in blames)
+        known = {(b["node"], b["reason"], b["what"], b["job"]) for b in state["blamed"]}
+        for b in blames:
+            if (b.node, b.reason, b.what, b.job) not in known:
+                known.add((b.node, b.reason, b.what, b.job))
+                state["blamed"].append(asdict(b))
+                added.append(b)
+    return added
 
 
 def record_hosts(run_dir: Path, job: str, hosts: dict[str, str]) -> None:

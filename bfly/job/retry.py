@@ -168,9 +168,10 @@ def refused_restart() -> int | None:
     return EXIT_USER_ERROR
 
 
-def restart_line(run_dir: Path | None = None) -> str | None:
+def restart_line(run_dir: Path | None = None, blame: bool = False) -> str | None:
     """Rank 0 of restarted trainers: which restart this is and why (for the console and train.log): from
-    the exit records, else (BFLY_EXIT_STATUS_DIR unset) from the hang the previous round declared."""
+    the exit records, else (BFLY_EXIT_STATUS_DIR unset) from the hang the previous round declared.
+    blame: on SLURM, the nodes the previous round's failure points at go into the ledger (said in the line)."""
     restart, allowed = environ.restart_count()
     if restart == 0:
         return None
@@ -178,7 +179,27 @@ def restart_line(run_dir: Path | None = None) -> str | None:
     previous = exit_records(where, restart - 1) if where else []
     hang = declared_hang(run_dir, restart - 1) if run_dir and not previous else None
     why = job_status(previous)[1] if previous else hang or "a trainer failed"
-    return f"restart {restart} of {allowed} inside this job (torchrun --max-restarts) after: {why}"
+    line = f"restart {restart} of {allowed} inside this job (torchrun --max-restarts) after: {why}"
+    if blame and run_dir is not None:
+        status = job_status(previous)[0] if previous else EXIT_HANG if hang else EXIT_CRASH
+        blamed = blame_restart(run_dir, status, previous)
+        line += "".join(f"; {b.node} is a suspect node ({b.what}): a requeue of this job avoids it" for b in blamed)
+    return line
+
+
+def blame_restart(run_dir: Path, status: int, records: list[dict[str, Any]]) -> list[ledger.Blame]:
+    """Inside a SLURM job, after torchrun restarted the trainers: the nodes the previous round's failure
+    points at, added to the ledger now (a restart runs on the same nodes; the job's next requeue avoids
+    them, even if the restarted round ends well and a later stop requeues it)."""
+    job_id = environ.slurm_job_id()
+    if job_id is None or status in (0, EXIT_USER_ERROR, EXIT_STOPPED):
+        return []
+    try:
+        blames = blames_of(run_dir, status, records, job_id, ledger.job(job_id).nodes)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        print(f"bfly: cannot read job {job_id}'s placement ({one_line(e)}): no node blamed", file=sys.stderr)
+        return []
+    return ledger.add(run_dir, blames)
 
 
 # --- the hang a round of trainers declared (for the restart line without exit records) -----------------
@@ -332,10 +353,10 @@ def blames_of(
     hosts = ledger.hosts_of(run_dir, job_id)
     blames = ledger.from_stragglers(log, job_id, nodes, hosts)
     ends = _this_attempts_ends(run_dir, job_id)
-    if status == EXIT_HANG:
+    if status == EXIT_HANG:  # every hang of this attempt (torchrun may have restarted after earlier ones)
         hangs = [line for line in log if "hang: " in line and "stalled: " in line]
         hangs += [e.get("detail", "") for e in ends if e.get("ended") == "hang"]
-        blames += ledger.from_hang(hangs[0], job_id, nodes, hosts) if hangs else []
+        blames += [b for line in hangs for b in ledger.from_hang(line, job_id, nodes, hosts)]
     if status == EXIT_CRASH:
         step = max((e.get("global_step", 0) for e in ends), default=None)
         blames += ledger.from_crash(records, job_id, nodes, step)

@@ -100,7 +100,7 @@ def harness(cfg: Config, env: DistEnv, watch: Watchdog, faults: Faults) -> Harne
         components=[faults.component()],
         before_rendezvous=before_rendezvous,
         before_write=faults.before_write,
-        restart_line=retry.restart_line(run_dir_of(cfg)),
+        restart_line=retry.restart_line(run_dir_of(cfg), blame=env.is_main),
         recorded=attempt_recorded,
         sink_opened=sink_opened,
         error_line=error_line,
