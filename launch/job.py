@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from typing import Any
 import submitit
 
 from bfly.job import retry
-from bfly.job.exits import EXIT_NODE_CHECK
+from bfly.job.exits import EXIT_HANG, EXIT_NODE_CHECK
 from bfly.run.runlog import read_metrics
 
 
@@ -68,7 +69,12 @@ class TrainJob(submitit.helpers.Checkpointable):
             import torch
 
             torch.set_num_threads(self.threads)
-        result = run_job(self.train_args)
+
+        def on_hang(line: str) -> None:
+            # A hang ends this process from the watchdog's thread (the main thread is stuck): the retry is decided there.
+            requeue_if_retried(EXIT_HANG, Path(self.run_dir), dist.rank)
+
+        result = run_job(self.train_args, on_hang=on_hang)
         if result.outcome is None and result.exit_code != 0:
             requeue_after_failure(result.exit_code, Path(self.run_dir), dist.rank)
             raise TrainingFailed(
@@ -117,8 +123,15 @@ def node_check(train_args: list[str], dist: submitit.helpers.TorchDistributedEnv
 def requeue_after_failure(status: int, run_dir: Path, rank: int) -> None:
     """On SLURM: requeue the job if bfly.retry says so, and leave without a result (the job goes on);
     otherwise return, and the task fails. The requeued job avoids the nodes blamed for the failure."""
+    if requeue_if_retried(status, run_dir, rank):
+        sys.exit(0)  # no result file: the submitter keeps waiting for the requeued job
+
+
+def requeue_if_retried(status: int, run_dir: Path, rank: int) -> bool:
+    """On SLURM: requeue the job if bfly.retry says so (the first task to ask decides for all; it excludes the
+    nodes blamed for the failure). True: the job goes on, this task leaves without a result."""
     if submitit.JobEnvironment().cluster != "slurm":
-        return
+        return False
     # A failed node check requeues only if the job can avoid the failing node (read-only: the check blamed).
     placement = retry.blame_and_exclude(run_dir, status, []) if status == EXIT_NODE_CHECK else None
     detail = f"status {status} on rank {rank} ({socket.gethostname()})"
@@ -127,18 +140,19 @@ def requeue_after_failure(status: int, run_dir: Path, rank: int) -> None:
         print(f"bfly launch: {line}", flush=True)
     print(f"bfly launch: rank {rank}: {decision.reason}", flush=True)
     if not decision.requeue:
-        return
+        return False
     if decision.taken_here:
         placement = placement or retry.blame_and_exclude(run_dir, status, [])
         for line in placement.lines if placement else []:
             print(f"bfly launch: {line}", flush=True)
         requeue(submitit.JobEnvironment().job_id, placement.nodes if placement and placement.changed else ())
-    sys.exit(0)  # no result file: the submitter keeps waiting for the requeued job
+    return True
 
 
 def requeue(job_id: str, exclude: tuple[str, ...]) -> None:
     """`scontrol requeue`, then the job's new exclusion list: SLURM takes it only once the job no longer runs."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not end this task first
+    if threading.current_thread() is threading.main_thread():  # elsewhere (a hang) the trainer's handler holds it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's SIGTERM must not end this task first
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
     print(f"bfly launch: requeued job {job_id}", flush=True)
     if not exclude:

@@ -19,10 +19,13 @@ from test_slurm import (  # noqa: F401  (the fixtures: the cluster, and no job l
     SINGLE_NODE,
     STEPS,
     cancel_leftover_jobs,
+    job_results,
+    launch_submit,
     reference,
     sacct,
     sbatch,
     slurm_cluster,
+    submitted_job,
     trainer_pid,
     wait_for_text,
     wait_job_done,
@@ -139,6 +142,38 @@ def test_a_hung_job_is_requeued_away_from_its_node_resumes_and_finishes(referenc
     assert_same_weights(run_dir / "last.pt", reference.run_dir / "last.pt")  # as if it had never hung
     print(
         f"{line[0]}; ran on {first}, then {scontrol_job(job_id)['NodeList']}; training again {lost:.0f} s after SIGSTOP"
+    )
+
+
+@slurm
+@pytest.mark.slow
+def test_a_hung_launch_submit_job_is_requeued_away_from_its_node_resumes_and_finishes(reference, tiny_data, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    overrides = (*EVERY_2, "run.hang_timeout_s=5", "run.startup_timeout_s=60", "run.stop_grace_s=10")
+    out = launch_submit(run_dir, tiny_data, "--time", "10", overrides=overrides, paced=True)
+    job = submitted_job(out, run_dir)
+    log = run_dir / "submitit" / f"{job.job_id}_0_log.out"
+    wait_for_text(log, f"epoch 1/2 step 5/{STEPS}", job.job_id)
+    first = scontrol_job(job.job_id)["NodeList"]
+    os.kill(trainer_pid(job.job_id, 1), signal.SIGSTOP)
+    stopped = time.monotonic()
+    second = f"bfly launch: job {job.job_id} attempt 2"
+    wait_for_text(log, second, job.job_id, timeout_s=240)
+    wait_or_fail(
+        lambda: "epoch 1/2 step" in log.read_text().split(second, 1)[1], 300, "training again", log, job.job_id
+    )
+    lost = time.monotonic() - stopped
+    excluded = scontrol_job(job.job_id)["ExcNodeList"]
+    assert job_results(job, timeout_s=400)[0]["epochs_done"] == 2
+    text = log.read_text()
+    line = re.search(rf"^bfly launch: excluding {first} from this job: rank 1 hung there at step [\d,]+$", text, re.M)
+    assert line, text[-4000:]
+    assert excluded == first and scontrol_job(job.job_id)["NodeList"] != first
+    (blamed,) = ledger.read(run_dir)
+    assert (blamed.node, blamed.reason) == (first, ledger.HANG)
+    assert_same_weights(run_dir / "last.pt", reference.run_dir / "last.pt")  # as if it had never hung
+    print(
+        f"{line[0]}; ran on {first}, then {scontrol_job(job.job_id)['NodeList']}; training again {lost:.0f} s after SIGSTOP"
     )
 
 

@@ -114,8 +114,8 @@ def exit_hang(before_exit: list[Callable[[str], None]], line: str, cause: str, r
     record_exit(EXIT_HANG, cause)
     if run_dir is not None:
         retry.record_hang(run_dir, cause)
-    for callback in before_exit:
-        bounded(functools.partial(callback, line), 10)
+    for callback in before_exit:  # a launcher's requeue (scontrol) among them: seconds, not minutes
+        bounded(functools.partial(callback, line), 30)
     for pid in forked_children():
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,8 +118,10 @@ class Result:
     failure: Failure | None = None  # why the exit status is not 0, for torchrun's summary
 
 
-def run_job(argv: list[str] | None = None) -> Result:
-    """The command: parse, train, map the outcome and the errors to an exit status (module docstring)."""
+def run_job(argv: list[str] | None = None, on_hang: Callable[[str], None] | None = None) -> Result:
+    """The command: parse, train, map the outcome and the errors to an exit status (module docstring).
+    on_hang: called with the hang line by the watchdog's thread just before it ends this process with
+    EXIT_HANG (a launcher that runs the trainer in its own process decides its retry there)."""
     args = parse_args(argv)
     if args.check:
         from bfly.job.preflight import preflight
@@ -145,6 +147,8 @@ def run_job(argv: list[str] | None = None) -> Result:
             run_dir_of(cfg),
             stop.signal_name,
         )
+        if on_hang is not None:
+            failed.watch.before_exit.append(on_hang)
         outcome = train(cfg, env, stop, harness(cfg, env, failed.watch, faults))
         code = cfg.run.stopped_exit_code if outcome.by_signal else 0
         return Result(code, outcome, Failure(_stopped_line(env, outcome)) if code else None)
