@@ -164,6 +164,11 @@ TABLE: dict[str, tuple[Case, tuple[int, ...] | None, list[str]]] = {
         (0,),
         ["rank 0 (node-b, pid 100), which serves the heartbeat store, is unreachable since step 6 (stopped, dead"],
     ),
+    "the store silent, its host never heard of: held to the step limit, named as the store's host": (
+        Case({1: record(1, "collective", idle=20, step=7)}, judging=1, started_ago=30, store_answered_ago=20),
+        (0,),
+        ["rank 0, which serves the heartbeat store, sent no heartbeat and its store has not answered for 20 s"],
+    ),
     "the store answering late but within 3 polls + 2 s: the frozen rank is still the one named": (
         Case(
             {0: record(0, "collective", idle=20), 1: record(1, "forward-backward", idle=0.5, step=4)},
@@ -419,3 +424,8 @@ def test_the_cause_names_the_stalled_rank_its_host_and_step_for_the_restart_line
     assert judge(store.view(), LIMITS).cause == "hang on rank 0 (node-b) at step 6"  # type: ignore[union-attr]
     assert judge(everyone.view(), LIMITS).cause == "hang on ranks 0, 1 (node-a) at step 10"  # type: ignore[union-attr]
     assert judge(never.view(), LIMITS).cause == "hang on rank 1 in start-up"  # type: ignore[union-attr]
+    early, _, _ = TABLE["a rank stopped before any record of it arrived is held to the judging rank's step limit"]
+    silent, _, _ = TABLE["the store silent, its host never heard of: held to the step limit, named as the store's host"]
+    for case, cause in ((early, "hang on rank 1 (node-a)"), (silent, "hang on rank 0")):
+        verdict = judge(case.view(), LIMITS)
+        assert verdict is not None and (verdict.cause, verdict.startup) == (cause, False)  # no start-up hint

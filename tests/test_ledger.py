@@ -116,6 +116,15 @@ def test_a_hang_maps_host_names_through_what_the_node_check_saw():
     assert ledger.from_hang(HANG_LINE, "7", ("n1", "n2"), ambiguous) == []
 
 
+def test_a_hang_on_a_rank_stopped_before_its_first_heartbeat_blames_its_node():
+    line = (
+        "hang: no rank has made progress for 9 s (limit 5 s); stalled: rank 1 (vm, pid 4242) sent no heartbeat "
+        "and is stopped (process state T); stacks of the live processes in runs/x/hang; ending the job (exit 76)"
+    )
+    (got,) = ledger.from_hang(line, "7", ("n1",), {})
+    assert (got.node, got.what, got.step) == ("n1", "rank 1 hung there before its first heartbeat", None)
+
+
 def test_a_hang_line_without_a_named_host_blames_nobody():
     line = "hang: ...; stalled: rank 1 sent no heartbeat (not started, or cannot reach the store); ending"
     assert ledger.from_hang(line, "7", ("n1", "n2"), {}) == []

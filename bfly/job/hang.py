@@ -7,7 +7,8 @@ None. The rules:
   process, or one that cannot reach the store); the judging rank itself never is;
 * each rank has made no progress for `age` seconds (its last record's idle time plus the time since it
   changed; a rank never heard of: since the judging watchdog started, against the start-up limit, or
-  the judging rank's step limit when /proc shows it stopped or dead on this host) and
+  the judging rank's step limit when /proc shows it stopped or dead on this host, or it serves the
+  store and the store went silent) and
   has a limit: the one its own record states for its phase (start-up, rendezvous, checkpoint and its
   first WARM_STEPS steps: run.startup_timeout_s; otherwise the larger of run.hang_timeout_s and
   STEP_MULTIPLE x its median step). A frozen rank's own limit is as old as its last record, so the
@@ -135,9 +136,11 @@ def stalled_for(view: View, rank: int, limits: Limits, steady: bool = False) -> 
     the longer one of a checkpoint write."""
     seen = view.seen.get(rank)
     if seen is None:  # never heard of: not started, or cannot reach the store
-        if view.unheard.get(rank, (0, None))[1] in DEAD_OR_STOPPED:
+        stopped = view.unheard.get(rank, (0, None))[1] in DEAD_OR_STOPPED
+        if stopped or (rank == view.store_host and store_silent(view, limits)):
             # A trainer on this host that stopped or died before any record of it arrived (its first steps
-            # are milliseconds long): the ranks move in step, so this rank's step limit stands for it.
+            # are milliseconds long), or the store's host gone silent: the ranks move in step, so this
+            # rank's step limit stands for it.
             return view.now - view.started, view.own_steady
         return view.now - view.started, limits.startup_s
     age = seen.record["idle"] + (view.now - seen.changed)
@@ -169,8 +172,12 @@ def judge(view: View, limits: Limits) -> Verdict | None:
     culprits = frozen or busy or behind or list(ranks)
     age, limit = min(stalled.values())  # the rank that moved last, and its limit
     named = "; ".join(describe(view, r, stalled[r][0], r in frozen, limits) for r in culprits)
-    startup = any(r not in seen or seen[r].record["phase"] in ("startup", "rendezvous") for r in culprits)
-    return Verdict(tuple(culprits), age, limit, named, startup, cause_of(view, culprits))
+    # In start-up: in its phase, or never heard of and held to the start-up limit (not one found stopped later).
+    startup = any(
+        seen[r].record["phase"] in ("startup", "rendezvous") if r in seen else stalled[r][1] == limits.startup_s
+        for r in culprits
+    )
+    return Verdict(tuple(culprits), age, limit, named, startup, cause_of(view, culprits, startup))
 
 
 def _own_stop(view: View, limits: Limits) -> Verdict | None:
@@ -185,13 +192,19 @@ def _own_stop(view: View, limits: Limits) -> Verdict | None:
     return Verdict((view.rank,), age, view.own_steady, named, False, cause_of(view, [view.rank]))
 
 
-def cause_of(view: View, culprits: list[int]) -> str:
+def cause_of(view: View, culprits: list[int], startup: bool = False) -> str:
     """The verdict in a few words, for the restart line: "hang on rank 1 (host) at step 4"."""
     ranks = ", ".join(str(r) for r in culprits)
-    hosts = sorted({view.seen[r].record["host"] for r in culprits if r in view.seen})
+    hosts = sorted(
+        {
+            view.seen[r].record["host"] if r in view.seen else view.host
+            for r in culprits
+            if r in view.seen or r in view.unheard
+        }
+    )
     steps = [view.seen[r].record["step"] for r in culprits if r in view.seen]
     where = f" ({', '.join(hosts)})" if hosts else ""
-    at = f" at step {min(steps)}" if steps else " in start-up"
+    at = f" at step {min(steps)}" if steps else " in start-up" if startup else ""
     return f"hang on rank{'s' if len(culprits) > 1 else ''} {ranks}{where}{at}"
 
 
@@ -201,6 +214,10 @@ def describe(view: View, rank: int, age: float, frozen: bool, limits: Limits) ->
     if seen is None and rank in view.unheard:
         pid, state = view.unheard[rank]
         return f"rank {rank} ({view.host}, pid {pid}) sent no heartbeat and{_frozen_state(True, state, 0, False)}"
+    if seen is None and rank == view.store_host and store_silent(view, limits):
+        assert view.store_answered is not None
+        silent = view.now - view.store_answered
+        return f"rank {rank}, which serves the heartbeat store, sent no heartbeat and its store has not answered for {silent:.0f} s"
     if seen is None:
         where = f" at {view.store}" if view.store else ""
         return f"rank {rank} sent no heartbeat (not started, or cannot reach the rendezvous store{where})"

@@ -222,7 +222,10 @@ def address(node: str) -> str:
 
 # --- blame from what the job recorded (pure) -----------------------------------------------------------------
 
-_STALLED = re.compile(r"rank (\d+) \(([^,()]+), pid \d+\)[^;]*?last step (\d+)")
+# A stalled rank with its host: at its last step, or found stopped or dead before its first heartbeat.
+_STALLED = re.compile(
+    r"rank (\d+) \(([^,()]+), pid \d+\)[^;]*?(?:last step (\d+)|sent no heartbeat and is (?:stopped|dead))"
+)
 # Errors that point at a node's GPU, driver or interconnect rather than at the program.
 HARDWARE_ERROR = re.compile(
     r"CUDA error|CUDA driver|cudaError|CUBLAS_STATUS_EXECUTION_FAILED|cuDNN error|NCCL|ECC|Xid|uncorrectable|"
@@ -237,8 +240,11 @@ def from_hang(line: str, job: str, job_nodes: Sequence[str], hosts: dict[str, st
     blames = []
     for rank, host, step in _STALLED.findall(named):
         node = node_of(host, job_nodes, hosts)
+        where = f"at step {int(step):,}" if step else "before its first heartbeat"
         if node is not None:
-            blames.append(Blame.now(node, HANG, f"rank {rank} hung there at step {int(step):,}", job, int(step), host))
+            blames.append(
+                Blame.now(node, HANG, f"rank {rank} hung there {where}", job, int(step) if step else None, host)
+            )
     return blames
 
 
