@@ -24,6 +24,7 @@ import pytest
 from bfly.core.config import load_config
 from bfly.core.env import DistEnv, StallHook, fault_spec
 from bfly.job.exits import EXIT_HANG
+from bfly.job.hang import Seen
 from bfly.job.watchdog import (
     STEP_MULTIPLE,
     WARM_STEPS,
@@ -189,6 +190,17 @@ def test_the_backstop_for_a_stuck_interpreter_lies_past_the_collective_timeout(t
     assert dog.backstop_s(beat.since + 1_000) >= 600  # past the limit already: still dist.timeout_s away
     short = Watchdog(beat, DistEnv(0, 0, 1, 1, "single", "env://"), Limits(5, 60, 10, 30), tmp_path, None, None)
     assert short.backstop_s(beat.since) >= 120  # never less than 2 minutes past the limit
+
+
+def test_the_watchdog_polls_every_second_until_it_has_heard_of_every_rank(tmp_path):
+    """A rank stopped in its first steps is then known by its record (host, step, phase), whatever the limits."""
+    limits = Limits(hang_s=60, startup_s=540, stop_grace_s=120)
+    dog = Watchdog(Heartbeat(), DistEnv(0, 0, 2, 2, "torchrun", "env://"), limits, tmp_path, None, None)
+    assert limits.poll_s == 10 and dog.interval() == 1.0
+    dog.seen[0] = Seen({"rank": 0}, 0.0)
+    assert dog.interval() == 1.0
+    dog.seen[1] = Seen({"rank": 1}, 0.0)
+    assert dog.interval() == 10
 
 
 def test_the_stall_hook_is_read_from_the_environment(monkeypatch):

@@ -308,8 +308,7 @@ class Watchdog:
     # --- the thread ---
 
     def _run(self) -> None:
-        poll = self.limits.poll_s
-        while not self._closed.wait(poll):
+        while not self._closed.wait(self.interval()):
             try:
                 self._tick(time.monotonic())
             except Exception as e:  # the watchdog must never take training down
@@ -337,6 +336,11 @@ class Watchdog:
         verdict = judge(replace(self.view(now), last_poll=last_poll), self.limits)
         if verdict:
             self._end(verdict.line(self.run_dir / "hang", self.hint), verdict.cause)
+
+    def interval(self) -> float:
+        """Seconds to the next poll: the poll interval, but at most a second until every rank has been heard of,
+        so that a rank that stops in its first steps is known by its record (its host, step and phase)."""
+        return self.limits.poll_s if len(self.seen) == self.env.world_size else min(self.limits.poll_s, 1.0)
 
     def backstop_s(self, now: float) -> float:
         """Seconds from `now` after which the interpreter's own timer prints every thread's stack and ends
