@@ -102,7 +102,10 @@ TABLE: dict[str, tuple[Case, tuple[int, ...] | None, list[str]]] = {
             states={1: "T"},
         ),
         (1,),
-        ["rank 1 (node-a, pid 101) is stopped (process state T), in forward-backward, last step 4, 20 s since"],
+        [
+            "rank 1 (node-a, pid 101) is stopped (process state T), in forward-backward when last heard 20 s ago, "
+            "last step 4, 20 s since"
+        ],
     ),
     "a frozen rank whose process is gone is named gone": (
         Case({0: record(0, "collective", idle=20), 1: record(1, "collective")}, changed_ago={1: 20}, states={1: None}),
@@ -380,7 +383,8 @@ def test_the_hang_line_names_the_stalled_ranks_the_limit_and_the_stacks_folder()
     assert verdict is not None
     assert verdict.line(Path("/runs/a/hang"), hint="a hint") == (
         "hang: no rank has made progress for 20 s (limit 5 s); stalled: rank 1 (node-a, pid 101) is stopped "
-        "(process state T), in forward-backward, last step 4, 20 s since its last progress; stacks of the live "
+        "(process state T), in forward-backward when last heard 20 s ago, last step 4, 20 s since its last "
+        "progress; stacks of the live "
         f"processes in /runs/a/hang; ending the job (exit {EXIT_HANG})"
     )
 

@@ -290,7 +290,8 @@ def test_a_stopped_rank_0_which_serves_the_heartbeat_store_is_named_and_the_job_
     assert "[rank 1]: hang: " in line, line
     assert re.search(
         rf"stalled: rank 0 \(\S+, pid {stopped['pid']}\), which serves the heartbeat store, is stopped "
-        r"\(process state T\), (in \S+|waiting for data), last step \d+, \d+ s since its last progress; stacks",
+        r"\(process state T\), (in \S+|waiting for data) when last heard \d+ s ago, last step \d+, \d+ s since its "
+        r"last progress; stacks",
         line,
     ), line
     assert not list((run / "hang").glob("rank0-*"))  # a stopped process writes nothing

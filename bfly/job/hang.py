@@ -237,6 +237,8 @@ def describe(view: View, rank: int, age: float, frozen: bool, limits: Limits) ->
         phase += " from loader worker(s) " + ", ".join(
             f"pid {pid} ({STATES.get(state, state) if state else 'gone'})" for pid, state in workers
         )
+    if frozen:  # what its last record said, which may be older than its stop (records come every poll)
+        phase += f" when last heard {view.now - seen.changed:.0f} s ago"
     return f"{who}, {phase}, last step {rec['step']}, {age:.0f} s since its last progress"
 
 
