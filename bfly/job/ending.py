@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TextIO
 
 from bfly.job import retry
 from bfly.job.exits import EXIT_HANG, record_exit
@@ -88,8 +89,21 @@ def write_stacks(path: Path, line: str, beat: Heartbeat, who: str) -> bool:
             faulthandler.dump_traceback(f, all_threads=True)
         return True
     except OSError:
-        faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        if (err := stderr_with_fd()) is not None:
+            faulthandler.dump_traceback(err, all_threads=True)
         return False
+
+
+def stderr_with_fd() -> TextIO | None:
+    """The process's stderr as faulthandler needs it, a file descriptor: sys.stderr, or the original one
+    where sys.stderr was replaced by an object without one (a test runner's capture, a notebook)."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            if stream is not None and stream.fileno() >= 0:
+                return stream
+        except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError and a ValueError
+            continue
+    return None
 
 
 def kill_stopped(pids: Iterable[int]) -> None:

@@ -62,6 +62,7 @@ from bfly.job.ending import (
     kill_stopped,
     local_trainers,
     proc_state,
+    stderr_with_fd,
     write_stacks,
 )
 from bfly.job.exits import EXIT_HANG
@@ -321,8 +322,8 @@ class Watchdog:
         caught = self._signals.arrived()
         if caught and self.stop_signal is None:
             self.stop_signal = (caught, now)
-        if self.limits.hang_s > 0:
-            faulthandler.dump_traceback_later(self.backstop_s(now), exit=True)
+        if self.limits.hang_s > 0 and (err := stderr_with_fd()) is not None:
+            faulthandler.dump_traceback_later(self.backstop_s(now), exit=True, file=err)
         mine = published_record(self.beat, self.limits, self.env.rank, self.host, self.pid, self._seq, now)
         self._seq += 1
         self.seen[self.env.rank] = Seen(mine, now)
