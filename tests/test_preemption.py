@@ -34,6 +34,9 @@ from test_faults import assert_nothing_lost, torchrun_exit_codes
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signals and /proc")
 
 WORKERS = {"data.workers": 2}
+# The test model's steps take milliseconds: rank 0 is paced (every rank waits for it) so that a stop sent
+# after step 2 lands in the first half of the epoch, as a stop sent at a step does in a real run.
+PACED = {"BFLY_TEST_STALL": "0:data:*:0.3"}
 
 
 def stop_and_check(launch: Launch, run: Path, nproc: int, send, name: str, log_every: int = 1) -> int:
@@ -74,7 +77,7 @@ def resume_and_compare(run: Path, ref: Path, data: Path, nproc: int) -> None:
 def test_sigterm_to_the_whole_process_group_of_a_ddp_job_with_loader_workers(tiny_data, tmp_path, ref2):
     """What SLURM does on preemption, `scancel` and `scontrol requeue`, and `timeout` for its child."""
     run = tmp_path / "run"
-    launch = Launch(torchrun_cmd(2, fault_args(tiny_data, run, **WORKERS)), timeout=300)
+    launch = Launch(torchrun_cmd(2, fault_args(tiny_data, run, **WORKERS)), timeout=300, env=PACED)
     stop_and_check(launch, run, 2, lambda: launch.signal_group(signal.SIGTERM), "SIGTERM")
     # torchrun's agent got the SIGTERM too: it exits through its own SignalException, whatever the workers say.
     resume_and_compare(run, ref2, tiny_data, 2)
@@ -83,7 +86,7 @@ def test_sigterm_to_the_whole_process_group_of_a_ddp_job_with_loader_workers(tin
 @pytest.mark.slow
 def test_ctrl_c_on_a_terminal_stops_with_a_checkpoint_and_no_traceback(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
-    launch = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300, tty=True)
+    launch = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300, tty=True, env=PACED)
     rc = stop_and_check(launch, run, 1, launch.ctrl_c, "SIGINT")
     assert rc == EXIT_STOPPED
     assert "Traceback" not in launch.output, launch.output[-4000:]
@@ -125,7 +128,7 @@ MATRIX = [(sig, target) for sig in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2") f
 @pytest.mark.parametrize("sig,target", MATRIX, ids=[f"{s}-{t}" for s, t in MATRIX])
 def test_every_stop_signal_to_every_target_with_loader_workers(tiny_data, tmp_path, ref2, sig, target):
     run = tmp_path / "run"
-    launch = Launch(torchrun_cmd(2, fault_args(tiny_data, run, **WORKERS)), timeout=300)
+    launch = Launch(torchrun_cmd(2, fault_args(tiny_data, run, **WORKERS)), timeout=300, env=PACED)
     signum = getattr(signal, sig)
     # The agent dies of a SIGUSR1/2 (torchrun does not handle them): the trainers see the SIGTERM of
     # their parent's death (sent to the group, whichever of the two reaches them first).
@@ -141,7 +144,9 @@ def test_every_stop_signal_to_every_target_with_loader_workers(tiny_data, tmp_pa
 @pytest.mark.slow
 def test_sigterm_to_a_single_process_under_timeout_exits_75(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
-    launch = Launch(["timeout", "-s", "TERM", "1000", *train_cmd(fault_args(tiny_data, run, **WORKERS))], timeout=300)
+    launch = Launch(
+        ["timeout", "-s", "TERM", "1000", *train_cmd(fault_args(tiny_data, run, **WORKERS))], timeout=300, env=PACED
+    )
     rc = stop_and_check(launch, run, 1, lambda: launch.signal_group(signal.SIGTERM), "SIGTERM")
     assert rc == EXIT_STOPPED and "Traceback" not in launch.output
     resume_and_compare(run, ref1, tiny_data, 1)
@@ -150,7 +155,7 @@ def test_sigterm_to_a_single_process_under_timeout_exits_75(tiny_data, tmp_path,
 @pytest.mark.slow
 def test_a_second_signal_during_the_checkpoint_write_changes_nothing(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
-    launch = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300)
+    launch = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300, env=PACED)
 
     def twice() -> None:
         launch.signal_group(signal.SIGTERM)
@@ -169,7 +174,8 @@ def test_a_second_signal_during_the_checkpoint_write_changes_nothing(tiny_data, 
 @pytest.mark.slow
 def test_a_second_run_on_a_busy_run_directory_is_refused_at_start_up(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
-    first = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300)
+    # Paced (a second per step: every step still exact) so that it still trains when the second run starts.
+    first = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300, env={"BFLY_TEST_STALL": "0:data:*:1"})
     first.wait_step(1)
     t0 = time.monotonic()
     second = Launch(train_cmd(fault_args(tiny_data, run)), timeout=120)

@@ -5,10 +5,11 @@ throttled GPU, a slow disk) slows the whole job while rank 0's own figures look 
 train.log_every steps each rank measures, per step over the window since the last log point:
 
 * data wait: waiting for its next batch (bfly.engine's measure);
-* collective wait: time blocked in DDP's collectives, waiting for the other ranks: from the moment its
-  last gradient was ready (a hook on each parameter) until the backward pass returned (the gradient
-  all-reduce), plus DDP's buffer broadcast before each forward pass (hooks on the wrapper and the
-  module; not under model.compile, where only the all-reduce wait is measured);
+* collective wait: time blocked in collectives, waiting for the other ranks: from the moment its last
+  gradient was ready (a hook on each parameter) until the backward pass returned (the gradient
+  all-reduce), plus DDP's buffer broadcast before each forward pass and SyncBatchNorm's statistics in
+  it (hooks on the wrapper and the modules; not under model.compile, where only the all-reduce wait
+  is measured);
 * compute: the rest of the step (forward, backward, optimizer);
 * peak memory: the GPU's peak allocation, or on CPU the process's peak resident size.
 
@@ -40,6 +41,7 @@ from torch import nn
 from bfly.core import distributed
 from bfly.core.engine import TrainState
 from bfly.core.env import DistEnv
+from bfly.core.models.syncbn import SyncBatchNorm2d
 from bfly.run.loop import Callback, EpochEnd, LogPoint
 
 STRAGGLER_RATIO = 1.3
@@ -76,6 +78,13 @@ class RankHealth(Callback):
         if isinstance(inner, nn.Module):  # DDP, not compiled: its forward syncs buffers before the module's
             model.register_forward_pre_hook(self._on_ddp_forward)
             inner.register_forward_pre_hook(self._on_module_forward)
+            # SyncBatchNorm's statistics are a collective in the forward pass: the first one is where a
+            # rank waits for a slower one (the ranks start each step together again after it).
+            for m in inner.modules():
+                if isinstance(m, SyncBatchNorm2d):
+                    m.register_forward_pre_hook(self._on_sync_enter)
+                    m.register_forward_hook(self._on_sync_exit)
+        self._sync_entered: float | None = None
 
     @classmethod
     def start(
@@ -97,6 +106,14 @@ class RankHealth(Callback):
         if self._forward_entered is not None:
             self._comm_s += time.perf_counter() - self._forward_entered
             self._forward_entered = None
+
+    def _on_sync_enter(self, *_: Any) -> None:
+        self._sync_entered = time.perf_counter()
+
+    def _on_sync_exit(self, *_: Any) -> None:
+        if self._sync_entered is not None:
+            self._comm_s += time.perf_counter() - self._sync_entered
+            self._sync_entered = None
 
     def after_backward(self) -> None:
         if self._grad_ready is not None:

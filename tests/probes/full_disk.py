@@ -3,7 +3,7 @@
     unshare --mount --propagation private python tests/probes/full_disk.py WORKDIR OVERRIDES...
 
 Trains on WORKDIR/disk (an 800 MiB tmpfs); once last.pt of step 2 is on disk the run is paused
-(SIGSTOP to its process group), the file system is filled but for 32 MiB, and the run continues: its
+(SIGSTOP to its process group), the file system is filled but for half a checkpoint, and the run continues: its
 next checkpoint cannot be written. Then the filler is removed and the run resumed. Prints one JSON
 object; copies the final last.pt and metrics.jsonl to WORKDIR/out (the tmpfs goes with the namespace).
 Prints "mount failed" and exits 0 where mounting is not allowed.
@@ -56,12 +56,13 @@ def main() -> None:
             assert time.monotonic() < deadline, "no checkpoint at step 2"
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGSTOP)
-        free = shutil.disk_usage(disk).free
+        # Room for the logs but not for the next last.pt: half of this one's size is left free.
+        fill = shutil.disk_usage(disk).free - (run / "last.pt").stat().st_size // 2
         with open(disk / "filler", "wb") as f:
             f.truncate(0)
-            block = b"\0" * 2**20
-            for _ in range(free // 2**20 - 32):
-                f.write(block)
+            for _ in range(fill // 2**20):
+                f.write(b"\0" * 2**20)
+            f.write(b"\0" * (fill % 2**20))
         filled["step"] = torch.load(run / "last.pt", weights_only=True)["global_step"]
         filled["free_mib"] = shutil.disk_usage(disk).free / 2**20
         os.killpg(proc.pid, signal.SIGCONT)
