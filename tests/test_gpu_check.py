@@ -295,6 +295,13 @@ def test_the_verdict_holds_each_figure_against_its_target():
     assert got["resnet50-eager ours/torchvision >= 1.00"] == ("1.20", "PASS")
     assert got["resnet50-eager end-to-end/synthetic >= 0.95"] == ("FAILED: RuntimeError: CUDA error", "FAIL")
     assert got["vgg19_bn-compiled end-to-end/synthetic >= 0.95"] == ("not planned", "MISSING")
+    assert got["syncbn-compiled SyncBatchNorm2d/BatchNorm2d >= 0.90"] == ("not planned", "MISSING")
+    sync = [
+        Row("model", "resnet50 (ours, BatchNorm2d), synthetic", img_s=1000.0),
+        Row("model", "resnet50 (ours, SyncBatchNorm2d), synthetic", img_s=850.0, ratio=0.85, ratio_of="BatchNorm2d"),
+    ]
+    got = {c.target: (c.measured, c.verdict) for c in gpu_check.verdict([outcome("syncbn-compiled", rows=sync)], 224)}
+    assert got["syncbn-compiled SyncBatchNorm2d/BatchNorm2d >= 0.90"] == ("0.85", "FAIL")
 
 
 # --- the real command, on the CPU --------------------------------------------------------------------

@@ -158,15 +158,16 @@ def init_single_process_group(device: torch.device) -> None:
     )
 
 
-def make_trainer(model: nn.Module, device: torch.device, s: Settings) -> Trainer:
-    """The Trainer bfly.train builds (bfly.stack), around `model`, for the shipped config with these settings."""
+def make_trainer(model: nn.Module, device: torch.device, s: Settings, sync_bn: bool = False) -> Trainer:
+    """The Trainer bfly.train builds (bfly.stack), around `model`, for the shipped config with these settings
+    (sync_bn: its BatchNorm layers converted to our SyncBatchNorm2d, as a multi-process run does)."""
     cfg = data_config(s)
     if s.ddp:
         init_single_process_group(device)
     stack.configure_backends(cfg, device)  # what bfly.train sets: TF32, cudnn.benchmark
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = s.cudnn_benchmark
-    raw = stack.place_model(model, cfg, device)
+    raw = stack.place_model(model, cfg, device, sync_bn=sync_bn)
     return stack.build_trainer(
         cfg, raw, device, NUM_CLASSES, accum_steps=1, steps_per_epoch=1, ddp=s.ddp, compile_backend=s.compile_backend
     )
@@ -287,6 +288,34 @@ def bench_model(
             s.tag(),
             partial(_real_data_rows, name, kind, trainers["ours"], flops["ours"], ours_img_s, s, device, store),
         )
+    trainers.clear()
+    free_memory(device)
+    return rows
+
+
+def bench_sync_bn(name: str, s: Settings, device: torch.device) -> list[Row]:
+    """Our model with BatchNorm2d and with our SyncBatchNorm2d under DDP in a one-process group, on synthetic
+    input, alternating timed rounds (median kept): what SyncBN's collectives cost a step on one device, compiled
+    or not (the cost across GPUs needs several)."""
+    if s.compile:
+        torch._dynamo.reset()
+    s = replace(s, ddp=True)
+    variants = {"BatchNorm2d": False, "SyncBatchNorm2d": True}
+    trainers, flops = {}, {}
+    for label, sync_bn in variants.items():
+        torch.manual_seed(0)
+        trainers[label] = make_trainer(build_ours(name), device, s, sync_bn=sync_bn)
+        images, labels = next(synthetic_batches(device, s))
+        flops[label] = step_flops(unwrap(trainers[label].model), images, labels, s)
+        time_training(trainers[label], synthetic_batches(device, s), 0, s.warmup)
+    timings: dict[str, list[Timing]] = {label: [] for label in variants}
+    for _ in range(s.rounds):
+        for label, trainer in trainers.items():
+            timings[label].append(time_training(trainer, synthetic_batches(device, s), s.steps, 0))
+    rows = [
+        _median_row(f"{name} (ours, {label}), synthetic", timings[label], flops[label], s, device) for label in variants
+    ]
+    rows[1].ratio, rows[1].ratio_of = cast(float, rows[1].img_s) / cast(float, rows[0].img_s), "BatchNorm2d"
     trainers.clear()
     free_memory(device)
     return rows
