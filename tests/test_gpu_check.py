@@ -377,7 +377,7 @@ def test_cpu_smoke_runs_every_cell(tmp_path):
 # Every cell once on a GPU, in two commands that each fit in 10 minutes (budget 540 s, killed at 570 s).
 GPU_SMOKE_PARTS = {
     "trainer-fp16-accuracy": ["trainer", "fp16", "accuracy"],
-    "speed": ["resnet50-compiled", "resnet50-eager", "vgg19_bn-eager", "vgg19_bn-compiled"],
+    "speed": ["resnet50-compiled", "resnet50-eager", "vgg19_bn-eager", "vgg19_bn-compiled", "syncbn-compiled"],
 }
 
 
