@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -249,6 +249,25 @@ def build_ours(name: str) -> nn.Module:
     return build_model(name, NUM_CLASSES)
 
 
+def timed_alternately(
+    makers: Mapping[str, Callable[[], Trainer]], s: Settings, device: torch.device
+) -> tuple[dict[str, Trainer], dict[str, float], dict[str, list[Timing]]]:
+    """Each trainer built from the same seed, its step's FLOPs counted and warmed up; then all of them timed on
+    synthetic input in alternating rounds, so drift hits each alike. (trainers, FLOPs, timings), by key."""
+    trainers, flops = {}, {}
+    for key, make in makers.items():
+        torch.manual_seed(0)
+        trainers[key] = make()
+        images, labels = next(synthetic_batches(device, s))
+        flops[key] = step_flops(unwrap(trainers[key].model), images, labels, s)
+        time_training(trainers[key], synthetic_batches(device, s), 0, s.warmup)
+    timings: dict[str, list[Timing]] = {key: [] for key in makers}
+    for _ in range(s.rounds):
+        for key, trainer in trainers.items():
+            timings[key].append(time_training(trainer, synthetic_batches(device, s), s.steps, 0))
+    return trainers, flops, timings
+
+
 def bench_model(
     name: str,
     s: Settings,
@@ -265,17 +284,10 @@ def bench_model(
     if s.compile:
         torch._dynamo.reset()
     builders = {"ours": build_ours} | ({"torchvision": build_reference} if reference else {})
-    trainers, flops = {}, {}
-    for who, build in builders.items():
-        torch.manual_seed(0)
-        trainers[who] = make_trainer(build(name), device, s)
-        images, labels = next(synthetic_batches(device, s))
-        flops[who] = step_flops(unwrap(trainers[who].model), images, labels, s)
-        time_training(trainers[who], synthetic_batches(device, s), 0, s.warmup)
-    timings: dict[str, list[Timing]] = {who: [] for who in builders}
-    for _ in range(s.rounds):
-        for who, trainer in trainers.items():
-            timings[who].append(time_training(trainer, synthetic_batches(device, s), s.steps, 0))
+    makers = {
+        who: partial(lambda build: make_trainer(build(name), device, s), build) for who, build in builders.items()
+    }
+    trainers, flops, timings = timed_alternately(makers, s, device)
     rows = [_median_row(f"{name} ({who}), synthetic", timings[who], flops[who], s, device) for who in builders]
     ours_img_s = rows[0].img_s
     assert ours_img_s is not None  # a timed row always has img/s
@@ -301,17 +313,11 @@ def bench_sync_bn(name: str, s: Settings, device: torch.device) -> list[Row]:
         torch._dynamo.reset()
     s = replace(s, ddp=True)
     variants = {"BatchNorm2d": False, "SyncBatchNorm2d": True}
-    trainers, flops = {}, {}
-    for label, sync_bn in variants.items():
-        torch.manual_seed(0)
-        trainers[label] = make_trainer(build_ours(name), device, s, sync_bn=sync_bn)
-        images, labels = next(synthetic_batches(device, s))
-        flops[label] = step_flops(unwrap(trainers[label].model), images, labels, s)
-        time_training(trainers[label], synthetic_batches(device, s), 0, s.warmup)
-    timings: dict[str, list[Timing]] = {label: [] for label in variants}
-    for _ in range(s.rounds):
-        for label, trainer in trainers.items():
-            timings[label].append(time_training(trainer, synthetic_batches(device, s), s.steps, 0))
+    makers = {
+        label: partial(lambda sync_bn: make_trainer(build_ours(name), device, s, sync_bn=sync_bn), sync_bn)
+        for label, sync_bn in variants.items()
+    }
+    trainers, flops, timings = timed_alternately(makers, s, device)
     rows = [
         _median_row(f"{name} (ours, {label}), synthetic", timings[label], flops[label], s, device) for label in variants
     ]
