@@ -32,6 +32,33 @@ def pytest_configure(config) -> None:
     BACKEND_FLAGS.update(backend_flags())
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # .ci/test runs the tests side by side (pytest-xdist, --dist loadgroup). The SLURM tests share one local
+    # cluster of two nodes: one worker runs them all, one after another. They go first, as the longest group,
+    # so the other workers share out the rest meanwhile; the cluster's own up/down test first of all, before
+    # the cluster the others share (the slurm_cluster fixture) is up.
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+    items.sort(key=lambda item: (item.get_closest_marker("slurm") is None, item.path.name != "test_local_cluster.py"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # pytest-xdist groups by renaming the tests `...@slurm`; where a pytest release stops that from taking
+    # effect, the SLURM tests would run on several workers at once, taking the cluster down under each other.
+    if getattr(session.config.option, "loadgroup", False) and any(
+        item.get_closest_marker("slurm") and not item.nodeid.endswith("@slurm") for item in session.items
+    ):
+        print(
+            "pytest-xdist's --dist loadgroup does not group the SLURM tests with this pytest: run with -n 0, "
+            "or install the pytest that pyproject.toml's test extra names",
+            file=sys.__stderr__,
+            flush=True,
+        )
+        pytest.exit("the SLURM tests are not grouped", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 BACKEND_FLAGS: dict = {}  # the process's global backend flags before any test ran
 
 
@@ -298,6 +325,23 @@ LOCAL_CLUSTER = REPO / "slurm" / "local_cluster.sh"
 def local_cluster(command: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`slurm/local_cluster.sh COMMAND` (up, down, status), output captured."""
     return subprocess.run(["bash", str(LOCAL_CLUSTER), command], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local SLURM test cluster: brought up once, for the first test that needs it, and taken down after
+    the last test, unless it was already up."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (slurm/local_cluster.sh starts system daemons)")
+    if not shutil.which("sbatch") and not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    was_up = local_cluster("status").returncode == 0
+    up = local_cluster("up")
+    if up.returncode != 0:
+        pytest.skip(f"the local SLURM cluster did not come up:\n{up.stdout[-1500:]}\n{up.stderr[-1500:]}")
+    yield
+    if not was_up:
+        local_cluster("down")
 
 
 # --- end of training fixtures ---

@@ -267,20 +267,12 @@ def test_report_gives_mean_and_std_over_seeds_of_the_group(local_grid, tmp_path)
     assert report_rows((by_dirs / "summary.md").read_text()) == rows
 
 
-def local_slurm_is_up() -> bool:
-    status = subprocess.run(
-        ["bash", str(REPO / "slurm" / "local_cluster.sh"), "status"], capture_output=True, timeout=60
-    )
-    return status.returncode == 0
-
-
 @pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
 def test_a_job_array_on_slurm_puts_its_ids_in_each_run(tmp_path):
-    """Two seeds as one job array on the local SLURM test cluster (used when it is up, never started here)."""
+    """Two seeds as one job array on the local SLURM test cluster."""
     from test_wandb import wandb_runs
 
-    if not local_slurm_is_up():
-        pytest.skip("the local SLURM cluster is not up (bash slurm/local_cluster.sh up)")
     data = tiny_dataset(tmp_path / "data", {"train": 1, "valid": 1})
     wandb_dirs = {name: tmp_path / name.lower() for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR")}
     for path in wandb_dirs.values():

@@ -228,7 +228,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_nodes(n: int, args: list[str], fault: str = "") -> tuple[list[subprocess.CompletedProcess], float]:
+def run_nodes(n: int, args: list[str], fault: str = "") -> tuple[list[subprocess.CompletedProcess], list[float]]:
+    """`n` local tasks of one check; their results and the seconds at which each ended (from the first start)."""
     port = free_port()
     procs = []
     start = time.monotonic()
@@ -244,23 +245,27 @@ def run_nodes(n: int, args: list[str], fault: str = "") -> tuple[list[subprocess
         procs.append(
             subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
-    done = [subprocess.CompletedProcess(p.args, p.wait(timeout=180), *p.communicate()) for p in procs]
-    return done, time.monotonic() - start
+    ended: dict[int, float] = {}
+    while len(ended) < n and time.monotonic() - start < 180:
+        ended |= {i: time.monotonic() - start for i, p in enumerate(procs) if i not in ended and p.poll() is not None}
+        time.sleep(0.1)
+    done = [subprocess.CompletedProcess(p.args, p.wait(timeout=1), *p.communicate()) for p in procs]
+    return done, [ended[i] for i in range(n)]
 
 
 @pytest.mark.slow
 def test_three_local_nodes_pass_and_then_a_slow_one_is_named_by_its_pairs(tiny_data, tmp_path):
     args = tiny_overrides(tiny_data, tmp_path / "run")
-    done, took = run_nodes(3, args)
+    done, _ = run_nodes(3, args)
     assert [p.returncode for p in done] == [0, 0, 0], done[0].stderr
     assert "nodes ok: 3/3 in " in done[0].stdout and "all-reduce 3x1 ranks (gloo, 4 MiB)" in done[0].stdout
     assert "ring pairs" in done[0].stdout and not (tmp_path / "run" / ".bfly-nodecheck").exists()
     assert json.loads((tmp_path / "run" / "suspect_nodes.json").read_text())["hosts"]["99"].keys() == {"n1", "n2", "n3"}
-    done, took = run_nodes(3, args, fault="n3:slow=0.3")
+    done, ended = run_nodes(3, args, fault="n3:slow=0.3")
     assert [p.returncode for p in done] == [77, 77, 77], done[0].stderr
     assert "bfly.nodecheck: n3: all-reduce bandwidth" in done[0].stderr
     assert "1 of 3 node(s) failed the check" in done[0].stderr and "n3 recorded in" in done[0].stderr
-    assert took < 60, took
+    assert max(ended) < 60, ended
     print(done[0].stdout + done[0].stderr)
 
 
@@ -286,8 +291,9 @@ def test_one_node_alone_checks_its_own_view_and_prints_one_line(tiny_data, tmp_p
 
 @pytest.mark.slow
 def test_a_node_that_never_joins_is_named_within_the_minute(tiny_data, tmp_path):
-    """Without SLURM's node list the late task is named by its number, and no node is blamed."""
-    done, took = run_nodes(2, tiny_overrides(tiny_data, tmp_path / "run"), fault="n2:absent=45")
+    """Without SLURM's node list the late task is named by its number, and no node is blamed. The task
+    that came ends within the minute; the late one ends by itself, before the check's hard deadline."""
+    done, ended = run_nodes(2, tiny_overrides(tiny_data, tmp_path / "run"), fault="n2:absent=45")
     assert [p.returncode for p in done] == [77, 77], done[0].stderr + done[1].stderr
     assert (
         "bfly.nodecheck: task 1: did not join the check within 30 s (not started, or cannot reach 127.0.0.1:"
@@ -295,5 +301,6 @@ def test_a_node_that_never_joins_is_named_within_the_minute(tiny_data, tmp_path)
     )
     assert "bfly.nodecheck: n2: cannot reach the rendezvous 127.0.0.1:" in done[1].stderr  # late: the check is over
     assert "recorded in" not in done[0].stderr and ledger.read(tmp_path / "run") == []
-    assert took < 75, took
+    assert ended[0] < 60, ended
+    assert "did not finish within" not in done[1].stderr, done[1].stderr
     print(done[0].stderr + done[1].stderr)

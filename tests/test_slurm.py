@@ -9,7 +9,6 @@ the weights of an uninterrupted run, every step trained once.
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -22,7 +21,6 @@ from conftest import (
     PYTHON,
     REPO,
     assert_same_weights,
-    local_cluster,
     read_jsonl,
     subprocess_env,
     tiny_overrides,
@@ -47,25 +45,6 @@ def train_args(data: Path, run_dir: Path) -> list[str]:
     # data.workers=2: the signals SLURM sends reach the DataLoader worker processes too, as with the
     # shipped default (4); they must not take the checkpoint down with them.
     return tiny_overrides(data, run_dir, **{"train.batch_size": 6, "optim.lr": 0.01, "data.workers": 2})
-
-
-# --- the cluster -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    """Brought up for this module and taken down after it, unless it was already up."""
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root (slurm/local_cluster.sh starts system daemons)")
-    if not shutil.which("sbatch") and not shutil.which("apt-get"):
-        pytest.skip("SLURM is not installed and apt-get is not available to install it")
-    was_up = local_cluster("status").returncode == 0
-    up = local_cluster("up")
-    if up.returncode != 0:
-        pytest.skip(f"the local SLURM cluster did not come up:\n{up.stdout[-1500:]}\n{up.stderr[-1500:]}")
-    yield
-    if not was_up:
-        local_cluster("down")
 
 
 # --- submitting and waiting on jobs ---------------------------------------------------------------
@@ -327,6 +306,32 @@ def test_scripts_refuse_to_start_without_gpus_or_a_process_count(script):
     out = run_script_as_slurm_would(script, SLURM_JOB_ID="5", SLURM_JOB_NODELIST="n1", SLURM_JOB_NUM_NODES="1")
     assert out.returncode == 1
     assert "no trainers to start: ask for GPUs (--gpus-per-node=G) or set BFLY_NPROC_PER_NODE" in out.stderr
+
+
+@pytest.mark.parametrize("script", [SINGLE_NODE, MULTI_NODE], ids=["single", "multi"])
+def test_a_time_limit_signal_before_training_does_not_end_the_script(script, tiny_data, tmp_path):
+    """SLURM's SIGUSR1 to the batch shell (--signal=B:USR1) while the script still prepares, here during its
+    preflight: the shell lives on, says the time limit is near and passes the signal on to the job's steps.
+    (scancel, srun and scontrol are stand-ins that log their arguments and fail: no cluster is touched.)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("scancel", "srun", "scontrol"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {tmp_path / "calls"}\nexit 1\n')
+        (bin_dir / tool).chmod(0o755)
+    env = subprocess_env(BFLY_PYTHON=PYTHON, BFLY_CHECK="1", BFLY_NPROC_PER_NODE="2", SLURM_JOB_ID="7")
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_") or k == "SLURM_JOB_ID"}
+    env |= {"PATH": f"{bin_dir}:{env['PATH']}", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1"}
+    cmd = ["bash", str(script), *tiny_overrides(tiny_data, tmp_path / "run")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline()]
+    while lines[-1] and not lines[-1].startswith("bfly: preflight before training"):
+        lines.append(proc.stdout.readline())
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, (proc.returncode, out, err)  # the stand-in srun or scontrol failed: not the signal
+    assert "bfly: SIGUSR1 (time limit near): trainers checkpoint, then job 7 requeues" in out, out
+    assert "scancel --quiet --signal=USR1 7" in (tmp_path / "calls").read_text()
 
 
 # --- failures: restarts inside the job, requeues, the retry budget ------------------------------------

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from bfly.job import ledger
-from test_slurm import (  # noqa: F401  (the fixtures: the cluster, and no job left behind by a failed test)
+from test_slurm import (  # noqa: F401  (the fixtures: the reference run, and no job left behind by a failed test)
     EVERY_2,
     MULTI_NODE,
     SINGLE_NODE,
@@ -24,7 +24,6 @@ from test_slurm import (  # noqa: F401  (the fixtures: the cluster, and no job l
     reference,
     sacct,
     sbatch,
-    slurm_cluster,
     submitted_job,
     trainer_pid,
     wait_for_text,

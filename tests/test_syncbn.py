@@ -55,6 +55,13 @@ def start(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
 
+def finish(results: Any, rank: int, found: dict) -> None:
+    results.put((rank, found))
+    # Every rank done before any tears down: gloo aborts a process whose peer closes mid-collective.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -117,8 +124,7 @@ def compare_with_batchnorm(rank: int, world: int, port: int, results: Any, compi
         ours(torch.empty(0, CHANNELS, 4, 3, dtype=torch.float64))
     except ValueError as e:
         found["empty"] = str(e)
-    results.put((rank, found))
-    dist.destroy_process_group()
+    finish(results, rank, found)
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
@@ -192,8 +198,7 @@ def count_graphs(rank: int, world: int, port: int, results: Any, name: str, ddp:
         # backend="eager": dynamo's tracing and graph breaks are the same as inductor's, in seconds.
         torch.compile(model, backend="eager")(torch.randn(2, 3, 32, 32)).sum().backward()
         found[kind] = (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
-    results.put((rank, found))
-    dist.destroy_process_group()
+    finish(results, rank, found)
 
 
 @pytest.mark.parametrize(
@@ -252,8 +257,7 @@ def train_under_ddp(rank: int, world: int, port: int, results: Any) -> None:
     # As numpy arrays: they travel by value (a tensor on a queue shares its memory through a handle that
     # this process, gone by then, would have to serve).
     buffers = {k: v.numpy().copy() for k, v in raw.state_dict().items() if k.startswith("bns.")}
-    results.put((rank, {"broadcast_buffers": model.broadcast_buffers, "buffers": buffers}))
-    dist.destroy_process_group()
+    finish(results, rank, {"broadcast_buffers": model.broadcast_buffers, "buffers": buffers})
 
 
 def test_under_ddp_every_rank_keeps_the_same_running_statistics_without_broadcasting_them():
