@@ -325,11 +325,30 @@ def _wait_keys(store: Any, keys: Sequence[str], seconds: float) -> list[str]:
 
 
 def meet(rdzv: tuple[str, int], rank: int, timeout_s: float) -> Any:
-    """The check's store: served by rank 0 on the rendezvous port, reached by the others."""
+    """The check's store: served by rank 0 on the rendezvous port, reached by the others within `timeout_s`;
+    its operations wait up to `timeout_s`."""
     from torch.distributed import TCPStore
 
     host, port = rdzv
-    return TCPStore(host, port, None, rank == 0, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    timeout = timedelta(seconds=timeout_s)
+    if rank == 0:
+        return TCPStore(host, port, None, True, timeout=timeout, wait_for_workers=False)
+    # Until the store listens, plain connection attempts: torch's client may wait twice the time it is given,
+    # more on a loaded node, and a node that comes late must still say so itself before the hard deadline.
+    _wait_listening(host, port, timeout_s)
+    return TCPStore(host, port, None, False, timeout=timeout, wait_for_workers=False)
+
+
+def _wait_listening(host: str, port: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"no answer within {seconds:.0f} s: {one_line(e)}") from e
+            time.sleep(0.2)
 
 
 def measure_network(store: Any, rank: int, world: int, device: Any, slow_s: float) -> None:
@@ -465,10 +484,9 @@ def check(s: Setup, started: float) -> int:
     time.sleep(s.fault.absent_s)
     host, port = s.rdzv or ("?", 0)
     try:
-        # A node that cannot reach the store says so itself before the hard deadline (torch's client tries
-        # twice, each for the timeout given).
-        left = DEADLINE_S - (time.monotonic() - started) - 5
-        store = meet((host, port), s.rank, max(1.0, min(JOIN_TIMEOUT_S, left) / 2))
+        # A node that cannot reach the store says so itself before the hard deadline.
+        left = DEADLINE_S - (time.monotonic() - started) - 10
+        store = meet((host, port), s.rank, max(1.0, min(JOIN_TIMEOUT_S, left)))
     except Exception as e:  # torch raises RuntimeError, DistNetworkError, TimeoutError ... : one line each
         print(f"bfly.nodecheck: {s.node}: cannot reach the rendezvous {host}:{port} ({one_line(e)})", file=sys.stderr)
         return EXIT_NODE_CHECK
