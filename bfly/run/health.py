@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -64,27 +65,25 @@ class RankHealth(Callback):
         warn: Callable[[str], None] = print,
     ):
         self.env, self.device, self.hosts, self.warn = env, device, hosts, warn
-        self._grad_ready: float | None = None
         self._comm_s = 0.0
+        self._entered: dict[str, float] = {}  # a collective wait's start, by kind, until its end is seen
         self.latest: torch.Tensor | None = None  # [world, FIELDS] at the last log point (rank 0)
         self._candidates: list[int | None] = []  # per log point: the rank over the ratio, or None
         self.straggler: tuple[int, float] | None = None  # (rank, ratio) while one is named
         self._epoch_rows: list[torch.Tensor] = []
-        self._forward_entered: float | None = None
         for p in model.parameters():
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(self._on_grad)
+            if p.requires_grad:  # the last gradient ready: the all-reduce's wait begins (ends after backward)
+                p.register_post_accumulate_grad_hook(partial(self._enter, "all-reduce"))
         inner = None if hasattr(model, "_orig_mod") else getattr(model, "module", None)
         if isinstance(inner, nn.Module):  # DDP, not compiled: its forward syncs buffers before the module's
-            model.register_forward_pre_hook(self._on_ddp_forward)
-            inner.register_forward_pre_hook(self._on_module_forward)
+            model.register_forward_pre_hook(partial(self._enter, "broadcast"))
+            inner.register_forward_pre_hook(partial(self._leave, "broadcast"))
             # SyncBatchNorm's statistics are a collective in the forward pass: the first one is where a
             # rank waits for a slower one (the ranks start each step together again after it).
             for m in inner.modules():
                 if isinstance(m, SyncBatchNorm2d):
-                    m.register_forward_pre_hook(self._on_sync_enter)
-                    m.register_forward_hook(self._on_sync_exit)
-        self._sync_entered: float | None = None
+                    m.register_forward_pre_hook(partial(self._enter, "syncbn"))
+                    m.register_forward_hook(partial(self._leave, "syncbn"))
 
     @classmethod
     def start(
@@ -96,29 +95,17 @@ class RankHealth(Callback):
             return None
         return cls(model, env, device, distributed.all_gather_objects(socket.gethostname()), warn)
 
-    def _on_grad(self, _: torch.Tensor) -> None:
-        self._grad_ready = time.perf_counter()
+    def _enter(self, kind: str, *_: Any) -> None:
+        self._entered[kind] = time.perf_counter()
 
-    def _on_ddp_forward(self, *_: Any) -> None:
-        self._forward_entered = time.perf_counter()
-
-    def _on_module_forward(self, *_: Any) -> None:
-        if self._forward_entered is not None:
-            self._comm_s += time.perf_counter() - self._forward_entered
-            self._forward_entered = None
-
-    def _on_sync_enter(self, *_: Any) -> None:
-        self._sync_entered = time.perf_counter()
-
-    def _on_sync_exit(self, *_: Any) -> None:
-        if self._sync_entered is not None:
-            self._comm_s += time.perf_counter() - self._sync_entered
-            self._sync_entered = None
+    def _leave(self, kind: str, *_: Any) -> None:
+        """The wait of `kind` entered last ends now: its time counts as collective wait."""
+        entered = self._entered.pop(kind, None)
+        if entered is not None:
+            self._comm_s += time.perf_counter() - entered
 
     def after_backward(self) -> None:
-        if self._grad_ready is not None:
-            self._comm_s += time.perf_counter() - self._grad_ready
-            self._grad_ready = None
+        self._leave("all-reduce")
 
     def row(self, point: LogPoint) -> list[float]:
         """This rank's figures per step of the window that ends at this log point, on the host's clock."""
