@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import PYTHON, TEST_MODEL, free_port, read_jsonl
-from probes.fault_launch import RESTARTABLE, Launch, fault_args
+from probes.fault_launch import RESTARTABLE, Launch, fault_args, paced
 
 pytestmark = [
     pytest.mark.slow,
@@ -27,7 +27,7 @@ STEPS = 5  # per epoch: 60 images, global batch 12
 WORLD = re.compile(rf"^bfly: {TEST_MODEL}, .* (\d+) process\(es\) on cpu")
 # Rank 0 waits 0.5 s more for each batch: the test model's steps take milliseconds, and the node going on
 # alone must still be training when the lost one comes back (a rendezvous of its own, seconds).
-SLOW_STEPS = {"BFLY_TEST_STALL": "0:data:*:0.5"}
+SLOW_STEPS = paced(0.5)
 
 
 def agent(port: int, hosts_store: bool, args: list[str]) -> Launch:

@@ -40,6 +40,7 @@ from conftest import PYTHON, REPO, assert_same_weights, read_jsonl
 from probes.fault_launch import (
     Launch,
     fault_args,
+    paced,
     progress_step,
     run_to_end,
     torchrun_cmd,
@@ -58,7 +59,7 @@ STALL_STEP = 4
 # A trainer stopped from outside (SIGSTOP) is stopped minutes into a real run, when every rank has heard
 # of every other; the test model's steps take milliseconds, so these trials pace rank 0 at half a second
 # a step (every rank waits for it) to stop a trainer past its first heartbeats, as a real stall would be.
-PACED = {"BFLY_TEST_STALL": "0:data:*:0.5"}
+PACED = paced(0.5)
 
 
 def hang_args(data: Path, run: Path, **extra) -> list[str]:

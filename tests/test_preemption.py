@@ -28,7 +28,7 @@ from bfly.job.train import main
 from bfly.run.rundir import LOCK, Holder, RunDirBusy, RunDirLock, this_process
 
 from conftest import TEST_MODEL, our_frames, read_jsonl
-from probes.fault_launch import STEPS, Launch, fault_args, run_to_end, torchrun_cmd, train_cmd
+from probes.fault_launch import STEPS, Launch, fault_args, paced, run_to_end, torchrun_cmd, train_cmd
 from test_faults import assert_nothing_lost, torchrun_exit_codes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signals and /proc")
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 WORKERS = {"data.workers": 2}
 # The test model's steps take milliseconds: rank 0 is paced (every rank waits for it) so that a stop sent
 # after step 2 lands in the first half of the epoch, as a stop sent at a step does in a real run.
-PACED = {"BFLY_TEST_STALL": "0:data:*:0.3"}
+PACED = paced(0.3)
 
 
 def stop_and_check(launch: Launch, run: Path, nproc: int, send, name: str, log_every: int = 1) -> int:
@@ -175,7 +175,7 @@ def test_a_second_signal_during_the_checkpoint_write_changes_nothing(tiny_data, 
 def test_a_second_run_on_a_busy_run_directory_is_refused_at_start_up(tiny_data, tmp_path, ref1):
     run = tmp_path / "run"
     # Paced (a second per step: every step still exact) so that it still trains when the second run starts.
-    first = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300, env={"BFLY_TEST_STALL": "0:data:*:1"})
+    first = Launch(train_cmd(fault_args(tiny_data, run, **WORKERS)), timeout=300, env=paced(1))
     first.wait_step(1)
     t0 = time.monotonic()
     second = Launch(train_cmd(fault_args(tiny_data, run)), timeout=120)

@@ -26,6 +26,7 @@ from conftest import (
     tiny_overrides,
     wait_until,
 )
+from probes.fault_launch import paced
 
 submitit = pytest.importorskip("submitit")  # the launcher's extra; a GPU box may lack it
 
@@ -35,7 +36,7 @@ STEPS = 10  # per epoch: 60 images, global batch 6
 # Jobs that are signalled or killed mid-run: rank 0 waits 0.3 s more for each batch. The test model's steps
 # take milliseconds, and a signal or kill sent once a step is in the log must still find the job mid-epoch
 # (SLURM delivers a signal through the batch shell).
-PACED = {"BFLY_TEST_STALL": "0:data:*:0.3"}
+PACED = paced(0.3)
 DONE_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 slurm = pytest.mark.slurm

@@ -34,6 +34,13 @@ STEPS = 10
 FAULT = {"train.epochs": 2, "train.checkpoint_every_steps": CKPT_EVERY}
 
 
+def paced(seconds: float) -> dict[str, str]:
+    """The environment that makes rank 0 wait `seconds` more for each batch (BFLY_TEST_STALL); every rank waits
+    for it. The test model's steps take milliseconds: a signal, kill or stop sent once a step is in the log
+    must still find the run mid-epoch, past its first steps, as it would in a real run."""
+    return {"BFLY_TEST_STALL": f"0:data:*:{seconds}"}
+
+
 def fault_args(data: Path, run_dir: Path, **extra) -> list[str]:
     return tiny_overrides(data, run_dir, **{**FAULT, **extra})
 
